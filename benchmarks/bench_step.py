@@ -1,0 +1,150 @@
+"""Cost of an ISGD step that does not trigger, against a plain ``torch.optim.SGD`` step.
+
+Caffe LeNet, MNIST-shaped input (1×28×28, 10 classes), batch 64, SGD with momentum 0.9 and
+weight decay 5e-4 (the Caffe LeNet solver). Both optimizers run in the same process, in
+alternating blocks (SGD first on even repetitions, ISGD first on odd ones) so machine drift hits
+both alike; the reported figure is the median over repetitions of the per-repetition ratio
+``t_ISGD / t_SGD``. ISGD's chart is full and its limit far above the losses, so every timed ISGD
+step does the full decision work (read the loss, judge it, update the chart) without triggering.
+
+Also reports the memory ISGD holds beyond the base optimizer (the ``w_prev`` copy that a triggered
+step needs) and, for information, the cost of triggered steps.
+
+    python benchmarks/bench_step.py [--reps 9] [--steps 200] [--threads 2] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch.nn import functional as F
+
+import isgd
+from isgd.models import build_model
+
+
+def make(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("lenet", in_channels=1, num_classes=10, image_size=28).to(
+        memory_format=torch.channels_last
+    )
+
+
+SOLVER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def time_sgd(model, opt, x, y, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def time_isgd(model, opt, x, y, steps: int) -> float:
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step(closure)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per block")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+
+    sgd_model, isgd_model = make(), make()
+    sgd = torch.optim.SGD(sgd_model.parameters(), **SOLVER)
+    opt = isgd.ISGD(isgd_model.parameters(), window=937, max_extra_iters=5, **SOLVER)
+    for i in range(opt.window):  # a full chart whose limit (~1e3) no loss reaches
+        opt.chart.update(1000.0 + (i % 7))
+
+    time_sgd(sgd_model, sgd, x, y, 30)  # warm-up
+    time_isgd(isgd_model, opt, x, y, 30)
+    ratios, t_sgd, t_isgd = [], [], []
+    for rep in range(args.reps):
+        if rep % 2 == 0:
+            a = time_sgd(sgd_model, sgd, x, y, args.steps)
+            b = time_isgd(isgd_model, opt, x, y, args.steps)
+        else:
+            b = time_isgd(isgd_model, opt, x, y, args.steps)
+            a = time_sgd(sgd_model, sgd, x, y, args.steps)
+        t_sgd.append(1e3 * a / args.steps)
+        t_isgd.append(1e3 * b / args.steps)
+        ratios.append(b / a)
+        print(
+            f"rep {rep}: SGD {t_sgd[-1]:.3f} ms/step  ISGD {t_isgd[-1]:.3f} ms/step  "
+            f"ratio {ratios[-1]:.4f}",
+            flush=True,
+        )
+    assert opt.stats.triggers == 0, "the timed ISGD steps were meant not to trigger"
+
+    # Memory beyond the base optimizer: trigger once so w_prev exists, then count it.
+    param_bytes = sum(p.numel() * p.element_size() for p in isgd_model.parameters())
+    opt.chart.reset()
+    for _ in range(opt.window):
+        opt.chart.update(0.0)
+    trig_start = time.perf_counter()
+    trig_steps = 20
+    time_isgd(isgd_model, opt, x, y, trig_steps)
+    trig_ms = 1e3 * (time.perf_counter() - trig_start) / trig_steps
+    held = sum(w.numel() * w.element_size() for w in (opt._w_prev or []))
+    base_state = sum(
+        t.numel() * t.element_size()
+        for s in opt.base_optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+
+    result = {
+        "benchmark": "ISGD non-triggered step vs torch.optim.SGD step, Caffe LeNet, batch "
+        f"{args.batch}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "reps": args.reps,
+        "steps_per_block": args.steps,
+        "sgd_ms_per_step_median": statistics.median(t_sgd),
+        "isgd_ms_per_step_median": statistics.median(t_isgd),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "param_bytes": param_bytes,
+        "isgd_extra_bytes": held,
+        "isgd_extra_over_params": held / param_bytes,
+        "base_state_bytes": base_state,
+        "triggered_step_ms (5 extra iters max)": trig_ms,
+        "triggers_in_trigger_block": opt.stats.triggers,
+        "extra_iters_in_trigger_block": opt.stats.extra_iters,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+r"""ISGD: Inconsistent Stochastic Gradient Descent (Wang, Yang, Min, Chakradhar, 2017).
+
+ISGD wraps any ``torch.optim`` optimizer (the *base*) and shares its ``param_groups``. Each step
+it makes the base's ordinary update on batch :math:`d_t`; when the batch's loss is above the
+control limit of the last epoch's losses, it spends up to ``max_extra_iters`` extra iterations on
+the same batch, solving
+
+.. math::
+    \min_w \; \phi(w) = \tfrac12\,(\psi_w(d_t) - \text{limit})^2
+                      + \frac{\varepsilon}{2 n_w}\,\lVert w - w_{t-1}\rVert^2
+
+with the base optimizer's own update rule applied to
+
+.. math::
+    \nabla\phi(w) = (\psi_w(d_t) - \text{limit})\,\nabla\psi_w(d_t)
+                  + \frac{\varepsilon}{n_w}\,(w - w_{t-1}),
+
+stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. See ``docs/algorithm.md`` for the
+mapping between the paper's symbols and the arguments below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from isgd.spc import LossControlChart
+
+__all__ = ["ISGD", "ISGDStats", "StepRecord", "frozen_batchnorm_stats"]
+
+LossClosure = Callable[[], Tensor]
+
+
+@dataclass
+class StepRecord:
+    """What happened in the last step (the regular loss ψ and the chart it was judged against)."""
+
+    loss: float = math.nan  # ψ_w(d_t) of the regular pass
+    mean: float | None = None  # the chart before ψ joined it
+    sigma: float | None = None
+    limit: float | None = None
+    triggered: bool = False  # ψ > limit with a full window
+    extra_iters: int = 0  # subproblem updates applied
+    loss_after: float | None = None  # last ψ evaluated on d_t in the extra iterations
+
+
+@dataclass
+class ISGDStats:
+    """Cumulative counters; ``passes`` counts every loss evaluation (forward, and backward where
+    the loop ran one), the extra iterations included."""
+
+    steps: int = 0
+    triggers: int = 0
+    extra_iters: int = 0
+    passes: int = 0
+    last: StepRecord = field(default_factory=StepRecord)
+
+    @property
+    def trigger_rate(self) -> float:
+        return self.triggers / self.steps if self.steps else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("steps", "triggers", "extra_iters", "passes"):
+            setattr(self, name, int(state[name]))
+        self.last = StepRecord(**state["last"])
+
+
+class ISGD(Optimizer):
+    r"""Inconsistent SGD around a base optimizer.
+
+    Per step, with ψ the regular loss of batch :math:`d_t` and :math:`w_{t-1}` the weights before
+    the step::
+
+        ψ ← closure();  decide  triggered = (chart full and ψ > limit)   # limit: before ψ joins
+        w ← base_step(w, ∇ψ)
+        if triggered, repeat up to max_extra_iters times:
+            ψ' ← closure();  if ψ' ≤ limit: break
+            w ← base_step(w, (ψ' − limit)·∇ψ' + (ε/n_w)·(w − w_{t−1}))
+        chart ← chart + ψ
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        base_optimizer: the optimizer *class* whose update rule ISGD applies (``torch.optim.SGD``
+            by default; SGD with momentum or Nesterov, Adam and AdamW are tested).
+        window: batches per epoch :math:`n_b`; the chart holds the last ``window`` losses.
+        sigma_factor: ``k`` in ``limit = mean + k·sigma`` (default 3).
+        max_extra_iters: the paper's ``stop``: extra iterations at most per triggered step.
+            0 makes ISGD exactly the base optimizer. Default 5 (the paper is silent; see
+            ``docs/algorithm.md``).
+        eps: the conservative weight :math:`\varepsilon` ("preferably 0.1" in the paper).
+        freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
+            (the regular pass still updates them). Works by watching module calls while the
+            extra iterations run, so no model needs to be passed.
+        **base_kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
+
+    The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
+    ``backward()`` and return the loss — the same contract as ``torch.optim.LBFGS`` (it is called
+    several times per step on a triggered batch). For loops that own ``backward()`` (mixed
+    precision with ``GradScaler``, trainer frameworks) use :meth:`observe`,
+    :meth:`above_limit` and :meth:`subproblem_grad_` instead; see the README.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = ISGD(model.parameters(), lr=0.1, momentum=0.9, window=100)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[Optimizer] = torch.optim.SGD,
+        *,
+        window: int,
+        sigma_factor: float = 3.0,
+        max_extra_iters: int = 5,
+        eps: float = 0.1,
+        freeze_bn_stats: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+            raise TypeError(
+                f"Invalid base_optimizer: {base_optimizer!r} (must be a torch.optim.Optimizer "
+                "subclass such as torch.optim.SGD, not an instance)"
+            )
+        if base_optimizer is ISGD or base_optimizer is torch.optim.LBFGS:
+            raise TypeError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot be wrapped")
+        lr = base_kwargs.get("lr")
+        if lr is not None and not (isinstance(lr, Tensor) or (_is_real(lr) and lr >= 0)):
+            raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
+        if isinstance(max_extra_iters, bool) or not isinstance(max_extra_iters, int):
+            raise TypeError(f"Invalid max_extra_iters: {max_extra_iters!r} (must be an integer)")
+        if max_extra_iters < 0:
+            raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
+        if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
+        self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
+
+        super().__init__(params, dict(base_kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults = self.base_optimizer.defaults
+
+        self.max_extra_iters = max_extra_iters
+        self.eps = float(eps)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
+        self.stats = ISGDStats()
+        self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
+        self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
+        self._psi: float | None = None  # the last extra-iteration loss reported
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @property
+    def window(self) -> int:
+        return self.chart.window
+
+    @property
+    def sigma_factor(self) -> float:
+        return self.chart.sigma_factor
+
+    @property
+    def n_w(self) -> int:
+        """Number of weights :math:`n_w` (all elements of all parameters in all groups)."""
+        return sum(p.numel() for group in self.param_groups for p in group["params"])
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: LossClosure | None = None) -> Tensor:  # type: ignore[override]
+        """One ISGD step on the batch the closure evaluates; returns the regular loss."""
+        if closure is None:
+            raise TypeError(
+                "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
+                "computes the batch loss, calls backward() and returns the loss; loops that own "
+                "backward() use observe()/above_limit()/subproblem_grad_())"
+            )
+        with torch.enable_grad():
+            loss = closure()
+        n_extra = self.observe(loss)
+        self.base_optimizer.step()
+        if n_extra:
+            guard = frozen_batchnorm_stats() if self.freeze_bn_stats else contextlib.nullcontext()
+            with guard:
+                for _ in range(n_extra):
+                    with torch.enable_grad():
+                        loss_i = closure()
+                    if not self.above_limit(loss_i):
+                        break
+                    self.subproblem_grad_()
+                    self.base_optimizer.step()
+        return loss
+
+    # ------------------------------------------------------------------ closure-free form
+    @torch.no_grad()
+    def observe(self, loss: Tensor | float) -> int:
+        """Report the regular loss ψ of this step, *before* the base optimizer's step.
+
+        Judges ψ against the chart (the limit is read before ψ joins it), adds ψ to the chart,
+        and, when ψ is above the limit, remembers :math:`w_{t-1}` (the current weights) for the
+        conservative term. Returns the number of extra iterations the loop may run: 0, or
+        ``max_extra_iters`` on a triggered step. Reads the loss once (one host-device sync).
+        """
+        psi = _as_float(loss)  # the one host-device sync per step
+        chart = self.chart
+        record = StepRecord(loss=psi, mean=chart.mean, sigma=chart.sigma, limit=chart.limit)
+        record.triggered = self.max_extra_iters > 0 and chart.above_limit(psi)
+        chart.update(psi)
+
+        self.stats.steps += 1
+        self.stats.passes += 1
+        self.stats.last = record
+        self._psi = None
+        if not record.triggered:
+            self._limit = None
+            return 0
+        self.stats.triggers += 1
+        self._limit = record.limit
+        if self.eps > 0:
+            self._snapshot_w_prev()
+        return self.max_extra_iters
+
+    def above_limit(self, loss: Tensor | float) -> bool:
+        """Report the loss ψ' of an extra iteration; True while it is still above the limit.
+
+        When True, the loop runs backward (if not done yet), calls :meth:`subproblem_grad_` and
+        the base optimizer's step; when False it stops the extra iterations.
+        """
+        if self._limit is None:
+            raise RuntimeError("above_limit() called outside a triggered step (see observe())")
+        psi = _as_float(loss)  # one sync per extra iteration: the stop rule needs ψ'
+        self.stats.passes += 1
+        self.stats.last.loss_after = psi
+        self._psi = psi
+        return psi > self._limit
+
+    @torch.no_grad()
+    def subproblem_grad_(self) -> None:
+        r"""Turn the gradients :math:`\nabla\psi'` in ``p.grad`` into the subproblem's gradient
+
+        .. math:: (\psi' - \text{limit})\,\nabla\psi' + \frac{\varepsilon}{n_w}(w - w_{t-1})
+
+        in place, with ψ' the loss last given to :meth:`above_limit`. Gradients must be unscaled
+        (call ``GradScaler.unscale_`` first under mixed precision).
+        """
+        if self._limit is None or self._psi is None:
+            raise RuntimeError("subproblem_grad_() needs a loss reported by above_limit() first")
+        params = [p for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(grads, self._psi - self._limit)
+        if self.eps > 0:
+            prev = [w for p, w in zip(self._params(), self._w_prev) if p.grad is not None]
+            torch._foreach_add_(grads, torch._foreach_sub(params, prev), alpha=self.eps / self.n_w)
+        self._psi = None
+        self.stats.extra_iters += 1
+        self.stats.last.extra_iters += 1
+
+    def _snapshot_w_prev(self) -> None:
+        params = self._params()
+        if (
+            self._w_prev is None
+            or any(
+                w.shape != p.shape or w.device != p.device or w.dtype != p.dtype
+                for w, p in zip(self._w_prev, params)
+            )
+            or len(self._w_prev) != len(params)
+        ):
+            self._w_prev = [
+                torch.empty_like(p, memory_format=torch.preserve_format) for p in params
+            ]
+        torch._foreach_copy_(self._w_prev, [p.detach() for p in params])
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Base optimizer state, the chart and the counters: enough to resume bit-identically."""
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "chart": self.chart.state_dict(),
+            "stats": self.stats.state_dict(),
+            "isgd": {
+                "window": self.window,
+                "sigma_factor": self.sigma_factor,
+                "max_extra_iters": self.max_extra_iters,
+                "eps": self.eps,
+                "freeze_bn_stats": self.freeze_bn_stats,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        missing = {"base", "chart", "stats"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"not an ISGD state_dict: missing {sorted(missing)} (a plain optimizer's "
+                "state_dict goes to ISGD.base_optimizer.load_state_dict)"
+            )
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        self.chart.load_state_dict(state_dict["chart"])
+        self.stats.load_state_dict(state_dict["stats"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            self.base_optimizer.add_param_group(param_group)
+            self._w_prev = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ISGD(base={type(self.base_optimizer).__name__}, window={self.window}, "
+            f"sigma_factor={self.sigma_factor}, max_extra_iters={self.max_extra_iters}, "
+            f"eps={self.eps}, freeze_bn_stats={self.freeze_bn_stats}, "
+            f"groups={self.base_optimizer.param_groups!r})"
+        )
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats() -> Iterator[None]:
+    """Inside this block, BatchNorm/InstanceNorm running statistics end as they started.
+
+    Every normalisation module that runs in training mode with ``track_running_stats`` has its
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` saved at its first call and
+    restored on exit. Batch statistics are still used for normalisation, exactly as in the
+    regular pass. Implemented with a global forward pre-hook, so it needs no model reference.
+    """
+    saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}
+
+    def hook(module: torch.nn.Module, _args: Any) -> None:
+        if (
+            isinstance(module, torch.nn.modules.batchnorm._NormBase)
+            and module.training
+            and module.track_running_stats
+            and module not in saved
+        ):
+            buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
+            saved[module] = [(b, b.detach().clone()) for b in buffers if b is not None]
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for pairs in saved.values():
+                for buffer, copy in pairs:
+                    buffer.copy_(copy)
+
+
+def _as_float(loss: Tensor | float) -> float:
+    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -1,0 +1,106 @@
+"""The test oracle: ISGD written straight from the pseudo-code of ``shared/ISGD.md`` §2–3.
+
+Slow and plain on purpose — a Python list for the window, statistics recomputed from scratch every
+step, SGD with momentum, Nesterov and weight decay spelled out per parameter (in the same
+operation order as ``torch.optim.SGD``). Nothing here is shared with ``src/isgd``.
+
+    for t = 1, 2, ...:
+        d_t ← next fixed batch;  w_prev ← w
+        ψ ← loss(w, d_t);  w ← base_step(w, ∇ψ)
+        if window full and ψ > limit:                      # limit from the window, before ψ joins
+            repeat up to `stop` times:
+                ψ' ← loss(w, d_t);  if ψ' ≤ limit: break
+                w ← base_step(w, (ψ' − limit)∇ψ' + (ε/n_w)(w − w_prev))
+        push ψ into the window
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Decision:
+    loss: float
+    limit: float | None
+    triggered: bool
+    extra_iters: int
+
+
+class ReferenceISGD:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        window: int,
+        sigma_factor: float = 3.0,
+        stop: int = 5,
+        eps: float = 0.1,
+    ) -> None:
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay, self.nesterov = (
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+        )
+        self.n_b, self.k, self.stop, self.eps = window, sigma_factor, stop, eps
+        self.n_w = sum(p.numel() for p in self.params)
+        self.window: list[float] = []
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def limit(self) -> float | None:
+        if len(self.window) < self.n_b:
+            return None
+        n = len(self.window)
+        mean = sum(self.window) / n
+        sigma = math.sqrt(sum((x - mean) ** 2 for x in self.window) / n)
+        return mean + self.k * sigma
+
+    @torch.no_grad()
+    def base_step(self, grads: list[torch.Tensor]) -> None:
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            d_p = g
+            if self.weight_decay != 0:
+                d_p = d_p.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                if self.buffers[i] is None:
+                    self.buffers[i] = torch.clone(d_p).detach()
+                else:
+                    self.buffers[i].mul_(self.momentum).add_(d_p)
+                d_p = (
+                    d_p.add(self.buffers[i], alpha=self.momentum)
+                    if self.nesterov
+                    else self.buffers[i]
+                )
+            p.add_(d_p, alpha=-self.lr)
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> Decision:
+        w_prev = [p.detach().clone() for p in self.params]
+        psi = closure().item()
+        self.base_step([p.grad for p in self.params])
+        limit = self.limit()
+        decision = Decision(psi, limit, limit is not None and psi > limit, 0)
+        if decision.triggered:
+            for _ in range(self.stop):
+                psi_i = closure().item()
+                if psi_i <= limit:
+                    break
+                grads = [
+                    (psi_i - limit) * p.grad + (self.eps / self.n_w) * (p.detach() - w0)
+                    for p, w0 in zip(self.params, w_prev)
+                ]
+                self.base_step(grads)
+                decision.extra_iters += 1
+        self.window.append(psi)
+        if len(self.window) > self.n_b:
+            self.window.pop(0)
+        return decision

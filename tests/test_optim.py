@@ -1,0 +1,419 @@
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from isgd import ISGD, frozen_batchnorm_stats
+from tests import toy
+from tests.reference_isgd import ReferenceISGD
+
+SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+ISGD_KW = dict(window=toy.N_BATCHES, sigma_factor=1.5, max_extra_iters=4, eps=0.1)
+
+
+def run(model, opt, data, steps, logs=None):
+    """Train ``steps`` steps over the fixed cycle; returns per-step (triggered, extra_iters)."""
+    decisions = []
+    for t in range(steps):
+        x, y = data[t % len(data)]
+        log = [] if logs is not None else None
+        opt.step(toy.make_closure(model, x, y, opt.zero_grad, log))
+        if logs is not None:
+            logs.append(log)
+        if isinstance(opt, ISGD):
+            decisions.append((opt.stats.last.triggered, opt.stats.last.extra_iters))
+    return decisions
+
+
+def params_equal(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ------------------------------------------------------------------ max_extra_iters = 0 is the base
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [
+        (torch.optim.SGD, SGD_KW),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+        (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-4)),
+    ],
+)
+def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs):
+    data = toy.batches()
+    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    isgd = ISGD(model_a.parameters(), base, window=toy.N_BATCHES, max_extra_iters=0, **kwargs)
+    plain = base(model_b.parameters(), **kwargs)
+    for t in range(300):
+        x, y = data[t % len(data)]
+        isgd.step(toy.make_closure(model_a, x, y, isgd.zero_grad))
+        plain.zero_grad()
+        F.cross_entropy(model_b(x), y).backward()
+        plain.step()
+    assert params_equal(model_a, model_b)
+    assert isgd.stats.steps == 300 and isgd.stats.triggers == 0 and isgd.stats.passes == 300
+
+
+# ------------------------------------------------------------------ lockstep with the reference
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lockstep_with_reference(nesterov):
+    data = toy.batches()
+    model, ref_model = toy.small_cnn(), toy.small_cnn()
+    kw = dict(SGD_KW, nesterov=nesterov)
+    opt = ISGD(model.parameters(), **kw, **ISGD_KW)
+    ref = ReferenceISGD(
+        list(ref_model.parameters()),
+        **kw,
+        window=ISGD_KW["window"],
+        sigma_factor=ISGD_KW["sigma_factor"],
+        stop=ISGD_KW["max_extra_iters"],
+        eps=ISGD_KW["eps"],
+    )
+    early_stops = full_runs = 0
+    for t in range(10 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt.step(toy.make_closure(model, x, y, opt.zero_grad))
+
+        def ref_zero_grad():
+            ref_model.zero_grad()
+
+        d = ref.step(toy.make_closure(ref_model, x, y, ref_zero_grad))
+        last = opt.stats.last
+        assert (last.triggered, last.extra_iters) == (d.triggered, d.extra_iters), f"step {t}"
+        if d.limit is not None:
+            assert last.limit == pytest.approx(d.limit, rel=1e-12)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"weights differ at {t}")
+        if d.triggered:
+            early_stops += d.extra_iters < ISGD_KW["max_extra_iters"]
+            full_runs += d.extra_iters == ISGD_KW["max_extra_iters"]
+    # the test is only meaningful if both kinds of triggered step happened
+    assert opt.stats.triggers >= 3 and early_stops >= 1 and full_runs >= 1
+
+
+# ------------------------------------------------------------------ the extra iterations
+def test_extra_passes_follow_the_stop_rule():
+    data = toy.batches()
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+    triggered = 0
+    for t in range(10 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        log: list[float] = []
+        opt.step(toy.make_closure(model, x, y, opt.zero_grad, log))
+        rec = opt.stats.last
+        extra = log[1:]
+        if not rec.triggered:
+            assert extra == [] and rec.extra_iters == 0
+            continue
+        triggered += 1
+        assert log[0] > rec.limit
+        k = rec.extra_iters
+        assert all(v > rec.limit for v in extra[:k])  # each update was made above the limit
+        if k < ISGD_KW["max_extra_iters"]:  # stopped early: the last evaluation reached it
+            assert len(extra) == k + 1 and extra[-1] <= rec.limit
+        else:  # hit the cap: no evaluation after the last update
+            assert len(extra) == k
+        assert rec.loss_after == extra[-1]
+    assert triggered >= 3
+
+
+def test_subproblem_gradient_matches_autograd_of_phi():
+    model = toy.small_cnn()
+    x, y = toy.batches()[toy.NOISY_BATCHES[0]]
+    opt = ISGD(model.parameters(), lr=0.1, window=2, max_extra_iters=3, eps=10.0)
+    for loss in (0.1, 0.2):  # fill the chart with low losses so the real batch triggers
+        opt.chart.update(loss)
+    closure = toy.make_closure(model, x, y, opt.zero_grad)
+    assert opt.observe(closure()) == 3
+    w_prev = [p.detach().clone() for p in model.parameters()]
+    limit = opt.stats.last.limit
+    opt.base_optimizer.step()  # the regular update: w ≠ w_prev from here on
+
+    # autograd of φ(w) = ½(ψ_w − limit)² + ε/(2 n_w)·‖w − w_prev‖²
+    opt.zero_grad()
+    psi = F.cross_entropy(model(x), y)
+    prox = sum(((p - w0) ** 2).sum() for p, w0 in zip(model.parameters(), w_prev))
+    phi = 0.5 * (psi - limit) ** 2 + opt.eps / (2 * opt.n_w) * prox
+    expected = torch.autograd.grad(phi, list(model.parameters()))
+
+    psi_i = closure()
+    assert opt.above_limit(psi_i)
+    opt.subproblem_grad_()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------ BatchNorm
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batchnorm_running_stats_and_extra_passes(freeze):
+    model = toy.small_cnn(batchnorm=True)
+    bn = model[1]
+    x, y = toy.batches()[toy.NOISY_BATCHES[0]]
+    opt = ISGD(model.parameters(), lr=0.1, window=2, max_extra_iters=3, freeze_bn_stats=freeze)
+    for loss in (0.01, 0.02):
+        opt.chart.update(loss)
+    after_regular = {}
+
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if not calls:  # the regular pass has just updated the running statistics
+            after_regular.update({k: v.clone() for k, v in bn.state_dict().items()})
+        calls.append(loss.item())
+        return loss
+
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    opt.step(closure)
+    assert opt.stats.last.triggered and len(calls) > 1
+    assert not torch.equal(before["running_mean"], after_regular["running_mean"])
+    final = bn.state_dict()
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    same = all(torch.equal(final[k], after_regular[k]) for k in buffers)
+    assert same is freeze
+    assert int(final["num_batches_tracked"]) == (1 if freeze else len(calls))
+
+
+def test_frozen_batchnorm_stats_restores_on_error():
+    model = toy.small_cnn(batchnorm=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"), frozen_batchnorm_stats():
+        model(torch.randn(4, 1, 8, 8))
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ------------------------------------------------------------------ other base optimizers
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [
+        (torch.optim.SGD, dict(lr=0.01, momentum=0.9, nesterov=True)),
+        (torch.optim.Adam, dict(lr=3e-3)),
+        (torch.optim.AdamW, dict(lr=3e-3, weight_decay=0.01)),
+    ],
+)
+def test_any_base_optimizer_runs_extra_iterations(base, kwargs):
+    data = toy.batches()
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), base, **ISGD_KW, **kwargs)
+    run(model, opt, data, 8 * toy.N_BATCHES)
+    assert opt.stats.triggers > 0 and opt.stats.extra_iters > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert isinstance(opt.base_optimizer, base)
+
+
+# ------------------------------------------------------------------ persistence and schedulers
+def test_state_dict_round_trip_resumes_bit_identically():
+    data = toy.batches()
+    steps_before, steps_after = 5 * toy.N_BATCHES + 3, 4 * toy.N_BATCHES
+
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+    run(model, opt, data, steps_before)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    # the batch order continues where it stopped
+    shifted = data[steps_before % len(data) :] + data[: steps_before % len(data)]
+    uninterrupted = run(model, opt, shifted, steps_after)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = toy.small_cnn(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = ISGD(resumed_model.parameters(), **SGD_KW, **ISGD_KW)
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.stats.steps == steps_before
+    decisions = run(resumed_model, resumed, shifted, steps_after)
+
+    assert decisions == uninterrupted
+    assert any(trig for trig, _ in uninterrupted)
+    assert params_equal(model, resumed_model)
+    assert resumed.stats == opt.stats
+    assert resumed.chart.state_dict() == opt.chart.state_dict()
+
+
+def test_load_state_dict_refuses_a_plain_optimizer_state():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+    with pytest.raises(ValueError, match="not an ISGD state_dict"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_lr_scheduler_drives_the_shared_param_groups():
+    data = toy.batches()
+    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    isgd = ISGD(model_a.parameters(), **SGD_KW, window=toy.N_BATCHES, max_extra_iters=0)
+    plain = torch.optim.SGD(model_b.parameters(), **SGD_KW)
+    sched_a = torch.optim.lr_scheduler.StepLR(isgd, step_size=10, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(plain, step_size=10, gamma=0.5)
+    for t in range(35):
+        x, y = data[t % len(data)]
+        isgd.step(toy.make_closure(model_a, x, y, isgd.zero_grad))
+        plain.zero_grad()
+        F.cross_entropy(model_b(x), y).backward()
+        plain.step()
+        sched_a.step()
+        sched_b.step()
+    assert isgd.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    assert isgd.param_groups is isgd.base_optimizer.param_groups
+    assert params_equal(model_a, model_b)
+
+
+# ------------------------------------------------------------------ closure-free form
+def closure_free_step(model, opt, x, y):
+    """The documented closure-free loop, float32, no scaler."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    n_extra = opt.observe(loss)
+    opt.base_optimizer.step()
+    with frozen_batchnorm_stats():
+        for _ in range(n_extra):
+            opt.zero_grad()
+            loss_i = F.cross_entropy(model(x), y)
+            loss_i.backward()
+            if not opt.above_limit(loss_i):
+                break
+            opt.subproblem_grad_()
+            opt.base_optimizer.step()
+
+
+def test_closure_free_form_equals_step_with_closure():
+    data = toy.batches()
+    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    opt_a = ISGD(model_a.parameters(), **SGD_KW, **ISGD_KW)
+    opt_b = ISGD(model_b.parameters(), **SGD_KW, **ISGD_KW)
+    for t in range(8 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt_a.step(toy.make_closure(model_a, x, y, opt_a.zero_grad))
+        closure_free_step(model_b, opt_b, x, y)
+    assert opt_a.stats.triggers > 0
+    assert opt_a.stats == opt_b.stats
+    assert params_equal(model_a, model_b)
+
+
+def test_closure_free_with_bfloat16_autocast_and_grad_scaler():
+    data = toy.batches()
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    def loss_fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(x), y)
+
+    for t in range(8 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt.zero_grad()
+        loss = loss_fn()
+        scaler.scale(loss).backward()
+        n_extra = opt.observe(loss)  # before the step: w_{t-1} is remembered when triggered
+        scaler.step(opt.base_optimizer)
+        scaler.update()
+        for _ in range(n_extra):
+            loss_i = loss_fn()
+            if not opt.above_limit(loss_i):  # forward only: no backward wasted at the stop
+                break
+            opt.zero_grad()
+            scaler.scale(loss_i).backward()
+            scaler.unscale_(opt.base_optimizer)
+            opt.subproblem_grad_()
+            scaler.step(opt.base_optimizer)
+            scaler.update()
+    assert opt.stats.triggers > 0 and opt.stats.extra_iters > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_closure_free_misuse_is_reported():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+    with pytest.raises(RuntimeError, match="outside a triggered step"):
+        opt.above_limit(1.0)
+    with pytest.raises(RuntimeError, match="above_limit"):
+        opt.subproblem_grad_()
+
+
+# ------------------------------------------------------------------ counters, memory, non-finite
+def test_stats_count_every_pass_and_memory_is_one_copy():
+    data = toy.batches()
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+    logs: list[list[float]] = []
+    run(model, opt, data, toy.N_BATCHES, logs)
+    assert opt._w_prev is None  # nothing triggers in the first epoch: no copy made
+    run(model, opt, data, 8 * toy.N_BATCHES, logs)
+    total_passes = sum(len(log) for log in logs)
+    assert opt.stats.passes == total_passes
+    assert opt.stats.steps == 9 * toy.N_BATCHES
+    assert opt.stats.triggers > 0
+    assert sum(w.numel() for w in opt._w_prev) == opt.n_w  # exactly one copy of the weights
+
+
+def test_nonfinite_loss_never_triggers_nor_enters_the_chart():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, window=3)
+    for loss in (1.0, 1.1, 0.9):
+        opt.chart.update(loss)
+    before = opt.chart.state_dict()
+    for bad in (float("nan"), float("inf")):
+        assert opt.observe(torch.tensor(bad)) == 0
+    assert opt.chart.nonfinite == 2
+    assert opt.chart.losses() == before["losses"]
+
+
+def test_copy_of_optimizer_state_is_independent():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+    state = copy.deepcopy(opt.state_dict())
+    opt.chart.update(1.0)
+    assert state["chart"]["losses"] == []
+
+
+# ------------------------------------------------------------------ bad arguments
+def _params():
+    return toy.small_cnn().parameters()
+
+
+BAD_ARGUMENTS = [
+    (dict(lr=-0.1, window=10), ValueError, "Invalid lr: -0.1"),
+    (dict(lr=0.1, window=1), ValueError, "Invalid window: 1"),
+    (dict(lr=0.1, window=2.5), ValueError, "Invalid window: 2.5"),
+    (dict(lr=0.1, window=10, sigma_factor=0), ValueError, "Invalid sigma_factor: 0"),
+    (dict(lr=0.1, window=10, sigma_factor=-1.0), ValueError, "Invalid sigma_factor: -1.0"),
+    (dict(lr=0.1, window=10, max_extra_iters=-1), ValueError, "Invalid max_extra_iters: -1"),
+    (dict(lr=0.1, window=10, max_extra_iters=1.5), TypeError, "Invalid max_extra_iters: 1.5"),
+    (dict(lr=0.1, window=10, eps=-0.1), ValueError, "Invalid eps: -0.1"),
+    (dict(lr=0.1, window=10, eps=float("nan")), ValueError, "Invalid eps: nan"),
+    (
+        dict(lr=0.1, window=10, base_optimizer=torch.nn.Linear),
+        TypeError,
+        "Invalid base_optimizer: <class 'torch.nn.modules.linear.Linear'>",
+    ),
+    (dict(lr=0.1, window=10, base_optimizer="sgd"), TypeError, "Invalid base_optimizer: 'sgd'"),
+    (dict(lr=0.1, window=10, momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
+    with pytest.raises(error) as info:
+        ISGD(_params(), **kwargs)
+    assert str(info.value).startswith(message)
+
+
+def test_base_optimizer_instance_is_refused():
+    params = list(_params())
+    with pytest.raises(TypeError, match="not an instance"):
+        ISGD(params, torch.optim.SGD(params, lr=0.1), window=4)
+
+
+def test_step_without_closure():
+    opt = ISGD(_params(), lr=0.1, window=4)
+    with pytest.raises(TypeError, match=r"^Invalid closure: None"):
+        opt.step()

@@ -1,0 +1,51 @@
+"""A small CNN and a fixed-cycle data set whose noisy-label batches make ISGD trigger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+N_BATCHES = 12
+BATCH = 16
+NOISY_BATCHES = (3,)  # labels are pure noise: its loss stays above the others
+
+
+def small_cnn(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(1, 6, 3)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(6))
+    layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 3 * 3, 10)]
+    return nn.Sequential(*layers)
+
+
+def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``N_BATCHES`` fixed batches of 8×8 images; labels from a fixed random teacher, except the
+    ``NOISY_BATCHES`` whose labels are random."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(64, 10, generator=g)
+    data = []
+    for j in range(N_BATCHES):
+        x = torch.randn(BATCH, 1, 8, 8, generator=g)
+        y = (x.flatten(1) @ teacher).argmax(1)
+        if j in NOISY_BATCHES:
+            y = torch.randint(0, 10, (BATCH,), generator=g)
+        data.append((x, y))
+    return data
+
+
+def make_closure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, zero_grad: Callable[[], None], log=None
+) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if log is not None:
+            log.append(loss.item())
+        return loss
+
+    return closure
