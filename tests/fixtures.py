@@ -1,0 +1,91 @@
+"""Small data set files written in the real on-disk formats (IDX, CIFAR-10 python and binary)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+IDX_CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C, "float32": 0x0D}
+IDX_CODES["float64"] = 0x0E
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of ``array``: magic (0, 0, dtype code, ndim), big-endian dims, data."""
+    header = bytes([0, 0, IDX_CODES[array.dtype.name], array.ndim])
+    dims = struct.pack(f">{array.ndim}I", *array.shape)
+    return header + dims + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def mnist_like(n_train: int = 24, n_test: int = 10, size: int = 8, seed: int = 0) -> dict:
+    """Random uint8 images and labels 0..9 under the four standard IDX names."""
+    rng = np.random.default_rng(seed)
+    return {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10)[::-1].astype(np.uint8),
+    }
+
+
+def write_idx_dir(
+    directory: Path, arrays: dict, *, gz: bool = False, dotted: bool = False
+) -> dict[str, str]:
+    """Write ``arrays`` as IDX files; return name → md5 of the uncompressed bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for name, array in arrays.items():
+        filename = name.replace("-idx", ".idx") if dotted else name
+        write_idx(directory / (filename + (".gz" if gz else "")), array, gz=gz)
+        sums[name] = md5(idx_bytes(array))
+    return sums
+
+
+CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def cifar_like(n_per_batch: int = 3, seed: int = 0) -> list[tuple[np.ndarray, list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            [(i + j) % 10 for j in range(n_per_batch)],
+        )
+        for i in range(len(CIFAR_NAMES))
+    ]
+
+
+def write_cifar_python(directory: Path, batches: list[tuple[np.ndarray, list[int]]]) -> None:
+    """Pickled dicts with bytes keys, protocol 2, as in cifar-10-batches-py."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (data, labels) in zip(CIFAR_NAMES, batches, strict=True):
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{j}.png".encode() for j in range(len(labels))],
+        }
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def write_cifar_binary(directory: Path, batches: list[tuple[np.ndarray, list[int]]]) -> None:
+    """Records of 1 label byte + 3072 pixel bytes, as in cifar-10-batches-bin."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (data, labels) in zip(CIFAR_NAMES, batches, strict=True):
+        records = np.concatenate([np.array(labels, dtype=np.uint8)[:, None], data], axis=1)
+        (directory / f"{name}.bin").write_bytes(records.tobytes())
