@@ -21,8 +21,16 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q
 
+# The main job: real MNIST, Caffe LeNet solver, SGD then ISGD, figures and a table.
+DEMO_ITERS ?= 5000
+DEMO_DIR   ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_DIR   := $(DEMO_DIR)
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/isgd data fetch mnist
+	$(BIN)/isgd train --preset lenet-mnist --optimizer sgd  --iters $(DEMO_ITERS) --out $(DEMO_DIR)/sgd
+	$(BIN)/isgd train --preset lenet-mnist --optimizer isgd --iters $(DEMO_ITERS) --out $(DEMO_DIR)/isgd
+	$(BIN)/isgd plot $(DEMO_DIR)/sgd $(DEMO_DIR)/isgd --out $(DEMO_DIR)/plots
+	@echo "figures and table: $(DEMO_DIR)/plots   summaries: $(DEMO_DIR)/{sgd,isgd}/summary.json"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py

@@ -220,8 +220,11 @@ class ISGD(Optimizer):
         """
         psi = _as_float(loss)  # the one host-device sync per step
         chart = self.chart
-        record = StepRecord(loss=psi, mean=chart.mean, sigma=chart.sigma, limit=chart.limit)
-        record.triggered = self.max_extra_iters > 0 and chart.above_limit(psi)
+        mean, sigma, limit = chart.statistics()
+        triggered = (
+            self.max_extra_iters > 0 and limit is not None and math.isfinite(psi) and psi > limit
+        )
+        record = StepRecord(psi, mean, sigma, limit, triggered)
         chart.update(psi)
 
         self.stats.steps += 1

@@ -125,6 +125,12 @@ class LossControlChart:
             return None
         return self.mean + self.sigma_factor * self.sigma
 
+    def statistics(self) -> tuple[float | None, float | None, float | None]:
+        """``(mean, sigma, limit)`` in one call (what a step reads before its loss joins)."""
+        mean, sigma = self.mean, self.sigma
+        limit = mean + self.sigma_factor * sigma if self.full else None
+        return mean, sigma, limit
+
     def above_limit(self, loss: float) -> bool:
         """True when the window is full, ``loss`` is finite and ``loss > limit``."""
         limit = self.limit

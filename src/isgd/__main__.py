@@ -1,0 +1,3 @@
+from isgd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""``isgd`` command line: thin — parse, call the library, turn errors into one line and exit 2.
+
+isgd data fetch NAME [--data-dir DIR]
+isgd train [--preset NAME] [--config FILE.toml] [--optimizer ...] [--iters N | --epochs N] ...
+isgd train --resume RUN_DIR
+isgd plot RUN_DIR... [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, get_origin
+
+from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, ConfigError, TrainConfig
+
+log = logging.getLogger("isgd")
+
+USAGE_ERROR = 2
+
+# flags shown first in --help with a short description; every other TrainConfig field follows
+HELP = {
+    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "iters": "training iterations (regular steps)",
+    "epochs": "train this many epochs instead of --iters",
+    "eval_every": "evaluate on the test split every N iterations (untimed)",
+    "checkpoint_every": "write a checkpoint every N iterations",
+    "seed": "seed of the initialisation and of the fixed batch order",
+    "threads": "torch CPU threads",
+    "dataset": "mnist, fashion-mnist, cifar10 or idx:DIR",
+    "model": "lenet, lenet-bn, cifar10-quick, mlp, resnet20, alexnet",
+    "lr_policy": "fixed, step, multistep, inv or cosine",
+    "milestones": "multistep policy: comma-separated iterations",
+    "sigma_factor": "ISGD: k in limit = mean + k*sigma",
+    "max_extra_iters": "ISGD: extra iterations at most on a triggered batch",
+    "eps": "ISGD: conservative weight epsilon",
+    "freeze_bn_stats": "ISGD: keep BatchNorm statistics unchanged by extra passes",
+    "normalize": "scale (x/256), standardize or mean_subtract",
+    "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
+    "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    ordered = [k for k in HELP if k in FIELDS] + [k for k in FIELDS if k not in HELP]
+    group = parser.add_argument_group("training configuration (override preset and --config)")
+    for name in ordered:
+        if name == "preset":
+            continue
+        flag = "--" + name.replace("_", "-")
+        hint = FIELD_TYPES[name]
+        default = getattr(defaults, name)
+        help_text = f"{HELP.get(name, '')} (default {default!r})".strip()
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif get_origin(hint) is list:
+            group.add_argument(flag, type=_int_list, metavar="N,N,...", **kwargs)
+        else:
+            group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="isgd", description="Inconsistent Stochastic Gradient Descent")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = commands.add_parser("data", help="fetch and verify data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = data_commands.add_parser("fetch", help="fetch a data set into the data directory")
+    fetch.add_argument("name", help="mnist or fashion-mnist")
+    fetch.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+
+    train = commands.add_parser("train", help="train a model with ISGD or a baseline")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="the paper's baseline solvers")
+    train.add_argument("--config", metavar="FILE.toml", help="TOML file of configuration keys")
+    train.add_argument("--out", metavar="RUN_DIR", help="run directory (must not exist)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    train.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when the output is a terminal)",
+    )
+    _add_config_flags(train)
+
+    plot = commands.add_parser("plot", help="figures from one or more run directories")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", metavar="DIR", help="default: the first run directory's plots/")
+    return parser
+
+
+def _default_run_dir(overrides: dict[str, Any], preset: str | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = preset or f"{overrides.get('dataset', 'mnist')}-{overrides.get('model', 'lenet')}"
+    return Path("runs") / f"{stamp}-{name}-{overrides.get('optimizer', 'isgd')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from isgd import train as training
+    from isgd.config import resolve_config
+
+    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    if args.resume:
+        given = sorted(overrides) + [f for f in ("preset", "config", "out") if getattr(args, f)]
+        if given:
+            raise UsageError(f"--resume continues the saved configuration; drop {', '.join(given)}")
+        summary = training.resume(args.resume, data_dir=args.data_dir, progress=args.progress)
+        run_dir = Path(args.resume)
+    else:
+        config = resolve_config(args.preset, args.config, overrides)
+        run_dir = Path(args.out) if args.out else _default_run_dir(overrides, args.preset)
+        summary = training.train(config, run_dir, data_dir=args.data_dir, progress=args.progress)
+    log.info(
+        "done: test accuracy %.2f%% after %d iterations, %d passes, %.1f s of training; "
+        "results in %s",
+        100 * summary["final/test_accuracy"],
+        summary["iterations"],
+        summary["passes"],
+        summary["time/train_seconds"],
+        run_dir,
+    )
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from isgd.data import fetch
+
+    path = fetch(args.name, args.data_dir)
+    log.info("%s is ready in %s", args.name, path)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from isgd.plots import plot_runs
+    from isgd.report import runs_table
+    from isgd.runio import atomic_write_text
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0] / "plots"
+    files = plot_runs(runs, out)
+    table = runs_table(runs)
+    atomic_write_text(out / "summary.md", table)
+    print(table, end="")
+    log.info("wrote %d figures and summary.md to %s", len(files), out)
+    return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from isgd.data import DataError
+    from isgd.runio import RunError
+
+    errors: list[type[BaseException]] = [UsageError, ConfigError, DataError, RunError]
+    try:
+        from isgd.plots import PlotError
+
+        errors.append(PlotError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("isgd")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    try:
+        args = parser.parse_args(argv)
+        root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+        command = {"train": cmd_train, "data": cmd_data, "plot": cmd_plot}[args.command]
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[root]):
+            return command(args)
+    except _known_errors() as err:
+        print(f"isgd: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except ValueError as err:  # bad model names, sizes and the like from the library
+        print(f"isgd: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("isgd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

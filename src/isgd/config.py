@@ -1,0 +1,252 @@
+"""Training configuration: defaults ← preset ← TOML file ← command-line overrides.
+
+Every key is a field of :class:`TrainConfig`; unknown keys and wrong types are rejected by name
+(:class:`ConfigError`, one line, which the CLI turns into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "LR_POLICIES",
+    "OPTIMIZERS",
+    "PRESETS",
+    "ConfigError",
+    "TrainConfig",
+    "lr_factor",
+    "resolve_config",
+]
+
+OPTIMIZERS = ("sgd", "isgd", "nesterov", "isgd-nesterov", "adam", "isgd-adam")
+LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. Field names are the TOML keys and, with ``-`` for ``_``, the flags."""
+
+    # what to train
+    dataset: str = "mnist"
+    model: str = "lenet"
+    optimizer: str = "isgd"
+    # solver
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_policy: str = "inv"
+    gamma: float = 1e-4  # inv: lr·(1 + gamma·t)^−power; step/multistep: factor per drop
+    power: float = 0.75
+    step_size: int = 10_000  # step policy: iterations between drops
+    milestones: list[int] = dataclasses.field(default_factory=list)  # multistep policy
+    # ISGD (ignored by sgd / nesterov / adam)
+    sigma_factor: float = 3.0
+    max_extra_iters: int = 5
+    eps: float = 0.1
+    freeze_bn_stats: bool = True
+    # data
+    normalize: str = "scale"  # scale (Caffe LeNet, x/256) | standardize | mean_subtract
+    augment: bool = False  # random crop (padding 4) and horizontal flip
+    reshuffle: bool = False  # per-epoch reshuffling instead of the fixed cycle (ablation)
+    # budget and bookkeeping
+    iters: int = 10_000
+    epochs: float = 0.0  # when > 0, overrides iters: epochs × batches per epoch
+    eval_every: int = 500
+    eval_batch_size: int = 1000
+    checkpoint_every: int = 2000
+    log_every: int = 100  # plain progress lines when the output is not a terminal
+    seed: int = 0
+    threads: int = 2
+    channels_last: bool = True
+    step_records: bool = True  # write steps.jsonl
+    tensorboard: bool = True
+    target_accuracy: float = 0.0  # when > 0, summary.json reports time/passes to reach it
+    preset: str = ""  # the preset the run started from (informational)
+
+    @property
+    def uses_isgd(self) -> bool:
+        return self.optimizer.startswith("isgd")
+
+    def validate(self) -> TrainConfig:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid {key}: {getattr(self, key)!r} ({what})")
+
+        from isgd.models import MODELS
+
+        need(self.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
+        need(self.model in MODELS, "model", "one of " + ", ".join(MODELS))
+        datasets = ("mnist", "fashion-mnist", "cifar10")
+        need(
+            self.dataset in datasets or self.dataset.startswith("idx:"),
+            "dataset",
+            "one of " + ", ".join(datasets) + " or idx:DIR (a directory of IDX files)",
+        )
+        need(self.lr_policy in LR_POLICIES, "lr_policy", "one of " + ", ".join(LR_POLICIES))
+        need(
+            self.normalize in ("scale", "standardize", "mean_subtract"),
+            "normalize",
+            "one of scale, standardize, mean_subtract",
+        )
+        for key in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every", "threads"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.iters >= 1, "iters", "must be >= 1")
+        need(self.step_size >= 1, "step_size", "must be >= 1")
+        for key in ("lr", "momentum", "weight_decay", "gamma", "power", "eps", "epochs"):
+            value = getattr(self, key)
+            need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
+        need(self.momentum < 1, "momentum", "must be < 1")
+        need(
+            math.isfinite(self.sigma_factor) and self.sigma_factor > 0,
+            "sigma_factor",
+            "must be a finite number > 0",
+        )
+        need(self.max_extra_iters >= 0, "max_extra_iters", "must be >= 0")
+        need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
+        need(all(m >= 1 for m in self.milestones), "milestones", "iterations >= 1")
+        need(self.milestones == sorted(self.milestones), "milestones", "must be increasing")
+        if self.lr_policy == "multistep":
+            need(bool(self.milestones), "milestones", "the multistep policy needs milestones")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Caffe examples/mnist/lenet_solver.prototxt
+    "lenet-mnist": dict(
+        dataset="mnist",
+        model="lenet",
+        batch_size=64,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+        lr_policy="inv",
+        gamma=1e-4,
+        power=0.75,
+        iters=10_000,
+        normalize="scale",
+        eval_every=500,
+        checkpoint_every=2000,
+        target_accuracy=0.99,
+    ),
+    # Caffe examples/cifar10/cifar10_quick_solver.prototxt, then _lr1 (lr 1e-4 for 1,000 more)
+    "cifar10-quick": dict(
+        dataset="cifar10",
+        model="cifar10-quick",
+        batch_size=100,
+        lr=0.001,
+        momentum=0.9,
+        weight_decay=0.004,
+        lr_policy="multistep",
+        milestones=[4000],
+        gamma=0.1,
+        iters=5000,
+        normalize="mean_subtract",
+        eval_every=500,
+        checkpoint_every=1000,
+    ),
+}
+
+
+def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based) for the configured policy."""
+    policy = config.lr_policy
+    if policy == "fixed":
+        return 1.0
+    if policy == "inv":
+        return (1.0 + config.gamma * iteration) ** (-config.power)
+    if policy == "step":
+        return config.gamma ** (iteration // config.step_size)
+    if policy == "multistep":
+        return config.gamma ** sum(iteration >= m for m in config.milestones)
+    if policy == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
+    raise ConfigError(f"invalid lr_policy: {policy!r}")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field's type, or ConfigError naming key and expected type."""
+    origin = get_origin(hint)
+    if origin is list:
+        (inner,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid {key}: {value!r} (expected a list of {inner.__name__})")
+        return [_check_type(key, v, inner) for v in value]
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
+    if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
+        return float(value) if hint is float else value
+    raise ConfigError(f"invalid {key}: {value!r} (expected {hint.__name__})")
+
+
+FIELD_TYPES = get_type_hints(TrainConfig)
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def apply(config: TrainConfig, values: Mapping[str, Any], source: str) -> TrainConfig:
+    """``config`` with ``values`` applied; unknown keys and wrong types name the ``source``."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' * (len(unknown) > 1)} in {source}: "
+            f"{', '.join(unknown)} (known: {', '.join(FIELDS)})"
+        )
+    checked = {key: _check_type(key, value, FIELD_TYPES[key]) for key, value in values.items()}
+    return dataclasses.replace(config, **checked)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults ← ``preset`` ← ``config_file`` ← ``overrides``, validated."""
+    config = TrainConfig()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset: {preset!r} (known: {', '.join(PRESETS)})")
+        config = apply(config, PRESETS[preset], f"preset {preset}")
+        config.preset = preset
+    if config_file is not None:
+        config = apply(config, load_toml(config_file), str(config_file))
+    if overrides:
+        config = apply(config, overrides, "the command line")
+    return config.validate()
+
+
+def dump_toml(config: TrainConfig) -> str:
+    """The configuration as TOML that ``--config`` reads back."""
+    header = "# isgd train configuration (resolved); repeat with: isgd train --config FILE\n"
+    return header + tomli_w.dumps(config.to_dict())

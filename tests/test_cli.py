@@ -1,0 +1,237 @@
+"""``isgd`` end to end on a tiny IDX data set (no fetch): train, resume, plot and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from isgd import FixedCycleBatchSampler
+from isgd.cli import main
+from isgd.data import default_data_dir
+from tests.fixtures import write_idx_dir
+
+N_TRAIN, N_TEST, BATCH, SIZE = 240, 60, 16, 8
+NOISY_BATCH = 3  # its labels are noise: ISGD triggers on it
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    """A learnable 8×8, 10-class IDX data set; fixed batch 3 (seed 0) has noise labels."""
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(SIZE * SIZE, 10))
+
+    def make(n):
+        x = rng.integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
+        y = ((x.reshape(n, -1) / 255.0 - 0.5) @ teacher).argmax(1).astype(np.uint8)
+        return x, y
+
+    x, y = make(N_TRAIN)
+    noisy = FixedCycleBatchSampler(N_TRAIN, BATCH, seed=0).batch(NOISY_BATCH)
+    y[noisy] = rng.integers(0, 10, len(noisy))
+    xt, yt = make(N_TEST)
+    directory = tmp_path_factory.mktemp("idx")
+    write_idx_dir(
+        directory,
+        {
+            "train-images-idx3-ubyte": x,
+            "train-labels-idx1-ubyte": y,
+            "t10k-images-idx3-ubyte": xt,
+            "t10k-labels-idx1-ubyte": yt,
+        },
+        gz=True,
+    )
+    return directory
+
+
+def base_args(idx_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--dataset",
+        f"idx:{idx_dir}",
+        "--model",
+        "mlp",
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        "0.05",
+        "--lr-policy",
+        "fixed",
+        "--sigma-factor",
+        "1.5",
+        "--iters",
+        "150",
+        "--eval-every",
+        "30",
+        "--checkpoint-every",
+        "40",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def isgd_run(idx_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "isgd"
+    assert main(base_args(idx_dir, out, "--optimizer", "isgd")) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(isgd_run):
+    for name in (
+        "config.toml",
+        "provenance.json",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "summary.json",
+        "model.pt",
+    ):
+        assert (isgd_run / name).is_file(), name
+    summary = json.loads((isgd_run / "summary.json").read_text())
+    assert summary["iterations"] == 150 and summary["n_batches_per_epoch"] == N_TRAIN // BATCH
+    assert summary["isgd/triggers"] > 0 and summary["passes"] > 150
+    metrics = [json.loads(line) for line in (isgd_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 30, 60, 90, 120, 150]
+    assert metrics[-1]["passes"] == summary["passes"]
+    assert all(m["time/train_seconds"] >= 0 for m in metrics)
+    steps = [json.loads(line) for line in (isgd_run / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 150 and steps[-1]["passes"] == summary["passes"]
+    assert any(s["triggered"] for s in steps)
+    assert all(s["limit"] is None for s in steps[: N_TRAIN // BATCH])
+    assert {s["batch_id"] for s in steps if s["triggered"]} >= {NOISY_BATCH}
+    weights = torch.load(isgd_run / "model.pt", weights_only=True)
+    assert isinstance(weights, dict) and all(torch.is_tensor(v) for v in weights.values())
+    assert sorted((isgd_run / "checkpoints").glob("ckpt-*.pt"))[-1].name == "ckpt-00000120.pt"
+
+
+def test_config_file_round_trip_repeats_the_run(isgd_run, tmp_path, idx_dir):
+    out = tmp_path / "again"
+    rc = main(
+        ["train", "--config", str(isgd_run / "config.toml"), "--out", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    assert (out / "model.pt").read_bytes() == (isgd_run / "model.pt").read_bytes()
+
+
+@pytest.mark.parametrize("checkpoint_kept", ["ckpt-00000080.pt", "ckpt-00000120.pt"])
+def test_resume_ends_with_the_same_model(isgd_run, tmp_path, checkpoint_kept):
+    crashed = tmp_path / "crashed"
+    shutil.copytree(isgd_run, crashed)
+    for name in ("summary.json", "model.pt"):
+        (crashed / name).unlink()
+    (crashed / "checkpoints" / "ckpt-00000120.pt").rename(crashed / "checkpoints" / "keep.pt")
+    if checkpoint_kept == "ckpt-00000120.pt":
+        (crashed / "checkpoints" / "keep.pt").rename(crashed / "checkpoints" / checkpoint_kept)
+    assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0
+    assert (crashed / "model.pt").read_bytes() == (isgd_run / "model.pt").read_bytes()
+    original = (isgd_run / "steps.jsonl").read_text().splitlines()
+    resumed = (crashed / "steps.jsonl").read_text().splitlines()
+    assert resumed == original  # same losses, limits and decisions at every step
+    a = json.loads((isgd_run / "summary.json").read_text())
+    b = json.loads((crashed / "summary.json").read_text())
+    assert {k: v for k, v in a.items() if "seconds" not in k and "per_second" not in k} == {
+        k: v for k, v in b.items() if "seconds" not in k and "per_second" not in k
+    }
+
+
+def test_sgd_and_isgd_share_initialisation_and_batches(idx_dir, tmp_path, isgd_run):
+    out = tmp_path / "sgd"
+    assert main(base_args(idx_dir, out, "--optimizer", "sgd", "--iters", "20")) == 0
+    sgd_steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    isgd_steps = [json.loads(x) for x in (isgd_run / "steps.jsonl").read_text().splitlines()]
+    # no trigger is possible in the first epoch, so the first 15 steps coincide exactly
+    assert [s["loss"] for s in sgd_steps[:15]] == [s["loss"] for s in isgd_steps[:15]]
+    assert sgd_steps[-1]["passes"] == 20
+
+
+def test_plot_writes_figures(isgd_run, tmp_path):
+    out = tmp_path / "plots"
+    assert main(["plot", str(isgd_run), "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) >= 4
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def _bad(idx_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    cfg_unknown = tmp / "unknown.toml"
+    cfg_unknown.write_text('optimizer = "isgd"\nlearning_rate = 0.1\n')
+    cfg_type = tmp / "type.toml"
+    cfg_type.write_text('iters = "many"\n')
+    cfg_broken = tmp / "broken.toml"
+    cfg_broken.write_text("iters = = 3\n")
+    existing = tmp / "existing"
+    existing.mkdir()
+    (existing / "file").write_text("keep me")
+    out = str(tmp / "new")
+    return [
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--iters", "ten"], "argument --iters: invalid int value: 'ten'"),
+        (["train", "--lr", "-1", "--out", out], "invalid lr: -1.0"),
+        (["train", "--optimizer", "lbfgs", "--out", out], "invalid optimizer: 'lbfgs'"),
+        (["train", "--max-extra-iters", "-2", "--out", out], "invalid max_extra_iters: -2"),
+        (["train", "--sigma-factor", "0", "--out", out], "invalid sigma_factor: 0.0"),
+        (["train", "--preset", "imagenet"], "argument --preset: invalid choice: 'imagenet'"),
+        (["train", "--config", str(cfg_unknown), "--out", out], "unknown config key in"),
+        (["train", "--config", str(cfg_type), "--out", out], "invalid iters: 'many'"),
+        (["train", "--config", str(cfg_broken), "--out", out], "is not valid TOML"),
+        (["train", "--config", str(tmp / "none.toml"), "--out", out], "config file not found"),
+        (["train", "--dataset", "imagenet", "--out", out], "invalid dataset: 'imagenet'"),
+        (["train", "--dataset", f"idx:{tmp / 'nowhere'}", "--out", out], "nowhere"),
+        (
+            ["train", "--dataset", f"idx:{idx_dir}", "--model", "vgg", "--out", out],
+            "invalid model: 'vgg'",
+        ),
+        (["train", "--out", str(existing)], "already exists and is not empty"),
+        (["train", "--resume", str(tmp / "nothing")], "is not a run directory"),
+        (["train", "--resume", str(existing), "--lr", "0.1"], "--resume continues the saved"),
+        (["data", "fetch", "imagenet"], "imagenet"),
+        (["plot", str(existing)], str(existing)),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(idx_dir, tmp_path, capsys):
+    for argv, expected in _bad(idx_dir, tmp_path):
+        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, argv
+        errors = [line for line in err if line.startswith("isgd: error: ")]
+        assert len(errors) == 1, (argv, err)
+        assert expected in errors[0], (argv, errors[0])
+        assert not any("Traceback" in line for line in err)
+    assert (tmp_path / "existing" / "file").read_text() == "keep me"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.mnist
+def test_real_mnist_lenet(tmp_path):
+    if not (default_data_dir() / "mnist" / "train-images-idx3-ubyte").exists():
+        pytest.skip("real MNIST is not in the data directory (isgd data fetch mnist)")
+    out = tmp_path / "mnist"
+    rc = main(
+        [
+            "train",
+            "--preset",
+            "lenet-mnist",
+            "--iters",
+            "200",
+            "--eval-every",
+            "200",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final/test_accuracy"] > 0.90

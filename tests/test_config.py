@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from isgd.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    dump_toml,
+    load_toml,
+    lr_factor,
+    resolve_config,
+)
+
+
+def test_lenet_mnist_preset_is_the_caffe_solver():
+    c = resolve_config("lenet-mnist")
+    assert (c.dataset, c.model, c.batch_size, c.lr, c.momentum, c.weight_decay) == (
+        "mnist",
+        "lenet",
+        64,
+        0.01,
+        0.9,
+        5e-4,
+    )
+    assert (c.lr_policy, c.gamma, c.power, c.iters, c.normalize) == (
+        "inv",
+        1e-4,
+        0.75,
+        10_000,
+        "scale",
+    )
+    assert c.preset == "lenet-mnist"
+
+
+def test_cifar10_quick_preset_has_two_learning_rate_stages():
+    c = resolve_config("cifar10-quick")
+    assert c.iters == 5000 and c.batch_size == 100 and c.weight_decay == 0.004
+    assert lr_factor(c, 3999, c.iters) == 1.0
+    assert lr_factor(c, 4000, c.iters) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "policy, extra, t, expected",
+    [
+        ("fixed", {}, 12345, 1.0),
+        ("inv", dict(gamma=1e-4, power=0.75), 10_000, 2.0**-0.75),
+        ("step", dict(gamma=0.1, step_size=100), 250, 0.01),
+        ("multistep", dict(gamma=0.5, milestones=[10, 20]), 15, 0.5),
+        ("multistep", dict(gamma=0.5, milestones=[10, 20]), 20, 0.25),
+        ("cosine", {}, 500, 0.5),
+        ("cosine", {}, 1000, 0.0),
+    ],
+)
+def test_lr_policies(policy, extra, t, expected):
+    c = resolve_config(overrides=dict(lr_policy=policy, **extra))
+    assert lr_factor(c, t, 1000) == pytest.approx(expected, abs=1e-12)
+
+
+def test_precedence_preset_then_file_then_command_line(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("lr = 0.5\niters = 7\n")
+    c = resolve_config("lenet-mnist", f, {"iters": 9})
+    assert (c.lr, c.iters, c.batch_size) == (0.5, 9, 64)
+
+
+def test_toml_round_trip(tmp_path):
+    c = resolve_config("cifar10-quick", overrides={"optimizer": "isgd-adam", "eps": 0.0})
+    f = tmp_path / "c.toml"
+    f.write_text(dump_toml(c))
+    assert resolve_config(config_file=f) == c
+    assert set(load_toml(f)) == set(TrainConfig().to_dict())
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"learning_rate": 0.1}, "unknown config key in test: learning_rate"),
+        ({"iters": "10"}, "invalid iters: '10' (expected int)"),
+        ({"iters": 1.5}, "invalid iters: 1.5 (expected int)"),
+        ({"augment": 1}, "invalid augment: 1 (expected bool)"),
+        ({"lr": True}, "invalid lr: True (expected float)"),
+        ({"milestones": [1, "2"]}, "invalid milestones: '2' (expected int)"),
+        ({"milestones": 3}, "invalid milestones: 3 (expected a list of int)"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_named(values, message):
+    from isgd.config import apply
+
+    with pytest.raises(ConfigError) as info:
+        apply(TrainConfig(), values, "test")
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lr": -0.1}, "invalid lr: -0.1"),
+        ({"lr": math.inf}, "invalid lr: inf"),
+        ({"momentum": 1.0}, "invalid momentum: 1.0 (must be < 1)"),
+        ({"batch_size": 0}, "invalid batch_size: 0"),
+        ({"sigma_factor": 0.0}, "invalid sigma_factor: 0.0"),
+        ({"max_extra_iters": -1}, "invalid max_extra_iters: -1"),
+        ({"optimizer": "rmsprop"}, "invalid optimizer: 'rmsprop'"),
+        ({"lr_policy": "poly"}, "invalid lr_policy: 'poly'"),
+        ({"lr_policy": "multistep"}, "invalid milestones: []"),
+        ({"milestones": [20, 10], "lr_policy": "multistep"}, "invalid milestones: [20, 10]"),
+        ({"target_accuracy": 99.0}, "invalid target_accuracy: 99.0"),
+    ],
+)
+def test_out_of_range_values(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(overrides=overrides)
+    assert str(info.value).startswith(message)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown preset: 'x'"):
+        resolve_config("x")
+    assert set(PRESETS) == {"lenet-mnist", "cifar10-quick"}
