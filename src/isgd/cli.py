@@ -108,6 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(train)
 
+    compare = commands.add_parser(
+        "compare", help="arms x seeds: time and passes to a target accuracy, with a report"
+    )
+    compare.add_argument("--preset", choices=sorted(PRESETS), help="base configuration")
+    compare.add_argument("--config", metavar="FILE.toml", help="base configuration keys")
+    compare.add_argument(
+        "--arm",
+        action="append",
+        dest="arms",
+        metavar="NAME[:key=value,...]",
+        help="an arm; the first is the baseline (default: sgd, isgd)",
+    )
+    compare.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    compare.add_argument("--seed-list", type=_int_list, metavar="S,S,...", help="explicit seeds")
+    compare.add_argument(
+        "--target",
+        type=float,
+        metavar="ACC",
+        help="target test accuracy, a fraction (default: the preset's)",
+    )
+    compare.add_argument(
+        "--tune-lrs",
+        metavar="LR,LR,...",
+        help="tune each arm's learning rate over these first (equal budget)",
+    )
+    compare.add_argument(
+        "--tune-iters", type=int, default=1000, help="iterations per tuning trial (default 1000)"
+    )
+    compare.add_argument(
+        "--equal-compute",
+        action="store_true",
+        help="also train the baseline for as many iterations as ISGD used passes",
+    )
+    compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
+    compare.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    compare.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar over all runs (default: when on a terminal)",
+    )
+    _add_config_flags(compare)
+
     plot = commands.add_parser("plot", help="figures from one or more run directories")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", metavar="DIR", help="default: the first run directory's plots/")
@@ -144,6 +187,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary["time/train_seconds"],
         run_dir,
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from isgd.compare import ComparisonPlan, parse_arm, run_comparison
+    from isgd.config import apply, resolve_config
+
+    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    base = resolve_config(args.preset, args.config, overrides)
+    arms = [parse_arm(spec) for spec in (args.arms or ["sgd", "isgd"])]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise UsageError(f"arm names must differ: {', '.join(names)}")
+    for arm in arms:  # every arm's configuration must be valid before anything runs
+        apply(base, arm.overrides, f"arm {arm.name}").validate()
+    seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    if not seeds or args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    target = args.target if args.target is not None else base.target_accuracy
+    if not 0 < target <= 1:
+        raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
+    tune_lrs = []
+    if args.tune_lrs:
+        try:
+            tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--tune-lrs: not a list of numbers: {args.tune_lrs!r}") from None
+        if not tune_lrs or min(tune_lrs) <= 0 or args.tune_iters < 1:
+            raise UsageError("--tune-lrs needs positive rates and --tune-iters >= 1")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"
+    plan = ComparisonPlan(
+        base, arms, seeds, target, out, args.equal_compute, tune_lrs, args.tune_iters, args.data_dir
+    )
+    run_comparison(plan, progress=args.progress)
+    print((out / "report.md").read_text().split("\n## Runs")[0])
+    log.info("report, figures and raw records in %s", out)
     return 0
 
 
@@ -194,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         root.setLevel(logging.WARNING if args.quiet else logging.INFO)
-        command = {"train": cmd_train, "data": cmd_data, "plot": cmd_plot}[args.command]
+        command = {"train": cmd_train, "data": cmd_data, "plot": cmd_plot, "compare": cmd_compare}[
+            args.command
+        ]
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[root]):

@@ -214,6 +214,14 @@ def apply(config: TrainConfig, values: Mapping[str, Any], source: str) -> TrainC
     return dataclasses.replace(config, **checked)
 
 
+def parse_value(text: str) -> Any:
+    """A TOML literal (``2``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -437,12 +437,14 @@ def train(
     run_dir: str | Path,
     *,
     data_dir: str | None = None,
+    data: DataSplit | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Train a fresh run into ``run_dir`` (which must not exist or be empty)."""
+    """Train a fresh run into ``run_dir`` (which must not exist or be empty); ``data`` skips
+    loading the data set (callers that train several runs on it load it once)."""
     run_dir = Path(run_dir)
     check_new_run_dir(run_dir)  # fail fast, before loading anything
-    trainer = Trainer(config, run_dir, data_dir=data_dir)
+    trainer = Trainer(config, run_dir, data=data, data_dir=data_dir)
     prepare_run_dir(run_dir)  # created only once data and model are known to be good
     runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
     runio.write_json(run_dir / "provenance.json", runio.provenance(config.threads))

@@ -1,0 +1,360 @@
+"""``isgd compare``: several optimizer configurations (arms) × seeds, time and passes to a target.
+
+Follows the benchmark literature (AlgoPerf): evaluation is untimed and on a fixed schedule shared by
+all arms; time-to-target is the training seconds at the first evaluation that reaches the target,
+``inf`` when the run misses it; arms are summarised by the median over seeds with the spread.
+For one seed all arms share the model initialisation and the fixed batch order (both follow the
+seed), and runs are interleaved (seed 0: A B, seed 1: B A, ...) so that machine drift hits every
+arm alike. "X % faster" is reported both ways: ``T_base / T_arm`` and ``(T_base − T_arm) / T_base``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isgd import runio
+from isgd.config import ConfigError, TrainConfig, apply, parse_value
+from isgd.data import DataSplit, load_dataset
+from isgd.runio import RunError
+
+__all__ = ["Arm", "aggregate", "parse_arm", "run_comparison", "speedup", "time_to_target"]
+
+log = logging.getLogger("isgd.compare")
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One optimizer configuration: a name and the config keys it sets."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_arm(spec: str) -> Arm:
+    """``NAME[:key=value,key=value]``; a NAME that is an optimizer sets ``optimizer`` too.
+
+    >>> parse_arm("isgd-k2:optimizer=isgd,sigma_factor=2")
+    Arm(name='isgd-k2', overrides={'optimizer': 'isgd', 'sigma_factor': 2})
+    """
+    from isgd.config import OPTIMIZERS
+
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name or any(c in name for c in "/\\ "):
+        raise ConfigError(f"invalid arm: {spec!r} (expected NAME or NAME:key=value,...)")
+    overrides: dict[str, Any] = {}
+    if name in OPTIMIZERS:
+        overrides["optimizer"] = name
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"invalid arm {spec!r}: {item!r} is not key=value")
+        overrides[key.strip().replace("-", "_")] = parse_value(value.strip())
+    if "optimizer" not in overrides:
+        raise ConfigError(f"invalid arm {spec!r}: name an optimizer (e.g. {name}:optimizer=isgd)")
+    return Arm(name, overrides)
+
+
+# ---------------------------------------------------------------------- per-run figures
+def time_to_target(metrics: Sequence[dict[str, Any]], target: float) -> dict[str, float]:
+    """Seconds, passes and iterations at the first evaluation with accuracy ≥ ``target``."""
+    for record in metrics:
+        if record["test/accuracy"] >= target:
+            return {
+                "seconds": record["time/train_seconds"],
+                "passes": float(record["passes"]),
+                "iteration": float(record["iteration"]),
+            }
+    return {"seconds": INF, "passes": INF, "iteration": INF}
+
+
+def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, Any]:
+    """The per-run record of a finished run directory."""
+    metrics = list(runio.read_jsonl(run_dir / "metrics.jsonl"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    hit = time_to_target(metrics, target)
+    return {
+        "arm": arm.name,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "target": target,
+        "time_to_target": hit["seconds"],
+        "passes_to_target": hit["passes"],
+        "iterations_to_target": hit["iteration"],
+        "final_accuracy": summary["final/test_accuracy"],
+        "best_accuracy": summary["best/test_accuracy"],
+        "train_seconds": summary["time/train_seconds"],
+        "iterations": summary["iterations"],
+        "passes": summary["passes"],
+        "extra_passes": summary["passes"] - summary["iterations"],
+        "trigger_rate": summary["isgd/trigger_rate"],
+        "triggers": summary["isgd/triggers"],
+    }
+
+
+# ---------------------------------------------------------------------- aggregation
+def aggregate(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, min and max over seeds; ``inf`` (missed target) sorts last."""
+    xs = sorted(values)
+    if not xs:
+        return {
+            "median": math.nan,
+            "min": math.nan,
+            "max": math.nan,
+            "q25": math.nan,
+            "q75": math.nan,
+            "missed": 0,
+            "n": 0,
+        }
+    return {
+        "median": _quantile(xs, 0.5),
+        "q25": _quantile(xs, 0.25),
+        "q75": _quantile(xs, 0.75),
+        "min": xs[0],
+        "max": xs[-1],
+        "missed": sum(math.isinf(x) for x in xs),
+        "n": len(xs),
+    }
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile that stays ``inf`` (not NaN) when a neighbour is ``inf``."""
+    position = q * (len(sorted_xs) - 1)
+    lo, hi = math.floor(position), math.ceil(position)
+    a, b = sorted_xs[lo], sorted_xs[hi]
+    if lo == hi or a == b:
+        return a
+    if math.isinf(a) or math.isinf(b):
+        return INF
+    return a + (b - a) * (position - lo)
+
+
+def speedup(base: float, arm: float) -> dict[str, float]:
+    """Both readings of "faster": ``ratio = base / arm`` and ``saving = (base − arm) / base``.
+
+    A missed target is ``inf``: an arm that reaches it where the baseline does not is infinitely
+    faster (ratio inf, saving 1); the reverse gives ratio 0 and saving −inf; both missed: NaN.
+    """
+    if math.isinf(base) and math.isinf(arm):
+        return {"ratio": math.nan, "saving": math.nan}
+    if math.isinf(base):
+        return {"ratio": INF, "saving": 1.0}
+    if math.isinf(arm):
+        return {"ratio": 0.0, "saving": -INF}
+    return {"ratio": base / arm, "saving": (base - arm) / base}
+
+
+def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
+    """Per-arm aggregates and ratios against the first arm (the baseline)."""
+    per_arm: dict[str, Any] = {}
+    for name in arms:
+        rs = [r for r in records if r["arm"] == name]
+        per_arm[name] = {
+            key: aggregate([r[key] for r in rs])
+            for key in (
+                "time_to_target",
+                "passes_to_target",
+                "final_accuracy",
+                "trigger_rate",
+                "extra_passes",
+                "train_seconds",
+            )
+        }
+    base = per_arm[arms[0]]
+    for name in arms:
+        arm = per_arm[name]
+        arm["speedup_time"] = speedup(
+            base["time_to_target"]["median"], arm["time_to_target"]["median"]
+        )
+        arm["speedup_passes"] = speedup(
+            base["passes_to_target"]["median"], arm["passes_to_target"]["median"]
+        )
+        # paired per seed: ratio of the baseline's time to this arm's time, then the median
+        paired = []
+        for r in (r for r in records if r["arm"] == name):
+            b = next((x for x in records if x["arm"] == arms[0] and x["seed"] == r["seed"]), None)
+            if b is not None:
+                paired.append(speedup(b["time_to_target"], r["time_to_target"])["ratio"])
+        finite = [p for p in paired if not math.isnan(p)]
+        arm["paired_time_ratio"] = aggregate(finite)
+    return {"baseline": arms[0], "arms": per_arm}
+
+
+# ---------------------------------------------------------------------- running
+@dataclass
+class ComparisonPlan:
+    base: TrainConfig
+    arms: list[Arm]
+    seeds: list[int]
+    target: float
+    out: Path
+    equal_compute: bool = False
+    tune_lrs: list[float] = field(default_factory=list)
+    tune_iters: int = 0
+    data_dir: str | None = None
+
+
+def _arm_config(plan: ComparisonPlan, arm: Arm, seed: int, **extra: Any) -> TrainConfig:
+    config = apply(plan.base, {**arm.overrides, **extra}, f"arm {arm.name}")
+    config = dataclasses.replace(config, seed=seed, target_accuracy=plan.target)
+    return config.validate()
+
+
+def _validation_split(data: DataSplit, n_val: int) -> DataSplit:
+    """Hold out the last ``n_val`` training samples as the tuning set (the test split stays
+    untouched by tuning)."""
+    return DataSplit(
+        name=f"{data.name}[tune]",
+        x_train=data.x_train[:-n_val],
+        y_train=data.y_train[:-n_val],
+        x_test=data.x_train[-n_val:],
+        y_test=data.y_train[-n_val:],
+        num_classes=data.num_classes,
+    )
+
+
+def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
+    """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
+    ``plan.tune_iters`` iterations (same budget for every arm; first seed)."""
+    from isgd.train import train
+
+    held_out = _validation_split(data, min(5000, len(data.x_train) // 6))
+    chosen: dict[str, float] = {}
+    for arm in plan.arms:
+        scores = {}
+        for lr in plan.tune_lrs:
+            config = _arm_config(plan, arm, plan.seeds[0], lr=lr, iters=plan.tune_iters)
+            config = dataclasses.replace(config, eval_every=plan.tune_iters, tensorboard=False)
+            run_dir = plan.out / "tune" / f"{arm.name}-lr{lr:g}"
+            summary = train(config, run_dir, data=held_out, progress=False)
+            scores[lr] = summary["final/test_accuracy"]
+            bar.update(1)
+        chosen[arm.name] = max(scores, key=lambda lr: (scores[lr], -lr))
+        log.info(
+            "tuned %s: lr %g (held-out accuracy %s)",
+            arm.name,
+            chosen[arm.name],
+            ", ".join(f"{lr:g}: {100 * a:.2f}%" for lr, a in scores.items()),
+        )
+    return chosen
+
+
+def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[str, Any]:
+    """Run every arm × seed (interleaved), then write records, summary, report and figures."""
+    from tqdm.auto import tqdm
+
+    from isgd.train import check_new_run_dir, train
+
+    check_new_run_dir(plan.out)
+    data = load_dataset(plan.base.dataset, plan.data_dir)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    n_tune = len(plan.arms) * len(plan.tune_lrs)
+    n_runs = len(plan.seeds) * len(plan.arms) * (2 if plan.equal_compute else 1)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(total=n_tune + n_runs, disable=not progress, unit="run", dynamic_ncols=True)
+    lrs = tune(plan, data, bar) if plan.tune_lrs else {}
+
+    arms = list(plan.arms)
+    records: list[dict[str, Any]] = []
+    raw = runio.JsonlWriter(plan.out / "runs.jsonl")
+    started, done = time.perf_counter(), 0
+    try:
+        for i, seed in enumerate(plan.seeds):
+            order = arms if i % 2 == 0 else arms[::-1]
+            for arm in order:
+                extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+                config = _arm_config(plan, arm, seed, **extra)
+                run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
+                train(config, run_dir, data=data, progress=False)
+                record = run_record(arm, seed, run_dir, plan.target)
+                records.append(record)
+                raw.write(record)
+                raw.flush()
+                done += 1
+                bar.update(1)
+                _log_run(record, done, n_runs, started)
+                if plan.equal_compute and config.uses_isgd:
+                    control = _equal_compute_arm(plan, arms, arm, record["passes"])
+                    config = _arm_config(plan, control, seed, **extra)
+                    run_dir = plan.out / "runs" / f"{control.name}-seed{seed}"
+                    train(config, run_dir, data=data, progress=False)
+                    record = run_record(control, seed, run_dir, plan.target)
+                    records.append(record)
+                    raw.write(record)
+                    raw.flush()
+                    done += 1
+                    bar.update(1)
+                    _log_run(record, done, n_runs, started)
+    finally:
+        bar.close()
+        raw.close()
+    names = [a.name for a in plan.arms] + sorted(
+        {r["arm"] for r in records} - {a.name for a in plan.arms}
+    )
+    result = summarize(records, names)
+    result.update(
+        target=plan.target,
+        seeds=plan.seeds,
+        tuned_lr=lrs,
+        config=plan.base.to_dict(),
+        arms_spec={a.name: a.overrides for a in arms},
+    )
+    runio.write_json(plan.out / "summary.json", _jsonable(result))
+    from isgd.compare_report import write_figures, write_report
+
+    figures = write_figures(plan.out, records, names)
+    write_report(plan.out, result, records, figures)
+    return result
+
+
+def _equal_compute_arm(plan: ComparisonPlan, arms: list[Arm], arm: Arm, passes: int) -> Arm:
+    """The baseline arm trained for as many iterations as ``arm`` used passes."""
+    base = arms[0]
+    return Arm(f"{base.name}@{arm.name}-passes", {**base.overrides, "iters": int(passes)})
+
+
+def _log_run(record: dict[str, Any], done: int, total: int, started: float) -> None:
+    eta = (time.perf_counter() - started) / done * (total - done)
+    reached = (
+        f"target at {record['time_to_target']:.1f} s / {record['passes_to_target']:.0f} passes"
+        if math.isfinite(record["time_to_target"])
+        else "target missed"
+    )
+    log.info(
+        "run %d/%d %s seed %d: %s, final accuracy %.2f%%, ETA %.0f min",
+        done,
+        total,
+        record["arm"],
+        record["seed"],
+        reached,
+        100 * record["final_accuracy"],
+        eta / 60,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON has no inf/NaN: write them as strings "inf", "-inf", "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    if not (out / "runs.jsonl").is_file():
+        raise RunError(f"{out} is not a comparison directory (no runs.jsonl)")
+    return list(runio.read_jsonl(out / "runs.jsonl"))

@@ -1,0 +1,240 @@
+"""The report and figures of an ``isgd compare`` directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from isgd import runio
+
+__all__ = ["write_figures", "write_report"]
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _curves(records: Sequence[dict[str, Any]], arm: str, x_key: str):
+    """Per run of ``arm``: (x, test error %) arrays from its metrics.jsonl."""
+    out = []
+    for r in records:
+        if r["arm"] != arm:
+            continue
+        metrics = list(runio.read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
+        x = np.array([m[x_key] for m in metrics], dtype=float)
+        err = np.array([100 * (1 - m["test/accuracy"]) for m in metrics], dtype=float)
+        out.append((x, err))
+    return out
+
+
+def _band(curves, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, min and max over runs of the test error interpolated on ``grid`` (NaN outside a
+    run's range, so a band never extrapolates)."""
+    ys = np.full((len(curves), len(grid)), np.nan)
+    for i, (x, err) in enumerate(curves):
+        inside = (grid >= x[0]) & (grid <= x[-1])
+        ys[i, inside] = np.interp(grid[inside], x, err)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _error_figure(records, arms, x_key: str, xlabel: str, target: float, path: Path) -> Path:
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    for colour, arm in zip(COLOURS * 4, arms):
+        curves = _curves(records, arm, x_key)
+        if not curves:
+            continue
+        hi = max(x[-1] for x, _ in curves)
+        grid = np.linspace(0, hi, 300)
+        median, low, high = _band(curves, grid)
+        ax.fill_between(grid, low, high, color=colour, alpha=0.18, linewidth=0)
+        ax.plot(grid, median, color=colour, lw=1.8, label=f"{arm} (median of {len(curves)})")
+    if target:
+        ax.axhline(100 * (1 - target), color="k", ls="--", lw=1, label=f"target {100 * target:g}%")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test error (%), log scale")
+    ax.set_title(f"Test error against {xlabel.split(' (')[0]}: median and min–max band over seeds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _time_to_target_figure(records, arms, path: Path) -> Path:
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, label in zip(
+        axes,
+        ("time_to_target", "passes_to_target"),
+        ("train seconds to target", "passes to target"),
+    ):
+        finite = [r[key] for r in records if math.isfinite(r[key])]
+        ceiling = 1.08 * max(finite) if finite else 1.0
+        for i, (colour, arm) in enumerate(zip(COLOURS * 4, arms)):
+            values = [r[key] for r in records if r["arm"] == arm]
+            hit = [v for v in values if math.isfinite(v)]
+            jitter = np.linspace(-0.12, 0.12, max(len(values), 1))[: len(hit)]
+            ax.scatter(i + jitter, hit, color=colour, s=28, zorder=3)
+            if hit:
+                ax.hlines(float(np.median(hit)), i - 0.25, i + 0.25, color=colour, lw=2)
+            missed = len(values) - len(hit)
+            if missed:
+                ax.scatter([i], [ceiling], marker="x", color=colour, s=50)
+                ax.annotate(
+                    f"{missed} missed",
+                    (i, ceiling),
+                    textcoords="offset points",
+                    xytext=(6, -3),
+                    fontsize=8,
+                )
+        ax.set_xticks(range(len(arms)), arms, rotation=20 if len(arms) > 3 else 0)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Per seed (dots), median of those reaching the target (bar)")
+    return _save(fig, path)
+
+
+def _spread_figure(records, arms, path: Path) -> Path:
+    from isgd.plots import summarize_claims
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax_std, ax_cv = fig.subplots(1, 2)
+    for colour, arm in zip(COLOURS * 4, arms):
+        runs = [Path(r["run_dir"]) for r in records if r["arm"] == arm]
+        claims = summarize_claims(runs) if runs else {}
+        for key, ax in (("loss_std", ax_std), ("loss_cv", ax_cv)):
+            series = [c[key] for c in claims.values() if c.get(key)]
+            if not series:
+                continue
+            n = min(len(s) for s in series)
+            table = np.array([[np.nan if v is None else v for v in s[:n]] for s in series])
+            ax.plot(np.arange(n), np.nanmedian(table, 0), "o-", color=colour, label=arm)
+    for ax, label in ((ax_std, "σ of batch losses"), (ax_cv, "σ / mean of batch losses")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Spread of the batch losses within each epoch (median over seeds) — claim C2")
+    return _save(fig, path)
+
+
+def write_figures(out: Path, records, arms: Sequence[str]) -> list[Path]:
+    target = records[0]["target"] if records else 0.0
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    return [
+        _error_figure(
+            records,
+            arms,
+            "time/train_seconds",
+            "train seconds (evaluation excluded)",
+            target,
+            figures / "error_vs_time.png",
+        ),
+        _error_figure(
+            records,
+            arms,
+            "passes",
+            "passes (forward+backward, extra iterations included)",
+            target,
+            figures / "error_vs_passes.png",
+        ),
+        _time_to_target_figure(records, arms, figures / "time_to_target.png"),
+        _spread_figure(records, arms, figures / "loss_spread.png"),
+    ]
+
+
+# ---------------------------------------------------------------------- report
+def _num(x: float, spec: str = ".1f") -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return format(x, spec)
+
+
+def _spread(agg: dict[str, float], spec: str = ".1f", scale: float = 1.0) -> str:
+    s = lambda v: _num(v * scale if math.isfinite(v) else v, spec)  # noqa: E731
+    missed = f", {agg['missed']}/{agg['n']} missed" if agg.get("missed") else ""
+    return f"{s(agg['median'])} [{s(agg['min'])}–{s(agg['max'])}]{missed}"
+
+
+def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]) -> Path:
+    arms = result["arms"]
+    base = result["baseline"]
+    config = result["config"]
+    provenance = {}
+    if records:
+        prov = Path(records[0]["run_dir"]) / "provenance.json"
+        provenance = json.loads(prov.read_text()) if prov.is_file() else {}
+    lines = [
+        f"# isgd compare: {', '.join(arms)} — {config['dataset']}, {config['model']}",
+        "",
+        f"Target test accuracy **{100 * result['target']:g}%**, seeds {result['seeds']}, "
+        f"{config['iters']} iterations per run, evaluation every {config['eval_every']} "
+        "iterations (untimed). For a seed, all arms share the initialisation and batch order.",
+        f"Machine: {provenance.get('cpu', '?')} ({provenance.get('cpu_count', '?')} CPUs, "
+        f"{config['threads']} threads), torch {provenance.get('torch', '?')}, "
+        f"started {provenance.get('started', '?')}.",
+        "",
+        "Median [min–max] over seeds; a missed target counts as ∞. Speed-up against "
+        f"**{base}**: ratio = T_{base} / T_arm, saving = (T_{base} − T_arm) / T_{base}.",
+        "",
+        "| arm | time to target (s) | passes to target | speed-up (time): ratio / saving "
+        "| speed-up (passes): ratio / saving | paired time ratio | final accuracy (%) "
+        "| trigger rate (%) | extra passes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in arms.items():
+        st, sp = a["speedup_time"], a["speedup_passes"]
+        lines.append(
+            f"| {name} | {_spread(a['time_to_target'])} | {_spread(a['passes_to_target'], '.0f')} "
+            f"| {_num(st['ratio'], '.3f')} / {_num(100 * st['saving'], '+.1f')}% "
+            f"| {_num(sp['ratio'], '.3f')} / {_num(100 * sp['saving'], '+.1f')}% "
+            f"| {_spread(a['paired_time_ratio'], '.3f')} "
+            f"| {_spread(a['final_accuracy'], '.2f', 100)} "
+            f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} |"
+        )
+    if result.get("tuned_lr"):
+        lines += [
+            "",
+            "Learning rates chosen by `--tune` (held-out accuracy on the last training "
+            "samples, equal budget per arm): "
+            + ", ".join(f"{k}: {v:g}" for k, v in result["tuned_lr"].items()),
+        ]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| arm | seed | time to target (s) | passes to target | final acc (%) | triggers "
+        "| extra passes | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {_num(r['time_to_target'])} "
+            f"| {_num(r['passes_to_target'], '.0f')} | {100 * r['final_accuracy']:.2f} "
+            f"| {r['triggers']} | {r['extra_passes']} | {r['train_seconds']:.1f} |"
+        )
+    lines += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
+    path = out / "report.md"
+    runio.atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

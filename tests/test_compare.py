@@ -1,0 +1,175 @@
+"""`isgd compare`: aggregation on known inputs, and end to end on a tiny fixture."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from isgd.cli import main
+from isgd.compare import aggregate, parse_arm, speedup, summarize, time_to_target
+from isgd.config import ConfigError
+from tests.conftest import TINY
+
+INF = math.inf
+
+
+def test_time_to_target_is_the_first_evaluation_reaching_it():
+    metrics = [
+        {"iteration": 0, "passes": 0, "time/train_seconds": 0.0, "test/accuracy": 0.1},
+        {"iteration": 100, "passes": 120, "time/train_seconds": 2.0, "test/accuracy": 0.989},
+        {"iteration": 200, "passes": 230, "time/train_seconds": 4.0, "test/accuracy": 0.991},
+        {"iteration": 300, "passes": 330, "time/train_seconds": 6.0, "test/accuracy": 0.985},
+    ]
+    assert time_to_target(metrics, 0.99) == {"seconds": 4.0, "passes": 230.0, "iteration": 200.0}
+    assert time_to_target(metrics, 0.995) == {"seconds": INF, "passes": INF, "iteration": INF}
+
+
+def test_aggregate_median_quartiles_and_misses():
+    a = aggregate([3.0, 1.0, 2.0, 5.0, 4.0])
+    assert (a["median"], a["q25"], a["q75"], a["min"], a["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
+    assert a["missed"] == 0 and a["n"] == 5
+    b = aggregate([1.0, INF, 2.0, INF, 3.0])
+    assert b["median"] == 3.0 and b["max"] == INF and b["missed"] == 2
+    c = aggregate([1.0, 2.0, INF, INF])  # median between 2 and inf is inf, never NaN
+    assert c["median"] == INF
+    assert aggregate([1.0, 2.0])["median"] == 1.5
+
+
+@pytest.mark.parametrize(
+    "base, arm, ratio, saving",
+    [
+        (100.0, 80.0, 1.25, 0.20),
+        (100.0, 125.0, 0.8, -0.25),
+        (INF, 50.0, INF, 1.0),
+        (50.0, INF, 0.0, -INF),
+    ],
+)
+def test_speedup_gives_both_readings(base, arm, ratio, saving):
+    s = speedup(base, arm)
+    assert s["ratio"] == pytest.approx(ratio) and s["saving"] == pytest.approx(saving)
+
+
+def test_speedup_both_missed_is_nan():
+    s = speedup(INF, INF)
+    assert math.isnan(s["ratio"]) and math.isnan(s["saving"])
+
+
+def test_summarize_medians_and_ratios_from_known_records():
+    def rec(arm, seed, t, p, acc=0.99):
+        return dict(
+            arm=arm,
+            seed=seed,
+            time_to_target=t,
+            passes_to_target=p,
+            final_accuracy=acc,
+            trigger_rate=0.0,
+            extra_passes=0,
+            train_seconds=t,
+        )
+
+    records = [
+        rec("sgd", 0, 10.0, 1000),
+        rec("isgd", 0, 8.0, 900),
+        rec("sgd", 1, 12.0, 1200),
+        rec("isgd", 1, INF, INF),
+        rec("sgd", 2, 14.0, 1400),
+        rec("isgd", 2, 7.0, 700),
+    ]
+    s = summarize(records, ["sgd", "isgd"])
+    assert s["arms"]["sgd"]["time_to_target"]["median"] == 12.0
+    assert s["arms"]["isgd"]["time_to_target"]["median"] == 8.0
+    assert s["arms"]["isgd"]["time_to_target"]["missed"] == 1
+    assert s["arms"]["isgd"]["speedup_time"]["ratio"] == pytest.approx(12.0 / 8.0)
+    assert s["arms"]["isgd"]["speedup_time"]["saving"] == pytest.approx((12.0 - 8.0) / 12.0)
+    assert s["arms"]["isgd"]["speedup_passes"]["ratio"] == pytest.approx(1200 / 900)
+    # paired per seed: 10/8, 12/inf = 0, 14/7 → median 1.25
+    assert s["arms"]["isgd"]["paired_time_ratio"]["median"] == pytest.approx(1.25)
+    assert s["arms"]["sgd"]["speedup_time"]["ratio"] == 1.0
+
+
+def test_parse_arm():
+    assert parse_arm("sgd").overrides == {"optimizer": "sgd"}
+    arm = parse_arm("k2:optimizer=isgd,sigma_factor=2,reshuffle=true")
+    assert arm.name == "k2"
+    assert arm.overrides == {"optimizer": "isgd", "sigma_factor": 2, "reshuffle": True}
+    for bad in ("k2", "k2:sigma_factor", "a/b:optimizer=sgd", ""):
+        with pytest.raises(ConfigError):
+            parse_arm(bad)
+
+
+def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr 0.05 --lr-policy fixed --sigma-factor 1.5 --iters 90 --eval-every 15 --threads 1 "
+        f"--no-tensorboard --seeds 2 --target 0.999 --out {out} --arm sgd --arm isgd "
+        "--equal-compute --no-progress"
+    ).split()
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "| sgd |" in report and "| isgd |" in report and "sgd@isgd-passes" in report
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["seed"]) for r in records] == [
+        ("sgd", 0),
+        ("isgd", 0),
+        ("sgd@isgd-passes", 0),
+        ("isgd", 1),
+        ("sgd@isgd-passes", 1),
+        ("sgd", 1),
+    ]
+    # a 99.9% target on 60 noisy test images is out of reach: infinite time, reported as missed
+    assert all(math.isinf(r["time_to_target"]) for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["isgd"]["time_to_target"]["median"] == "inf"
+    assert summary["arms"]["isgd"]["time_to_target"]["missed"] == 2
+    # equal-compute control: SGD trained for the passes ISGD used
+    for seed in (0, 1):
+        isgd = next(r for r in records if r["arm"] == "isgd" and r["seed"] == seed)
+        control = next(r for r in records if r["arm"] == "sgd@isgd-passes" and r["seed"] == seed)
+        assert control["iterations"] == isgd["passes"] > 90
+    for name in ("error_vs_time", "error_vs_passes", "time_to_target", "loss_spread"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    # the same seed gives the same initialisation and batches to every arm
+    first = {}
+    for arm in ("sgd", "isgd"):
+        steps = (out / "runs" / f"{arm}-seed1" / "steps.jsonl").read_text().splitlines()
+        first[arm] = [json.loads(s)["loss"] for s in steps[:15]]
+    assert first["sgd"] == first["isgd"]
+
+
+def test_compare_reachable_target_and_tuning(tiny_idx_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr-policy fixed --iters 90 --eval-every 15 --threads 1 --no-tensorboard --seeds 1 "
+        f"--target 0.2 --tune-lrs 0.001,0.05 --tune-iters 60 --out {out} --no-progress"
+    ).split()
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tuned_lr"]) == {"sgd", "isgd"}
+    assert summary["tuned_lr"] == {"sgd": 0.05, "isgd": 0.05}  # 0.001 barely moves in 60 steps
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["time_to_target"]) for r in records)
+    assert len(list((out / "tune").iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--arm", "sgd", "--arm", "sgd"], "arm names must differ"),
+        (["--arm", "x:sigma_factor=2"], "name an optimizer"),
+        (["--arm", "isgd:sigma_factor=-1"], "invalid sigma_factor: -1.0"),
+        (["--arm", "isgd:bogus=1"], "unknown config key in arm isgd: bogus"),
+        (["--target", "99"], "--target must be a fraction"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--tune-lrs", "a,b"], "--tune-lrs: not a list of numbers"),
+    ],
+)
+def test_compare_bad_input(extra, message, tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "x"), "--target", "0.5", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
