@@ -129,6 +129,15 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
         isgd = next(r for r in records if r["arm"] == "isgd" and r["seed"] == seed)
         control = next(r for r in records if r["arm"] == "sgd@isgd-passes" and r["seed"] == seed)
         assert control["iterations"] == isgd["passes"] > 90
+    # summarised again for a reachable target, without training
+    assert main(["compare", "--retarget", str(out), "--target", "0.2"]) == 0
+    again = json.loads((out / "target-0.2" / "summary.json").read_text())
+    assert again["target"] == 0.2 and list(again["arms"]) == list(summary["arms"])
+    retargeted = [
+        json.loads(x) for x in (out / "target-0.2" / "runs.jsonl").read_text().splitlines()
+    ]
+    assert any(math.isfinite(r["time_to_target"]) for r in retargeted)
+    assert (out / "report.md").read_text() == report  # the original report is kept
     for name in ("error_vs_time", "error_vs_passes", "time_to_target", "loss_spread"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"

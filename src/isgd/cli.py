@@ -20,7 +20,8 @@ from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, ConfigError, T
 
 log = logging.getLogger("isgd")
 
-USAGE_ERROR = 2
+USAGE_ERROR = 2  # bad input of any kind: flags, config, data, run directory, checkpoint, disk
+DIVERGED = 3  # the loss (or the weights) became non-finite; the last good checkpoint is kept
 
 # flags shown first in --help with a short description; every other TrainConfig field follows
 HELP = {
@@ -42,6 +43,7 @@ HELP = {
     "normalize": "scale (x/256), standardize or mean_subtract",
     "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
     "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
+    "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
 }
 
 
@@ -142,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the baseline for as many iterations as ISGD used passes",
     )
     compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
+    compare.add_argument(
+        "--retarget",
+        metavar="DIR",
+        help="summarise a finished comparison DIR again for --target (no training)",
+    )
     compare.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
     compare.add_argument(
         "--progress",
@@ -194,6 +201,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from isgd.compare import ComparisonPlan, parse_arm, run_comparison
     from isgd.config import apply, resolve_config
 
+    if args.retarget:
+        from isgd.compare import retarget
+
+        if args.target is None or not 0 < args.target <= 1:
+            raise UsageError(f"--retarget needs --target, a fraction in (0, 1], got {args.target}")
+        destination = retarget(Path(args.retarget), args.target)
+        print((destination / "report.md").read_text().split("\n## Runs")[0])
+        log.info("report and figures for target %g in %s", args.target, destination)
+        return 0
     overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
     base = resolve_config(args.preset, args.config, overrides)
     arms = [parse_arm(spec) for spec in (args.arms or ["sgd", "isgd"])]
@@ -264,6 +280,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _training_stops() -> tuple[type[BaseException], ...]:
+    """The trainer's stop exceptions, when a command has imported it (usage errors do not)."""
+    train = sys.modules.get("isgd.train")
+    return (train.TrainingInterrupted, train.NonFiniteError) if train else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     handler = logging.StreamHandler(sys.stderr)
@@ -281,11 +303,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with logging_redirect_tqdm(loggers=[root]):
             return command(args)
+    except _training_stops() as err:
+        if hasattr(err, "signum"):  # the trainer logged "interrupted at ...; resume with: ..."
+            return 128 + err.signum  # 130 for SIGINT, 143 for SIGTERM
+        print(f"isgd: error: {err}", file=sys.stderr)
+        return DIVERGED
     except _known_errors() as err:
         print(f"isgd: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except ValueError as err:  # bad model names, sizes and the like from the library
         print(f"isgd: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as err:  # one the library did not turn into a message of its own
+        from isgd.runio import os_error_reason
+
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"isgd: error: {where}{os_error_reason(err)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("isgd: interrupted", file=sys.stderr)

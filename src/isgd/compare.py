@@ -310,12 +310,38 @@ def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[s
         config=plan.base.to_dict(),
         arms_spec={a.name: a.overrides for a in arms},
     )
-    runio.write_json(plan.out / "summary.json", _jsonable(result))
+    _write_outputs(plan.out, result, records, names)
+    return result
+
+
+def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
     from isgd.compare_report import write_figures, write_report
 
-    figures = write_figures(plan.out, records, names)
-    write_report(plan.out, result, records, figures)
-    return result
+    out.mkdir(parents=True, exist_ok=True)
+    runio.write_json(out / "summary.json", _jsonable(result))
+    figures = write_figures(out, records, names)
+    write_report(out, result, records, figures)
+
+
+def retarget(out: Path, target: float) -> Path:
+    """Summarise a finished comparison again for another target accuracy, from its raw runs,
+    into ``out/target-<target>/`` (the original report stays as it was)."""
+    records = load_records(out)
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise RunError(f"{out} has no summary.json (the comparison did not finish)")
+    previous = json.loads(summary_path.read_text())
+    names = list(previous["arms"])
+    fresh = [run_record(Arm(r["arm"]), r["seed"], Path(r["run_dir"]), target) for r in records]
+    result = summarize(fresh, names)
+    result.update({k: previous[k] for k in ("seeds", "tuned_lr", "config", "arms_spec")})
+    result["target"] = target
+    destination = out / f"target-{target:g}"
+    _write_outputs(destination, result, fresh, names)
+    runio.atomic_write_text(
+        destination / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in fresh)
+    )
+    return destination
 
 
 def _equal_compute_arm(plan: ComparisonPlan, arms: list[Arm], arm: Arm, passes: int) -> Arm:
