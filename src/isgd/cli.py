@@ -178,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         given = sorted(overrides) + [f for f in ("preset", "config", "out") if getattr(args, f)]
         if given:
-            raise UsageError(f"--resume continues the saved configuration; drop {', '.join(given)}")
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"--resume continues the saved configuration; drop {flags}")
         summary = training.resume(args.resume, data_dir=args.data_dir, progress=args.progress)
         run_dir = Path(args.resume)
     else:

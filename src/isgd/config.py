@@ -78,6 +78,7 @@ class TrainConfig:
     step_records: bool = True  # write steps.jsonl
     tensorboard: bool = True
     target_accuracy: float = 0.0  # when > 0, summary.json reports time/passes to reach it
+    on_nonfinite: str = "stop"  # a NaN/inf batch loss: "stop" the run, or "skip" the batch
     preset: str = ""  # the preset the run started from (informational)
 
     @property
@@ -120,6 +121,7 @@ class TrainConfig:
             "must be a finite number > 0",
         )
         need(self.max_extra_iters >= 0, "max_extra_iters", "must be >= 0")
+        need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
         need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
         need(all(m >= 1 for m in self.milestones), "milestones", "iterations >= 1")
         need(self.milestones == sorted(self.milestones), "milestones", "must be increasing")

@@ -7,14 +7,18 @@ file is written beside the old one, flushed, fsynced and renamed over it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import pickle
 import platform
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 __all__ = [
     "JsonlWriter",
     "RunError",
+    "WriteError",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_checkpoint",
@@ -40,6 +45,31 @@ class RunError(Exception):
     """A problem with a run directory or checkpoint, reported as one line."""
 
 
+class WriteError(RunError):
+    """A file of the run could not be written (full disk, permissions, ...); what was written
+    before is intact."""
+
+
+_WRITE_REASONS = {
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a parent of it is a file, not a directory",
+}
+
+
+def os_error_reason(err: OSError) -> str:
+    """What went wrong, in words (``no space left on device (the disk is full)``)."""
+    return _WRITE_REASONS.get(err.errno) or err.strerror or type(err).__name__
+
+
+def write_error(path: Path, err: OSError) -> WriteError:
+    """A one-line :class:`WriteError` naming ``path`` and what went wrong."""
+    return WriteError(f"cannot write {path}: {os_error_reason(err)}")
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every file system allows it
         fd = os.open(directory, os.O_RDONLY)
@@ -49,21 +79,40 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"  # atomic writes go through ".NAME.<random>.tmp" beside NAME
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is always either the old or the new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files an atomic write left behind when the process was killed
+    (they are never the only copy of anything); returns what was removed."""
+    removed = []
+    for tmp in Path(directory).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -85,19 +134,31 @@ class JsonlWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._file = self.path.open("a", encoding="utf-8")
+        try:
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise write_error(self.path, err) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        try:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as err:
+            raise write_error(self.path, err) from None
 
     def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            raise write_error(self.path, err) from None
 
     def close(self) -> None:
         if not self._file.closed:
-            self.flush()
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                with contextlib.suppress(OSError):  # the flush above already reported it
+                    self._file.close()
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -124,7 +185,10 @@ def truncate_jsonl(path: Path, max_iteration: int) -> None:
 # ---------------------------------------------------------------------- checkpoints
 def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Atomically write ``ckpt-<iteration>.pt`` and keep the newest ``keep`` checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(directory, err) from None
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "iteration": iteration, **state}, buffer)
     path = directory / f"ckpt-{iteration:08d}.pt"
@@ -141,18 +205,59 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without executing code (``weights_only=True``)."""
+    """Load a checkpoint without executing code (``weights_only=True``: tensors, numbers,
+    strings and containers only; a pickle that names any other callable is refused unrun).
+
+    A file that cannot be loaded, or is not an isgd checkpoint of the current format, raises
+    :class:`RunError` naming it and what to do. Resuming does not fall back to an older
+    checkpoint by itself: a bad newest checkpoint may be a tampered file, and the user decides.
+    """
+    path = Path(path)
+    fallback = _fallback_hint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"cannot load checkpoint {path}: {first}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler refused something
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        other = re.search(r"^\s*(Unsupported[^\n]*)", str(err), re.MULTILINE)
+        what = (
+            f"it names {found.group(1)}"
+            if found
+            else f"the safe loader refused it: {other.group(1).strip()}"
+            if other
+            else "the safe loader refused it"
+        )
         raise RunError(
-            f"{path} is not an isgd checkpoint of format {CHECKPOINT_FORMAT} "
-            f"(found format {state.get('format') if isinstance(state, dict) else None!r})"
+            f"refusing to load checkpoint {path}: not a valid isgd checkpoint, and loading it "
+            f"could run code ({what}); nothing from it was executed; {fallback}"
+        ) from None
+    except Exception as err:  # a truncated or corrupt file raises almost anything
+        raise RunError(
+            f"cannot load checkpoint {path}: the file is truncated or corrupt "
+            f"({type(err).__name__}: {_first_line(err)}); {fallback}"
+        ) from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise RunError(f"{path} is not an isgd checkpoint (no format field); {fallback}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise RunError(
+            f"{path} is a checkpoint of format {state['format']!r}, this isgd reads format "
+            f"{CHECKPOINT_FORMAT}: resume with the isgd version that wrote it, or {fallback}"
         )
     return state
+
+
+def _fallback_hint(path: Path) -> str:
+    older = [p for p in sorted(path.parent.glob("ckpt-*.pt")) if p.name < path.name]
+    if older:
+        return f"delete it to resume from the previous checkpoint {older[-1].name}"
+    return "delete it to restart the run from the beginning with --resume"
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of the error's first line (torch's messages run on for a while)."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else "no detail"
 
 
 # ---------------------------------------------------------------------- provenance

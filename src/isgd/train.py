@@ -4,13 +4,22 @@ Data sets are held in memory as tensors; batches come from :class:`FixedCycleBat
 gathered by index. Only training steps are timed (``time/train_seconds``); evaluation, checkpoints
 and log writes happen outside the clock. A run resumed from its last checkpoint ends with the same
 ``model.pt`` as an uninterrupted one (CPU; same threads).
+
+SIGINT and SIGTERM stop the loop at the next step boundary with a checkpoint
+(:class:`TrainingInterrupted`); a non-finite loss stops the run before the update is applied
+(:class:`NonFiniteError`, the last good checkpoint kept) or, with ``on_nonfinite = "skip"``, skips
+that batch. A file that cannot be written raises :class:`runio.WriteError`; nothing written before
+is lost, and ``resume`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +31,73 @@ from torch.nn import functional as F
 
 from isgd import runio
 from isgd.config import ConfigError, TrainConfig, dump_toml, load_toml, lr_factor, resolve_config
-from isgd.data import DataSplit, Preprocess, load_dataset
+from isgd.data import DataError, DataSplit, Preprocess, load_dataset
 from isgd.models import build_model
 from isgd.optim import ISGD
 from isgd.runio import RunError
 from isgd.sampler import FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 
-__all__ = ["Trainer", "evaluate", "train"]
+__all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate", "resume", "train"]
 
 log = logging.getLogger("isgd.train")
+
+# configuration keys a checkpoint cannot be resumed under once changed
+_STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size")
+_MAX_SKIP_WARNINGS = 10
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary; a checkpoint holds its progress."""
+
+    def __init__(self, signum: int, iteration: int, run_dir: Path) -> None:
+        self.signum, self.iteration, self.run_dir = signum, iteration, run_dir
+        super().__init__(
+            f"interrupted at iteration {iteration}; resume with: isgd train --resume {run_dir}"
+        )
+
+
+class NonFiniteError(RunError):
+    """The loss or the weights stopped being finite; the run stopped, its last good checkpoint
+    kept (nothing non-finite is ever written to a checkpoint or ``model.pt``)."""
+
+
+class _NonFiniteLoss(Exception):
+    """Raised by :meth:`Trainer.step` before any update when the regular loss is NaN or ±inf."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only record a request to stop (``signum``), which the
+    loop honours at the next step boundary; a second SIGINT interrupts at once. Handlers are
+    installed only in the main thread (elsewhere Python cannot) and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. nohup: stay ignored
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the step boundary
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.optim.Optimizer:
@@ -87,6 +153,8 @@ class _Progress:
     interval_steps: int = 0
     best_accuracy: float = 0.0
     target: dict[str, Any] = field(default_factory=dict)
+    skipped: int = 0  # batches skipped for a non-finite loss (on_nonfinite = "skip")
+    skipped_in_a_row: int = 0
 
 
 class Trainer:
@@ -103,7 +171,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         torch.set_num_threads(config.threads)
         self.device = torch.device("cpu")
-        self.data = data if data is not None else load_dataset(config.dataset, data_dir)
+        self.data = data if data is not None else _load_data(config.dataset, data_dir)
+        height, width = self.data.x_train.shape[2:]
+        if height != width:
+            raise DataError(
+                f"{config.dataset}: the images are {height}×{width} pixels, but the models take "
+                "square images (N×S×S); crop or pad them to a square"
+            )
         self.sampler = FixedCycleBatchSampler(
             len(self.data.x_train), config.batch_size, seed=config.seed, reshuffle=config.reshuffle
         )
@@ -146,6 +220,16 @@ class Trainer:
             self.optimizer, lambda t: lr_factor(config, t, self.total)
         )
         self.state = _Progress()
+        self._tb = None
+        self._checkpointed_at: int | None = None  # iteration of the last checkpoint on disk
+        # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
+        self._norm_buffers: list[Tensor] = []
+        if config.on_nonfinite == "skip":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._NormBase):
+                    buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
+                    self._norm_buffers += [b for b in buffers if b is not None]
+        self._norm_saved = [b.clone() for b in self._norm_buffers]
 
     # ------------------------------------------------------------------ one step
     def batch(self, iteration: int) -> tuple[int, int, Tensor, Tensor]:
@@ -160,12 +244,22 @@ class Trainer:
         return epoch, batch_id, x, self.data.y_train[idx]
 
     def step(self, x: Tensor, y: Tensor) -> float:
+        """One training step on ``(x, y)``; returns the regular loss. A non-finite regular loss
+        raises :class:`_NonFiniteLoss` before ``backward`` and before any update is applied (for
+        ISGD the closure's first call, which runs before the base step)."""
         model, opt = self.model, self.optimizer
         if isinstance(opt, ISGD):
+            regular = True
 
             def closure() -> Tensor:
+                nonlocal regular
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
+                if regular:  # the extra iterations' losses are judged by ISGD (NaN stops them)
+                    regular = False
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise _NonFiniteLoss(value)
                 loss.backward()
                 return loss
 
@@ -173,39 +267,140 @@ class Trainer:
             return opt.stats.last.loss
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _NonFiniteLoss(value)
         loss.backward()
         opt.step()
-        return loss.item()
+        return value
 
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool | None = None) -> dict[str, Any]:
-        st = self.state
-        writers = self._open_writers()
-        if st.iteration == 0:
-            self._evaluate_and_record(writers)
-        self._batches = None
-        bar = _make_bar(self.total, st.iteration, progress)
-        try:
-            while st.iteration < self.total:
-                t = st.iteration
-                start = time.perf_counter()
-                epoch, batch_id, x, y = self.batch(t)
-                limit = self.chart.limit  # before this loss joins (SGD runs: monitoring only)
-                loss = self.step(x, y)
-                self.scheduler.step()
-                st.train_seconds += time.perf_counter() - start
+        """Train to the end and return the summary.
 
-                st.iteration = t + 1
-                self._after_step(writers, epoch, batch_id, loss, limit, bar)
-        finally:
+        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written),
+        :class:`NonFiniteError` on a non-finite loss with ``on_nonfinite = "stop"``, and
+        :class:`runio.WriteError` when a file cannot be written; in every case what was written
+        before is intact and :func:`resume` continues from the last checkpoint.
+        """
+        writers: dict[str, runio.JsonlWriter] = {}
+        bar = None
+        try:
+            writers = self._open_writers()
+            with _StopSignals() as stop:
+                if self.state.iteration == 0:
+                    self._evaluate_and_record(writers)
+                self._batches = None
+                bar = _make_bar(self.total, self.state.iteration, progress)
+                while self.state.iteration < self.total and stop.signum is None:
+                    self._train_step(writers, bar)
+                if stop.signum is not None and self.state.iteration < self.total:
+                    self._interrupt(stop.signum, writers)
             bar.close()
             for w in writers.values():
                 w.close()
-        return self._finish()
+            return self._finish()
+        except runio.WriteError as err:
+            raise runio.WriteError(
+                f"{err}; what was written before is intact: once that is fixed, continue with: "
+                f"isgd train --resume {self.run_dir}"
+            ) from None
+        finally:
+            if bar is not None:
+                bar.close()
+            for w in writers.values():
+                with contextlib.suppress(RunError):  # already failed and reported
+                    w.close()
+            if self._tb is not None:
+                self._tb.close()
 
-    def _after_step(self, writers, epoch: int, batch_id: int, loss: float, limit, bar) -> None:
+    def _train_step(self, writers, bar) -> None:
+        st = self.state
+        t = st.iteration
+        start = time.perf_counter()
+        epoch, batch_id, x, y = self.batch(t)
+        limit = self.chart.limit  # before this loss joins (SGD runs: monitoring only)
+        if self._norm_buffers:
+            torch._foreach_copy_(self._norm_saved, self._norm_buffers)
+        skipped = False
+        try:
+            loss = self.step(x, y)
+            st.skipped_in_a_row = 0
+        except _NonFiniteLoss as bad:
+            self._skip_or_stop(bad.value, t + 1, epoch, batch_id)
+            loss, skipped = bad.value, True
+        self.scheduler.step()
+        st.train_seconds += time.perf_counter() - start
+
+        st.iteration = t + 1
+        self._after_step(writers, epoch, batch_id, loss, limit, bar, skipped)
+
+    def _skip_or_stop(self, loss: float, iteration: int, epoch: int, batch_id: int) -> None:
+        """``on_nonfinite``: raise :class:`NonFiniteError` ("stop", or weights no longer finite),
+        or undo what the skipped forward pass changed ("skip")."""
+        what = f"non-finite loss ({loss}) at iteration {iteration}, batch id {batch_id}"
+        if self.config.on_nonfinite == "stop":
+            raise self._nonfinite_error(
+                f"{what} (epoch {epoch})",
+                "start a new run with a lower --lr, or with --on-nonfinite skip to skip such "
+                "batches",
+            )
+        if self._norm_buffers:  # the forward pass fed the NaNs to BatchNorm's statistics
+            torch._foreach_copy_(self._norm_buffers, self._norm_saved)
+        if not self._weights_finite():
+            raise self._nonfinite_error(
+                f"{what}: the weights themselves are no longer finite, so skipping batches "
+                "cannot help",
+                "start a new run with a lower --lr",
+            )
+        if self.state.skipped_in_a_row + 1 >= self.n_b:
+            raise self._nonfinite_error(
+                f"{what}: the last {self.n_b} batches in a row (a whole epoch) had non-finite "
+                "losses, so the model has diverged and skipping batches cannot help",
+                "start a new run with a lower --lr",
+            )
+        self.state.skipped += 1
+        self.state.skipped_in_a_row += 1
+        if self.state.skipped <= _MAX_SKIP_WARNINGS:
+            log.warning(
+                "skipped %s (epoch %d)%s",
+                what,
+                epoch,
+                "; further skipped batches are only counted (summary.json: nonfinite/skipped)"
+                if self.state.skipped == _MAX_SKIP_WARNINGS
+                else "",
+            )
+
+    def _weights_finite(self) -> bool:
+        return all(
+            bool(torch.isfinite(v).all())
+            for v in self.model.state_dict().values()
+            if v.is_floating_point()
+        )
+
+    def _nonfinite_error(self, what: str, todo: str) -> NonFiniteError:
+        last = runio.latest_checkpoint(self.run_dir / "checkpoints")
+        kept = f"its last good checkpoint {last} is kept" if last else "it had no checkpoint yet"
+        return NonFiniteError(f"{what}; the run stopped and {kept}; {todo}")
+
+    def _interrupt(self, signum: int, writers) -> None:
+        """Checkpoint (unless one holds this iteration already) and raise TrainingInterrupted."""
+        st = self.state
+        if st.iteration > 0 and self._checkpointed_at != st.iteration:
+            self._checkpoint(writers)
+        for w in writers.values():
+            w.flush()
+        err = TrainingInterrupted(signum, st.iteration, self.run_dir)
+        log.warning("%s", err)
+        raise err
+
+    def _after_step(
+        self, writers, epoch: int, batch_id: int, loss: float, limit, bar, skipped: bool = False
+    ) -> None:
         cfg, st = self.config, self.state
-        if isinstance(self.optimizer, ISGD):
+        if skipped:  # no update, no chart entry, no pass counted
+            rec = dict(triggered=False, extra_iters=0, loss_after=None)
+        elif isinstance(self.optimizer, ISGD):
             s = self.optimizer.stats
             st.passes = s.passes
             rec = dict(
@@ -221,17 +416,18 @@ class Trainer:
             st.interval_loss_sum += loss
             st.interval_steps += 1
         if cfg.step_records:
-            writers["steps"].write(
-                dict(
-                    iteration=st.iteration,
-                    epoch=epoch,
-                    batch_id=batch_id,
-                    loss=loss,
-                    limit=limit,
-                    **rec,
-                    passes=st.passes,
-                )
+            record = dict(
+                iteration=st.iteration,
+                epoch=epoch,
+                batch_id=batch_id,
+                loss=loss,
+                limit=limit,
+                **rec,
+                passes=st.passes,
             )
+            if skipped:
+                record["skipped"] = True
+            writers["steps"].write(record)
         bar.update(1)
         if bar.disable and st.iteration % cfg.log_every == 0:
             log.info("%s", self._status_line())
@@ -239,7 +435,9 @@ class Trainer:
             bar.set_postfix_str(self._status_line(short=True), refresh=False)
         if st.iteration % cfg.eval_every == 0 or st.iteration == self.total:
             self._evaluate_and_record(writers)
-        if st.iteration % cfg.checkpoint_every == 0 and st.iteration < self.total:
+        # while batches are being skipped the weights may have diverged: no checkpoint then
+        due = st.iteration % cfg.checkpoint_every == 0 and not st.skipped_in_a_row
+        if due and st.iteration < self.total:
             self._checkpoint(writers)
 
     def _status_line(self, short: bool = False) -> str:
@@ -305,7 +503,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
     def _open_writers(self) -> dict[str, runio.JsonlWriter]:
-        self._tb = None
         if self.config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -318,6 +515,12 @@ class Trainer:
         }
 
     def _checkpoint(self, writers) -> None:
+        if not self._weights_finite():
+            raise self._nonfinite_error(
+                f"the weights are no longer finite at iteration {self.state.iteration} (the "
+                "last loss was finite); no checkpoint was written with them",
+                "start a new run with a lower --lr",
+            )
         for w in writers.values():
             w.flush()
         state = {
@@ -335,8 +538,14 @@ class Trainer:
             "progress": vars(self.state).copy(),
         }
         runio.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, state)
+        self._checkpointed_at = self.state.iteration
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
+    def restore(self, checkpoint: dict[str, Any], source: Path | None = None) -> None:
+        """Continue from ``checkpoint`` (loaded from ``source``); the run's ``metrics.jsonl``
+        and ``steps.jsonl`` are cut back to its iteration."""
+        where = f"checkpoint {source}" if source else "the checkpoint"
+        config_file = self.run_dir / "config.toml"
+        check_checkpoint_config(checkpoint, self.config, where, config_file)
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -347,15 +556,25 @@ class Trainer:
             torch.set_rng_state(checkpoint["torch_rng"])
             self.state = _Progress(**checkpoint["progress"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = " ".join(lines[:2])[:200] if lines else repr(err)
             raise RunError(
-                f"checkpoint does not match this run's model or optimizer: {first}"
+                f"{where} does not fit the model or optimizer that {config_file} describes "
+                f"({detail}); put the run's config.toml back as it was, or start a new run "
+                "with --out"
             ) from None
+        self._checkpointed_at = self.state.iteration
         for name in ("metrics.jsonl", "steps.jsonl"):
             runio.truncate_jsonl(self.run_dir / name, self.state.iteration)
 
     def _finish(self) -> dict[str, Any]:
         cfg, st = self.config, self.state
+        if not self._weights_finite():
+            raise self._nonfinite_error(
+                f"the weights are no longer finite after the last iteration ({st.iteration}); "
+                "model.pt was not written",
+                "start a new run with a lower --lr",
+            )
         runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
         stats = getattr(self.optimizer, "stats", None)
         last = list(runio.read_jsonl(self.run_dir / "metrics.jsonl"))[-1]
@@ -377,15 +596,44 @@ class Trainer:
             "isgd/triggers": stats.triggers if stats else 0,
             "isgd/extra_iters": stats.extra_iters if stats else 0,
             "isgd/trigger_rate": stats.trigger_rate if stats else 0.0,
+            "nonfinite/skipped": st.skipped,
             "target/accuracy": cfg.target_accuracy or None,
             "target/iteration": st.target.get("iteration"),
             "target/passes": st.target.get("passes"),
             "target/train_seconds": st.target.get("train_seconds"),
         }
         runio.write_json(self.run_dir / "summary.json", summary)
-        if self._tb is not None:
-            self._tb.close()
         return summary
+
+
+def check_checkpoint_config(
+    checkpoint: dict[str, Any], config: TrainConfig, where: str, config_file: Path
+) -> None:
+    """RunError unless ``checkpoint`` was written with the model, data set, optimizer and batch
+    size of ``config`` (other keys, e.g. ``iters``, may change between resumes)."""
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return
+    changed = [k for k in _STRUCTURAL_KEYS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        was = ", ".join(f"{k} = {saved[k]!r}" for k in changed)
+        now = ", ".join(f"{k} = {getattr(config, k)!r}" for k in changed)
+        raise RunError(
+            f"{where} was written with {was}, but {config_file} now says {now}; put the old "
+            "values back to resume it, or start a new run with --out"
+        )
+
+
+def _load_data(name: str, data_dir: str | None) -> DataSplit:
+    try:
+        return load_dataset(name, data_dir)
+    except DataError as err:
+        if not name.startswith("idx:"):
+            raise
+        raise DataError(
+            f"{err}; fix or replace the IDX files in {name[4:]} (uint8 images N×H×W and "
+            "labels N, raw or .gz)"
+        ) from None
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
@@ -413,8 +661,16 @@ def _make_bar(total: int, initial: int, progress: bool | None):
 
 
 # ---------------------------------------------------------------------- entry points
+def _is_debris(path: Path) -> bool:
+    """What a process killed while creating a run leaves: the write probe, half-written files."""
+    name = path.name
+    return name == ".write-test" or (name.startswith(".") and name.endswith(runio.TMP_SUFFIX))
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (
+        not run_dir.is_dir() or any(not _is_debris(p) for p in run_dir.iterdir())
+    ):
         raise RunError(
             f"run directory {run_dir} already exists and is not empty; choose another --out, "
             f"or continue it with --resume {run_dir}"
@@ -429,7 +685,11 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RunError(f"cannot write to run directory {run_dir}: {err.strerror}") from None
+        raise RunError(
+            f"cannot create the run directory {run_dir}: {runio.os_error_reason(err)}; "
+            "choose another --out"
+        ) from None
+    runio.remove_stale_temporaries(run_dir)
 
 
 def train(
@@ -446,8 +706,16 @@ def train(
     check_new_run_dir(run_dir)  # fail fast, before loading anything
     trainer = Trainer(config, run_dir, data=data, data_dir=data_dir)
     prepare_run_dir(run_dir)  # created only once data and model are known to be good
-    runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
-    runio.write_json(run_dir / "provenance.json", runio.provenance(config.threads))
+    try:
+        runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
+        runio.write_json(run_dir / "provenance.json", runio.provenance(config.threads))
+    except runio.WriteError as err:
+        todo = (
+            f"continue with: isgd train --resume {run_dir}"
+            if (run_dir / "config.toml").is_file()
+            else "run the same command again"
+        )
+        raise runio.WriteError(f"{err}; once that is fixed, {todo}") from None
     log.info(
         "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
         config.model,
@@ -471,13 +739,20 @@ def resume(
         raise RunError(f"{run_dir} has finished (summary.json is there); nothing to resume")
     config = resolve_config(config_file=run_dir / "config.toml")
     config.preset = load_toml(run_dir / "config.toml").get("preset", "")
+    for directory in (run_dir, run_dir / "checkpoints"):  # left by a kill during a write
+        runio.remove_stale_temporaries(directory)
     checkpoint_path = runio.latest_checkpoint(run_dir / "checkpoints")
+    # loaded before the data, so that a bad checkpoint fails fast; never falls back by itself
+    checkpoint = runio.load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None:
+        where = f"checkpoint {checkpoint_path}"
+        check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
     trainer = Trainer(config, run_dir, data_dir=data_dir)
-    if checkpoint_path is None:
+    if checkpoint is None:
         log.info("no checkpoint in %s: starting it from the beginning", run_dir)
         for name in ("metrics.jsonl", "steps.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     else:
-        trainer.restore(runio.load_checkpoint(checkpoint_path))
+        trainer.restore(checkpoint, checkpoint_path)
         log.info("resuming %s from iteration %d", run_dir, trainer.state.iteration)
     return trainer.run(progress)

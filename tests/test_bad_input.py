@@ -1,0 +1,599 @@
+"""Bad input, table-driven: each case gets one line naming the problem and what to do.
+
+Command-line cases must exit with code 2, print exactly one ``isgd: error:`` line and no
+traceback, and leave every file that was there before byte-for-byte as it was. Library cases
+raise the documented exception with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from isgd import FixedCycleBatchSampler, LossControlChart, runio
+from isgd.cli import main
+from isgd.config import ConfigError, resolve_config
+from isgd.data import DataError, DataSplit
+from isgd.optim import ISGD
+from isgd.runio import JsonlWriter, RunError, WriteError, atomic_write_bytes, load_checkpoint
+from isgd.train import Trainer, resume, train
+from tests.fixtures import write_idx
+
+IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+
+
+def train_argv(idx_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        *("--dataset", f"idx:{idx_dir}", "--model", "mlp", "--batch-size", "16"),
+        *("--lr", "0.05", "--lr-policy", "fixed", "--iters", "50", "--eval-every", "25"),
+        *("--checkpoint-every", "20", "--threads", "1", "--no-progress", "--no-tensorboard"),
+        *("--out", str(out), *extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_idx_dir, tmp_path_factory) -> Path:
+    """A complete 50-iteration run (checkpoints at 20 and 40)."""
+    out = tmp_path_factory.mktemp("bad-input") / "finished"
+    assert main(train_argv(tiny_idx_dir, out)) == 0
+    return out
+
+
+@dataclass
+class Ctx:
+    """What a case may use: a scratch directory, the IDX set, a finished run, monkeypatch."""
+
+    tmp: Path
+    idx: Path
+    finished: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def idx_copy(self) -> Path:
+        return Path(shutil.copytree(self.idx, self.tmp / "idx"))
+
+    def unfinished(self) -> Path:
+        """A copy of the finished run as a crash after its checkpoint at 40 leaves it."""
+        run = Path(shutil.copytree(self.finished, self.tmp / "run"))
+        for name in ("summary.json", "model.pt"):
+            (run / name).unlink()
+        return run
+
+    def resume(self, run: Path) -> list[str]:
+        return ["train", "--resume", str(run), "--no-progress"]
+
+
+def raw_idx(directory: Path, name: str) -> bytes:
+    """The decompressed bytes of ``name``; the .gz file is removed."""
+    data = gzip.decompress((directory / f"{name}.gz").read_bytes())
+    (directory / f"{name}.gz").unlink()
+    return data
+
+
+def replace_idx(directory: Path, name: str, array: np.ndarray) -> None:
+    (directory / f"{name}.gz").unlink()
+    write_idx(directory / name, array)
+
+
+class Payload:
+    """Unpickling this runs ``open(path, "w")``: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def rewrite_checkpoint(path: Path, edit: Callable[[dict], None]) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def fail_fsync(monkeypatch, code: int, when: Callable[[], bool] = lambda: True) -> None:
+    """Simulate a device error (ENOSPC, EROFS, ...) on every fsync once ``when()`` holds."""
+    fsync = os.fsync
+
+    def patched(fd):
+        if when():
+            raise OSError(code, os.strerror(code))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", patched)
+
+
+# ------------------------------------------------------------------------ the CLI table
+def c_unknown_flag(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--learning-rate", "0.1")
+
+
+def c_unknown_config_key(c: Ctx):
+    (c.tmp / "c.toml").write_text('optimizer = "isgd"\nlearning_rate = 0.1\n')
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "c.toml"))
+
+
+def c_wrong_type_flag(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--batch-size", "1.5")
+
+
+def c_wrong_type_config_float(c: Ctx):
+    (c.tmp / "c.toml").write_text('lr = "fast"\n')
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "c.toml"))
+
+
+def c_wrong_type_config_bool(c: Ctx):
+    (c.tmp / "c.toml").write_text("augment = 1\n")
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "c.toml"))
+
+
+def c_wrong_type_config_list(c: Ctx):
+    (c.tmp / "c.toml").write_text('milestones = "100"\n')
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "c.toml"))
+
+
+def c_config_is_a_directory(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp))
+
+
+def c_momentum_out_of_range(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--momentum", "1.5")
+
+
+def c_lr_nan(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--lr", "nan")
+
+
+def c_negative_eval_every(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--eval-every", "-1")
+
+
+def c_zero_checkpoint_every(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--checkpoint-every", "0")
+
+
+def c_bad_on_nonfinite(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--on-nonfinite", "ignore")
+
+
+def c_target_accuracy_percent(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--target-accuracy", "99")
+
+
+def c_multistep_without_milestones(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--lr-policy", "multistep")
+
+
+def c_batch_larger_than_data(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--batch-size", "1000")
+
+
+def c_model_too_big_for_images(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--model", "lenet")
+
+
+def c_missing_data_file(c: Ctx):
+    idx = c.idx_copy()
+    (idx / f"{LABELS}.gz").unlink()
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_truncated_idx(c: Ctx):
+    idx = c.idx_copy()
+    data = raw_idx(idx, IMAGES)
+    (idx / IMAGES).write_bytes(data[: len(data) // 2])
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_truncated_gzip(c: Ctx):
+    idx = c.idx_copy()
+    path = idx / f"{IMAGES}.gz"
+    path.write_bytes(path.read_bytes()[:-100])
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_corrupted_gzip(c: Ctx):
+    idx = c.idx_copy()
+    path = idx / f"{IMAGES}.gz"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_corrupted_idx_header(c: Ctx):
+    idx = c.idx_copy()
+    data = bytearray(raw_idx(idx, LABELS))
+    data[2] = 0x42  # no such IDX type code
+    (idx / LABELS).write_bytes(bytes(data))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_rgb_images(c: Ctx):
+    idx = c.idx_copy()
+    replace_idx(idx, IMAGES, np.zeros((240, 8, 8, 3), np.uint8))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_non_square_images(c: Ctx):
+    idx = c.idx_copy()
+    replace_idx(idx, IMAGES, np.zeros((240, 8, 6), np.uint8))
+    replace_idx(idx, TEST_IMAGES, np.zeros((60, 8, 6), np.uint8))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_label_count_mismatch(c: Ctx):
+    idx = c.idx_copy()
+    replace_idx(idx, LABELS, np.zeros(200, np.uint8))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_float_labels(c: Ctx):
+    idx = c.idx_copy()
+    replace_idx(idx, LABELS, np.zeros(240, np.float32))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_test_images_differ(c: Ctx):
+    idx = c.idx_copy()
+    replace_idx(idx, TEST_IMAGES, np.zeros((60, 10, 10), np.uint8))
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_existing_run_directory(c: Ctx):
+    return train_argv(c.idx, c.unfinished())
+
+
+def c_out_under_a_file(c: Ctx):
+    (c.tmp / "a-file").write_text("not a directory")
+    return train_argv(c.idx, c.tmp / "a-file" / "run")
+
+
+def c_read_only_file_system(c: Ctx):
+    fail_fsync(c.monkeypatch, errno.EROFS)
+    return train_argv(c.idx, c.tmp / "new")
+
+
+def c_disk_full_during_a_checkpoint(c: Ctx):
+    full = []
+    save = runio.save_checkpoint
+
+    def patched(directory, iteration, state, keep=2):
+        if iteration == 40:
+            full.append(True)  # from now on the device has no space left
+        return save(directory, iteration, state, keep)
+
+    c.monkeypatch.setattr(runio, "save_checkpoint", patched)
+    fail_fsync(c.monkeypatch, errno.ENOSPC, lambda: bool(full))
+    return train_argv(c.idx, c.tmp / "new")
+
+
+def c_permission_denied_on_model_pt(c: Ctx):
+    replace = os.replace
+
+    def patched(src, dst, *args, **kwargs):
+        if Path(dst).name == "model.pt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return replace(src, dst, *args, **kwargs)
+
+    c.monkeypatch.setattr(os, "replace", patched)
+    return train_argv(c.idx, c.tmp / "new")
+
+
+def c_resume_with_flags(c: Ctx):
+    return [*c.resume(c.unfinished()), "--out", str(c.tmp / "other")]
+
+
+def c_resume_not_a_run(c: Ctx):
+    (c.tmp / "empty").mkdir()
+    return c.resume(c.tmp / "empty")
+
+
+def c_resume_finished_run(c: Ctx):
+    return c.resume(Path(shutil.copytree(c.finished, c.tmp / "run")))
+
+
+def c_checkpoint_of_another_model(c: Ctx):
+    run = c.unfinished()
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('model = "mlp"', 'model = "resnet20"'))
+    return c.resume(run)
+
+
+def c_checkpoint_that_does_not_fit(c: Ctx):
+    run = c.unfinished()
+
+    def edit(state):
+        del state["config"]
+        key = next(iter(state["model"]))
+        state["model"][key] = torch.zeros(3, 3)
+
+    rewrite_checkpoint(run / "checkpoints" / "ckpt-00000040.pt", edit)
+    return c.resume(run)
+
+
+def c_checkpoint_of_an_older_format(c: Ctx):
+    run = c.unfinished()
+    rewrite_checkpoint(run / "checkpoints" / "ckpt-00000040.pt", lambda s: s.update(format=0))
+    return c.resume(run)
+
+
+def c_checkpoint_truncated(c: Ctx):
+    run = c.unfinished()
+    path = run / "checkpoints" / "ckpt-00000040.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    return c.resume(run)
+
+
+def c_checkpoint_with_pickle_payload(c: Ctx):
+    run = c.unfinished()
+    torch.save(
+        {"format": 1, "x": Payload(c.tmp / "marker")}, run / "checkpoints" / "ckpt-00000041.pt"
+    )
+    return c.resume(run)
+
+
+def c_checkpoint_raw_pickle_payload(c: Ctx):
+    run = c.unfinished()
+    with open(run / "checkpoints" / "ckpt-00000041.pt", "wb") as f:
+        pickle.dump({"format": 1, "x": Payload(c.tmp / "marker")}, f, protocol=2)
+    return c.resume(run)
+
+
+def c_resume_log_is_a_directory(c: Ctx):
+    run = c.unfinished()
+    os.replace(run / "metrics.jsonl", run / "metrics.jsonl.saved")
+    (run / "metrics.jsonl").mkdir()  # an OSError no library message covers: the CLI's fallback
+    return c.resume(run)
+
+
+def no_marker(c: Ctx) -> None:
+    assert not (c.tmp / "marker").exists()  # nothing from the payload ran
+
+
+def resumes_to_the_same_model(c: Ctx) -> None:
+    """After the disk is "fixed", the run continues and ends as the uninterrupted one."""
+    assert not list((c.tmp / "new").rglob("*.tmp"))
+    c.monkeypatch.undo()
+    assert main(c.resume(c.tmp / "new")) == 0
+    assert (c.tmp / "new" / "model.pt").read_bytes() == (c.finished / "model.pt").read_bytes()
+
+
+def nothing_created(c: Ctx) -> None:
+    assert not (c.tmp / "new").exists() or not any((c.tmp / "new").iterdir())
+
+
+CLI_CASES = [  # (setup, what the error line must contain, further check)
+    (c_unknown_flag, "unrecognized arguments: --learning-rate 0.1 (see: isgd --help)", None),
+    (c_unknown_config_key, "unknown config key in", nothing_created),
+    (c_wrong_type_flag, "argument --batch-size: invalid int value: '1.5'", None),
+    (c_wrong_type_config_float, "invalid lr: 'fast' (expected float)", None),
+    (c_wrong_type_config_bool, "invalid augment: 1 (expected bool)", None),
+    (c_wrong_type_config_list, "invalid milestones: '100' (expected a list of int)", None),
+    (c_config_is_a_directory, "cannot read config file", None),
+    (c_momentum_out_of_range, "invalid momentum: 1.5 (must be < 1)", None),
+    (c_lr_nan, "invalid lr: nan (must be a finite number >= 0)", None),
+    (c_negative_eval_every, "invalid eval_every: -1 (must be >= 1)", None),
+    (c_zero_checkpoint_every, "invalid checkpoint_every: 0 (must be >= 1)", None),
+    (c_bad_on_nonfinite, "invalid on_nonfinite: 'ignore' (one of stop, skip)", None),
+    (c_target_accuracy_percent, "invalid target_accuracy: 99.0 (a fraction in [0, 1])", None),
+    (c_multistep_without_milestones, "the multistep policy needs milestones", None),
+    (c_batch_larger_than_data, "batch_size: 1000 for a data set of 240 samples", nothing_created),
+    (c_model_too_big_for_images, "lenet needs image_size >= 13, got 8", nothing_created),
+    (c_missing_data_file, f"missing IDX files in {{tmp}}/idx: {LABELS}", nothing_created),
+    (c_truncated_idx, "truncated IDX file: dims (240, 8, 8) need 15360 data bytes", None),
+    (c_truncated_gzip, "cannot read (Compressed file ended", None),
+    (c_corrupted_gzip, f"{{tmp}}/idx/{IMAGES}.gz: cannot read", None),
+    (c_corrupted_idx_header, "not an IDX file (bad magic 00004201)", None),
+    (c_rgb_images, "expected 3-d uint8 data, got torch.uint8 (240, 8, 8, 3)", nothing_created),
+    (c_non_square_images, "the images are 8×6 pixels, but the models take square", None),
+    (c_label_count_mismatch, "240 train images but labels of shape (200,)", None),
+    (c_float_labels, "expected 1-d uint8 data, got torch.float32", None),
+    (c_test_images_differ, "train images (1, 8, 8) and test images (1, 10, 10) differ", None),
+    (c_existing_run_directory, "already exists and is not empty; choose another --out", None),
+    (c_out_under_a_file, "a parent of it is a file, not a directory; choose another --out", None),
+    (
+        c_read_only_file_system,
+        "config.toml: read-only file system; once that is fixed, run the same command again",
+        nothing_created,
+    ),
+    (
+        c_disk_full_during_a_checkpoint,
+        "ckpt-00000040.pt: no space left on device (the disk is full); what was written before "
+        "is intact: once that is fixed, continue with: isgd train --resume {tmp}/new",
+        resumes_to_the_same_model,
+    ),
+    (
+        c_permission_denied_on_model_pt,
+        "model.pt: permission denied; what was written before is intact",
+        resumes_to_the_same_model,
+    ),
+    (c_resume_with_flags, "--resume continues the saved configuration; drop --out", None),
+    (c_resume_not_a_run, "is not a run directory (no config.toml); nothing to resume", None),
+    (c_resume_finished_run, "has finished (summary.json is there); nothing to resume", None),
+    (
+        c_checkpoint_of_another_model,
+        "ckpt-00000040.pt was written with model = 'mlp', but {tmp}/run/config.toml now says "
+        "model = 'resnet20'; put the old values back",
+        None,
+    ),
+    (
+        c_checkpoint_that_does_not_fit,
+        "does not fit the model or optimizer that {tmp}/run/config.toml describes",
+        None,
+    ),
+    (
+        c_checkpoint_of_an_older_format,
+        "ckpt-00000040.pt is a checkpoint of format 0, this isgd reads format 1: resume with "
+        "the isgd version that wrote it, or delete it to resume from the previous checkpoint "
+        "ckpt-00000020.pt",
+        None,
+    ),
+    (c_checkpoint_truncated, "the file is truncated or corrupt", None),
+    (c_resume_log_is_a_directory, "{tmp}/run/metrics.jsonl: Is a directory", None),
+    (
+        c_checkpoint_with_pickle_payload,
+        "refusing to load checkpoint {tmp}/run/checkpoints/ckpt-00000041.pt: not a valid isgd "
+        "checkpoint, and loading it could run code (it names io.open); nothing from it was "
+        "executed; delete it to resume from the previous checkpoint ckpt-00000040.pt",
+        no_marker,
+    ),
+    (
+        c_checkpoint_raw_pickle_payload,
+        "refusing to load checkpoint {tmp}/run/checkpoints/ckpt-00000041.pt",
+        no_marker,
+    ),
+]
+
+
+def snapshot(directory: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "setup, expected, check", CLI_CASES, ids=[c[0].__name__[2:] for c in CLI_CASES]
+)
+def test_cli_bad_input(
+    setup, expected, check, tiny_idx_dir, finished, tmp_path, monkeypatch, capsys
+):
+    ctx = Ctx(tmp_path, tiny_idx_dir, finished, monkeypatch)
+    argv = setup(ctx)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("isgd: error: ")]
+    assert rc == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert expected.format(tmp=tmp_path) in errors[0], errors[0]
+    for path, data in before.items():  # nothing that was there is lost or changed
+        assert path.is_file() and path.read_bytes() == data, path
+    if check is not None:
+        check(ctx)
+
+
+# ------------------------------------------------------------------------ the API table
+def a_unknown_key(c: Ctx):
+    resolve_config(overrides={"learning_rate": 0.1})
+
+
+def a_wrong_type(c: Ctx):
+    resolve_config(overrides={"iters": 1.5})
+
+
+def a_out_of_range(c: Ctx):
+    resolve_config(overrides={"eval_every": -5})
+
+
+def a_bad_on_nonfinite(c: Ctx):
+    resolve_config(overrides={"on_nonfinite": "explode"})
+
+
+def a_unknown_preset(c: Ctx):
+    resolve_config("imagenet")
+
+
+def a_train_into_existing_dir(c: Ctx):
+    train(resolve_config(overrides={"dataset": f"idx:{c.idx}"}), c.unfinished())
+
+
+def a_resume_nothing(c: Ctx):
+    resume(c.tmp / "nothing")
+
+
+def a_load_pickle_payload(c: Ctx):
+    torch.save({"format": 1, "x": Payload(c.tmp / "marker")}, c.tmp / "evil.pt")
+    try:
+        load_checkpoint(c.tmp / "evil.pt")
+    finally:
+        no_marker(c)
+
+
+def a_load_older_format(c: Ctx):
+    torch.save({"format": 0}, c.tmp / "old.pt")
+    load_checkpoint(c.tmp / "old.pt")
+
+
+def a_load_empty_file(c: Ctx):
+    (c.tmp / "empty.pt").write_bytes(b"")
+    load_checkpoint(c.tmp / "empty.pt")
+
+
+def a_write_on_a_full_disk(c: Ctx):
+    (c.tmp / "file").write_bytes(b"old")
+    fail_fsync(c.monkeypatch, errno.ENOSPC)
+    try:
+        atomic_write_bytes(c.tmp / "file", b"new")
+    finally:
+        assert (c.tmp / "file").read_bytes() == b"old" and not list(c.tmp.glob(".*.tmp"))
+
+
+def a_jsonl_in_a_missing_directory(c: Ctx):
+    JsonlWriter(c.tmp / "missing" / "steps.jsonl")
+
+
+def a_restore_another_model(c: Ctx):
+    config = resolve_config(
+        overrides={"dataset": f"idx:{c.idx}", "model": "resnet20", "batch_size": 16}
+    )
+    checkpoint = load_checkpoint(c.finished / "checkpoints" / "ckpt-00000040.pt")
+    Trainer(config, c.tmp / "run").restore(checkpoint)
+
+
+def a_chart_window(c: Ctx):
+    LossControlChart(window=1)
+
+
+def a_sampler_batch_size(c: Ctx):
+    FixedCycleBatchSampler(10, 20)
+
+
+def a_isgd_lr(c: Ctx):
+    ISGD(torch.nn.Linear(2, 2).parameters(), lr=-1.0, window=10)
+
+
+def a_data_split_shape(c: Ctx):
+    x = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    DataSplit("bad", x, torch.zeros(4), x, torch.zeros(4), 10)
+
+
+API_CASES = [
+    (a_unknown_key, ConfigError, "unknown config key in the command line: learning_rate"),
+    (a_wrong_type, ConfigError, r"invalid iters: 1.5 \(expected int\)"),
+    (a_out_of_range, ConfigError, r"invalid eval_every: -5 \(must be >= 1\)"),
+    (a_bad_on_nonfinite, ConfigError, r"invalid on_nonfinite: 'explode' \(one of stop, skip\)"),
+    (a_unknown_preset, ConfigError, "unknown preset: 'imagenet'"),
+    (a_train_into_existing_dir, RunError, "already exists and is not empty"),
+    (a_resume_nothing, RunError, "is not a run directory"),
+    (a_load_pickle_payload, RunError, "refusing to load checkpoint .*nothing from it was executed"),
+    (a_load_older_format, RunError, "is a checkpoint of format 0, this isgd reads format 1"),
+    (a_load_empty_file, RunError, r"truncated or corrupt .*delete it to restart the run"),
+    (a_write_on_a_full_disk, WriteError, r"cannot write .*file: no space left on device"),
+    (a_jsonl_in_a_missing_directory, WriteError, "cannot write .*steps.jsonl: No such file"),
+    (a_restore_another_model, RunError, "written with model = 'mlp', .* model = 'resnet20'"),
+    (a_chart_window, ValueError, r"Invalid window: 1 \(must be an integer >= 2\)"),
+    (a_sampler_batch_size, ValueError, "Invalid batch_size: 20 for a data set of 10 samples"),
+    (a_isgd_lr, ValueError, r"Invalid lr: -1.0 \(must be a number >= 0\)"),
+    (a_data_split_shape, DataError, "bad: train images must be uint8 N×C×H×W"),
+]
+
+
+@pytest.mark.parametrize(
+    "call, error, message", API_CASES, ids=[c[0].__name__[2:] for c in API_CASES]
+)
+def test_api_bad_input(call, error, message, tiny_idx_dir, finished, tmp_path, monkeypatch):
+    with pytest.raises(error, match=message) as info:
+        call(Ctx(tmp_path, tiny_idx_dir, finished, monkeypatch))
+    assert "\n" not in str(info.value)

@@ -1,0 +1,361 @@
+"""A run never loses work: SIGKILL at random moments, SIGINT/SIGTERM, non-finite losses.
+
+The runs train the ``mlp`` on the tiny IDX set (``tiny_idx_dir``) with one thread; every
+interrupted run is resumed to the end and must finish bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from isgd.cli import main
+from isgd.config import TrainConfig
+from isgd.train import NonFiniteError, Trainer, train
+
+ITERS, EVERY, N_B = 800, 25, 15  # 240 training images in batches of 16
+TIMING = ("time/train_seconds", "images_per_second")
+
+
+def train_argv(idx_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        *("--dataset", f"idx:{idx_dir}", "--model", "mlp", "--batch-size", "16"),
+        *("--lr", "0.05", "--lr-policy", "fixed", "--sigma-factor", "1.5"),
+        *("--iters", str(ITERS), "--eval-every", "100", "--checkpoint-every", str(EVERY)),
+        *("--threads", "1", "--log-every", "1000", "--no-progress", "--no-tensorboard"),
+        *("--out", str(out), *extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_idx_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(train_argv(tiny_idx_dir, out)) == 0
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    assert (run / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    assert (run / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()
+    assert records(run / "metrics.jsonl") == records(reference / "metrics.jsonl")
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert {k: v for k, v in a.items() if k not in TIMING} == {
+        k: v for k, v in b.items() if k not in TIMING
+    }
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert not list(run.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------- SIGKILL
+# Runs `isgd` after arming one kill point from $ISGD_TEST_KILL ("event:n"): the process sends
+# itself SIGKILL at the n-th event, exactly as `kill -9` from outside would end it there.
+KILL_RUNNER = r"""
+import json, os, signal, sys
+event, _, n = os.environ.get("ISGD_TEST_KILL", "").partition(":")
+seen = 0
+
+def hit():
+    global seen
+    seen += 1
+    return seen == int(n)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if event == "forward":  # in the middle of a training step (or an evaluation)
+    import torch.nn.functional as F
+    cross_entropy = F.cross_entropy
+    def patched(*args, **kwargs):
+        if hit():
+            die()
+        return cross_entropy(*args, **kwargs)
+    F.cross_entropy = patched
+elif event == "checkpoint":  # checkpoint written to its temporary file, not yet renamed
+    replace = os.replace
+    def patched(src, dst, *args, **kwargs):
+        if os.path.basename(dst).startswith("ckpt-") and hit():
+            die()
+        return replace(src, dst, *args, **kwargs)
+    os.replace = patched
+elif event == "steps-line":  # half of a steps.jsonl line on disk
+    from isgd import runio
+    write = runio.JsonlWriter.write
+    def patched(self, record):
+        if self.path.name == "steps.jsonl" and hit():
+            line = json.dumps(record) + "\n"
+            self._file.write(line[: len(line) // 2])
+            self._file.flush()
+            die()
+        write(self, record)
+    runio.JsonlWriter.write = patched
+from isgd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_at_random_moments_then_resume_ends_bit_identical(
+    tiny_idx_dir, reference, tmp_path
+):
+    rng = random.Random(5)
+    run = tmp_path / "run"
+    plan = [  # (self-kill point or None, external kill delay or None)
+        (None, ("start", rng.uniform(0.05, 0.5))),  # while starting: imports, data, first files
+        (f"forward:{rng.randint(1, 20)}", None),  # before the first checkpoint (restart)
+        (f"checkpoint:{rng.randint(1, 3)}", None),  # during a checkpoint write
+        (f"steps-line:{rng.randint(5, 60)}", None),  # a torn last line in steps.jsonl
+        (None, ("checkpoint", rng.uniform(0.0, 0.2))),  # mid-training, by the clock
+        (None, None),  # to the end
+    ]
+    logs, outcomes = [], []
+    for number, (kill_point, external) in enumerate(plan):
+        if (run / "config.toml").is_file():
+            argv = ["train", "--resume", str(run), "--no-progress"]
+        else:  # killed before the run directory was set up: start it again
+            argv = train_argv(tiny_idx_dir, run)
+        env = dict(os.environ, ISGD_TEST_KILL=kill_point or "")
+        log = tmp_path / f"process-{number}.log"
+        logs.append(log)
+        checkpoints = set((run / "checkpoints").glob("ckpt-*.pt"))
+        with log.open("w") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-c", KILL_RUNNER, *argv],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+            if external is not None:
+                wait_for, delay = external
+                deadline = time.monotonic() + 60
+                while wait_for == "checkpoint" and process.poll() is None:
+                    if set((run / "checkpoints").glob("ckpt-*.pt")) - checkpoints:
+                        break
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                time.sleep(delay)
+                if process.poll() is None:
+                    process.kill()  # SIGKILL
+            outcomes.append(process.wait(timeout=120))
+    history = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
+    assert outcomes[1:4] == [-signal.SIGKILL] * 3, history
+    assert outcomes[-1] == 0, history
+    assert "starting it from the beginning" in logs[2].read_text(), history  # no checkpoint yet
+    assert_same_run(run, reference)
+
+
+def test_torn_last_lines_and_leftover_temporaries_do_not_break_resume(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for name in ("summary.json", "model.pt", "checkpoints/ckpt-00000775.pt"):
+        (run / name).unlink()
+    for name in ("steps.jsonl", "metrics.jsonl"):  # a kill in the middle of a line
+        with (run / name).open("a") as f:
+            f.write('{"iteration": 776, "epoch": 51, "batch_id": 1, "lo')
+    (run / "checkpoints" / ".ckpt-00000775.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    (run / ".summary.json.z3.tmp").write_text("{")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_run_killed_while_being_created_can_be_started_again(tiny_idx_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".write-test").write_bytes(b"")  # what a kill during the set-up leaves at most
+    (run / ".config.toml.a1b2.tmp").write_text("dataset = ")
+    assert main(train_argv(tiny_idx_dir, run, "--iters", "5")) == 0
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+# ----------------------------------------------------------------------- SIGINT / SIGTERM
+def signal_at(monkeypatch, iteration: int, *signums: int) -> None:
+    """Deliver ``signums`` to this process right after training iteration ``iteration``."""
+    after_step = Trainer._after_step
+
+    def patched(self, *args, **kwargs):
+        after_step(self, *args, **kwargs)
+        if self.state.iteration == iteration:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Trainer, "_after_step", patched)
+
+
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_stops_at_the_step_boundary_with_a_checkpoint(
+    tiny_idx_dir, reference, tmp_path, monkeypatch, capsys, signum, code
+):
+    run = tmp_path / "run"
+    handler = signal.getsignal(signum)
+    signal_at(monkeypatch, 337, signum)
+    assert main(train_argv(tiny_idx_dir, run)) == code
+    assert signal.getsignal(signum) is handler  # the trainer's handler is gone again
+    err = capsys.readouterr().err
+    assert (
+        err.splitlines()[-1]
+        == f"interrupted at iteration 337; resume with: isgd train --resume {run}"
+    )
+    assert "Traceback" not in err and "error" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-00000325.pt",
+        "ckpt-00000337.pt",
+    ]
+    assert len((run / "steps.jsonl").read_text().splitlines()) == 337
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_second_sigint_stops_at_once_and_the_run_still_resumes(
+    tiny_idx_dir, reference, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    signal_at(monkeypatch, 337, signal.SIGINT, signal.SIGINT)
+    assert main(train_argv(tiny_idx_dir, run)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "isgd: interrupted"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt-00000325.pt"
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert_same_run(run, reference)
+
+
+# ---------------------------------------------------------------------- non-finite losses
+@pytest.mark.parametrize("optimizer", ["sgd", "isgd"])
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_idx_dir, tmp_path, capsys, optimizer
+):
+    run = tmp_path / "run"
+    # a learning rate multiplied by 1e7 at iteration 25 makes the loss overflow soon after
+    explode = ["--lr-policy", "step", "--step-size", "25", "--gamma", "1e7", "--iters", "60"]
+    argv = train_argv(tiny_idx_dir, run, "--optimizer", optimizer, *explode)
+    argv[argv.index("--checkpoint-every") + 1] = argv[argv.index("--eval-every") + 1] = "10"
+    assert main(argv) == 3
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("isgd: error: ") and "Traceback" not in "\n".join(errors)
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    bad = steps[-1]["iteration"] + 1  # the failed step is not recorded
+    last = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert re.fullmatch(
+        re.escape("isgd: error: non-finite loss (")
+        + r"(nan|inf|-inf)"
+        + re.escape(
+            f") at iteration {bad}, batch id {(bad - 1) % N_B} (epoch {(bad - 1) // N_B}); the "
+            f"run stopped and its last good checkpoint {last} is kept; start a new run with a "
+            "lower --lr, or with --on-nonfinite skip to skip such batches"
+        ),
+        errors[-1],
+    ), errors[-1]
+    assert 25 < bad <= 60 and last.name == f"ckpt-{(bad - 1) // 10 * 10:08d}.pt"
+    state = torch.load(last, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run / "model.pt").exists() and not (run / "summary.json").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["iteration"] == (bad - 1) // 10 * 10  # flushed up to the last eval
+
+
+def _poison(monkeypatch, iterations: set[int], snapshots: dict) -> None:
+    """Batches of the given (0-based) iterations become NaN images; the model's state before
+    and after each of those steps is recorded in ``snapshots``."""
+    batch = Trainer.batch
+
+    def patched(self, iteration):
+        epoch, batch_id, x, y = batch(self, iteration)
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        if iteration - 1 in iterations:
+            snapshots[iteration - 1].append(state)  # after the poisoned step
+        if iteration in iterations:
+            snapshots[iteration] = [state]  # before it
+            x = x * float("nan")
+        return epoch, batch_id, x, y
+
+    monkeypatch.setattr(Trainer, "batch", patched)
+
+
+@pytest.mark.parametrize(
+    "model, optimizer", [("mlp", "isgd"), ("mlp", "sgd"), ("resnet20", "isgd")]
+)
+def test_skip_nonfinite_batches(tiny_idx_dir, tmp_path, monkeypatch, model, optimizer):
+    config = TrainConfig(
+        dataset=f"idx:{tiny_idx_dir}",
+        model=model,
+        optimizer=optimizer,
+        batch_size=16,
+        lr=0.05,
+        lr_policy="fixed",
+        sigma_factor=1.5,
+        iters=40,
+        eval_every=20,
+        checkpoint_every=20,
+        threads=1,
+        tensorboard=False,
+        on_nonfinite="skip",
+    ).validate()
+    snapshots: dict[int, list] = {}
+    _poison(monkeypatch, {18, 33}, snapshots)
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["nonfinite/skipped"] == 2 and summary["iterations"] == 40
+    for before, after in snapshots.values():  # no update at all, BatchNorm statistics included
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    lines = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines]
+    skipped = [s for s in steps if s.get("skipped")]
+    assert [(s["iteration"], s["batch_id"]) for s in skipped] == [(19, 3), (34, 3)]
+    for s in skipped:
+        assert s["loss"] != s["loss"] and not s["triggered"] and s["extra_iters"] == 0
+        assert steps[s["iteration"] - 1]["passes"] == steps[s["iteration"] - 2]["passes"]
+    assert all(s["limit"] is None or s["limit"] == s["limit"] for s in steps)  # chart clean
+    checkpoint = torch.load(
+        tmp_path / "run" / "checkpoints" / "ckpt-00000020.pt", weights_only=True
+    )
+    chart = checkpoint["optimizer"]["chart"] if optimizer == "isgd" else checkpoint["chart"]
+    assert chart["nonfinite"] == 0  # the skipped loss never reached the chart
+    if optimizer == "isgd":
+        assert checkpoint["optimizer"]["stats"]["steps"] == 19
+    weights = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_weights_are_never_checkpointed(tiny_idx_dir, tmp_path, monkeypatch):
+    step = Trainer.step
+
+    def patched(self, x, y):  # the update of iteration 20 leaves a NaN weight, loss finite
+        loss = step(self, x, y)
+        if self.state.iteration == 19:
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", patched)
+    config = TrainConfig(
+        dataset=f"idx:{tiny_idx_dir}",
+        model="mlp",
+        batch_size=16,
+        iters=40,
+        eval_every=40,
+        checkpoint_every=10,
+        threads=1,
+        tensorboard=False,
+    ).validate()
+    with pytest.raises(NonFiniteError, match=r"weights are no longer finite at iteration 20"):
+        train(config, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["ckpt-00000010.pt"]
