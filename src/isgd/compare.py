@@ -259,7 +259,8 @@ def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[s
     data = load_dataset(plan.base.dataset, plan.data_dir)
     plan.out.mkdir(parents=True, exist_ok=True)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
-    n_runs = len(plan.seeds) * len(plan.arms) * (2 if plan.equal_compute else 1)
+    n_isgd = sum(_arm_config(plan, a, plan.seeds[0]).uses_isgd for a in plan.arms)
+    n_runs = len(plan.seeds) * (len(plan.arms) + (n_isgd if plan.equal_compute else 0))
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=n_tune + n_runs, disable=not progress, unit="run", dynamic_ncols=True)
