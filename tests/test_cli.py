@@ -6,75 +6,35 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from isgd import FixedCycleBatchSampler
 from isgd.cli import main
 from isgd.data import default_data_dir
-from tests.fixtures import write_idx_dir
+from tests.conftest import TINY
 
-N_TRAIN, N_TEST, BATCH, SIZE = 240, 60, 16, 8
-NOISY_BATCH = 3  # its labels are noise: ISGD triggers on it
+N_TRAIN, BATCH, NOISY_BATCH = TINY["n_train"], TINY["batch"], TINY["noisy_batch"]
 
 
 @pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    """A learnable 8×8, 10-class IDX data set; fixed batch 3 (seed 0) has noise labels."""
-    rng = np.random.default_rng(0)
-    teacher = rng.normal(size=(SIZE * SIZE, 10))
-
-    def make(n):
-        x = rng.integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
-        y = ((x.reshape(n, -1) / 255.0 - 0.5) @ teacher).argmax(1).astype(np.uint8)
-        return x, y
-
-    x, y = make(N_TRAIN)
-    noisy = FixedCycleBatchSampler(N_TRAIN, BATCH, seed=0).batch(NOISY_BATCH)
-    y[noisy] = rng.integers(0, 10, len(noisy))
-    xt, yt = make(N_TEST)
-    directory = tmp_path_factory.mktemp("idx")
-    write_idx_dir(
-        directory,
-        {
-            "train-images-idx3-ubyte": x,
-            "train-labels-idx1-ubyte": y,
-            "t10k-images-idx3-ubyte": xt,
-            "t10k-labels-idx1-ubyte": yt,
-        },
-        gz=True,
-    )
-    return directory
+def idx_dir(tiny_idx_dir) -> Path:
+    return tiny_idx_dir
 
 
 def base_args(idx_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train",
-        "--dataset",
-        f"idx:{idx_dir}",
-        "--model",
-        "mlp",
-        "--batch-size",
-        str(BATCH),
-        "--lr",
-        "0.05",
-        "--lr-policy",
-        "fixed",
-        "--sigma-factor",
-        "1.5",
-        "--iters",
-        "150",
-        "--eval-every",
-        "30",
-        "--checkpoint-every",
-        "40",
-        "--threads",
-        "1",
-        "--out",
+        *f"train --dataset idx:{idx_dir} --model mlp --batch-size {BATCH} --lr 0.05".split(),
+        *["--lr-policy", "fixed", "--sigma-factor", "1.5", "--iters", "150", "--eval-every", "30"],
+        *[
+            "--checkpoint-every",
+            "40",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--no-tensorboard",
+            "--out",
+        ],
         str(out),
-        "--no-progress",
-        "--no-tensorboard",
         *extra,
     ]
 
