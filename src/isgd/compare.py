@@ -269,34 +269,26 @@ def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[s
     arms = list(plan.arms)
     records: list[dict[str, Any]] = []
     raw = runio.JsonlWriter(plan.out / "runs.jsonl")
-    started, done = time.perf_counter(), 0
+    started = time.perf_counter()
+
+    def run_one(arm: Arm, seed: int) -> dict[str, Any]:
+        extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+        run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
+        train(_arm_config(plan, arm, seed, **extra), run_dir, data=data, progress=False)
+        record = run_record(arm, seed, run_dir, plan.target)
+        records.append(record)
+        raw.write(record)
+        raw.flush()
+        bar.update(1)
+        _log_run(record, len(records), n_runs, started)
+        return record
+
     try:
         for i, seed in enumerate(plan.seeds):
-            order = arms if i % 2 == 0 else arms[::-1]
-            for arm in order:
-                extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
-                config = _arm_config(plan, arm, seed, **extra)
-                run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
-                train(config, run_dir, data=data, progress=False)
-                record = run_record(arm, seed, run_dir, plan.target)
-                records.append(record)
-                raw.write(record)
-                raw.flush()
-                done += 1
-                bar.update(1)
-                _log_run(record, done, n_runs, started)
-                if plan.equal_compute and config.uses_isgd:
-                    control = _equal_compute_arm(plan, arms, arm, record["passes"])
-                    config = _arm_config(plan, control, seed, **extra)
-                    run_dir = plan.out / "runs" / f"{control.name}-seed{seed}"
-                    train(config, run_dir, data=data, progress=False)
-                    record = run_record(control, seed, run_dir, plan.target)
-                    records.append(record)
-                    raw.write(record)
-                    raw.flush()
-                    done += 1
-                    bar.update(1)
-                    _log_run(record, done, n_runs, started)
+            for arm in arms if i % 2 == 0 else arms[::-1]:
+                record = run_one(arm, seed)
+                if plan.equal_compute and _arm_config(plan, arm, seed).uses_isgd:
+                    run_one(_equal_compute_arm(arms, arm, record["passes"], lrs), seed)
     finally:
         bar.close()
         raw.close()
@@ -345,10 +337,14 @@ def retarget(out: Path, target: float) -> Path:
     return destination
 
 
-def _equal_compute_arm(plan: ComparisonPlan, arms: list[Arm], arm: Arm, passes: int) -> Arm:
-    """The baseline arm trained for as many iterations as ``arm`` used passes."""
+def _equal_compute_arm(arms: list[Arm], arm: Arm, passes: int, lrs: dict[str, float]) -> Arm:
+    """The baseline arm (with its tuned learning rate, if tuned) trained for as many iterations
+    as ``arm`` used passes."""
     base = arms[0]
-    return Arm(f"{base.name}@{arm.name}-passes", {**base.overrides, "iters": int(passes)})
+    overrides = {**base.overrides, "iters": int(passes)}
+    if base.name in lrs:
+        overrides["lr"] = lrs[base.name]
+    return Arm(f"{base.name}@{arm.name}-passes", overrides)
 
 
 def _log_run(record: dict[str, Any], done: int, total: int, started: float) -> None:
