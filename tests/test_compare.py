@@ -110,6 +110,7 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
     assert main(argv) == 0
     report = (out / "report.md").read_text()
     assert "| sgd |" in report and "| isgd |" in report and "sgd@isgd-passes" in report
+    assert "## How ISGD behaved" in report
     records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert [(r["arm"], r["seed"]) for r in records] == [
         ("sgd", 0),
@@ -182,3 +183,23 @@ def test_compare_bad_input(extra, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_mechanics_from_known_steps(tmp_path):
+    from isgd.compare_report import mechanics
+
+    rows = [  # epoch 0: no limit; epoch 1: mean 1.0 (epoch 0: 2.0), limit 1.5
+        dict(epoch=0, loss=2.0, limit=None, triggered=False, extra_iters=0, loss_after=None),
+        dict(epoch=0, loss=2.0, limit=None, triggered=False, extra_iters=0, loss_after=None),
+        dict(epoch=1, loss=0.5, limit=1.5, triggered=False, extra_iters=0, loss_after=None),
+        dict(epoch=1, loss=0.5, limit=1.5, triggered=False, extra_iters=0, loss_after=None),
+        dict(epoch=1, loss=2.0, limit=1.5, triggered=True, extra_iters=2, loss_after=1.0),
+        dict(epoch=1, loss=1.0, limit=1.5, triggered=False, extra_iters=0, loss_after=None),
+    ]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = mechanics(tmp_path)
+    assert m["above_limit"] == pytest.approx(1 / 4)
+    assert m["extra_per_trigger"] == 2 and m["reached_limit"] == 1.0
+    assert m["batch_loss_drop"] == pytest.approx(0.5)
+    assert m["epoch_trend"] == pytest.approx(1.0 / 2.0)
+    assert m["limit_over_mean"] == pytest.approx(1.5)

@@ -162,6 +162,73 @@ def write_figures(out: Path, records, arms: Sequence[str]) -> list[Path]:
     ]
 
 
+# ---------------------------------------------------------------------- mechanics
+def mechanics(run_dir: Path) -> dict[str, float]:
+    """How ISGD behaved in one run, from ``steps.jsonl`` (the evidence for *why* it helps or not).
+
+    ``above_limit``: share of steps after the first epoch whose loss was above the limit (for SGD
+    the monitoring limit: how often ISGD *would* have triggered); ``extra_per_trigger``: extra
+    iterations per triggered step; ``reached_limit``: share of triggered steps whose batch loss got
+    down to the limit before ``max_extra_iters`` ran out; ``batch_loss_drop``: median relative drop
+    of a triggered batch's loss over its extra iterations; ``epoch_trend``: median ratio of an
+    epoch's mean batch loss to the previous epoch's (below 1: the loss falls, so the window of the
+    last epoch sits above the current losses); ``limit_over_mean``: median ratio of the limit to
+    the current epoch's mean batch loss.
+    """
+    steps = [s for s in runio.read_jsonl(Path(run_dir) / "steps.jsonl") if not s.get("skipped")]
+    judged = [s for s in steps if s["limit"] is not None]
+    above = [s for s in judged if s["loss"] > s["limit"]]
+    triggered = [s for s in steps if s["triggered"]]
+    after = [s for s in triggered if s["loss_after"] is not None]
+    by_epoch: dict[int, list[float]] = {}
+    for s in steps:
+        by_epoch.setdefault(s["epoch"], []).append(s["loss"])
+    means = {e: float(np.mean(v)) for e, v in by_epoch.items()}
+    trend = [means[e] / means[e - 1] for e in sorted(means) if e - 1 in means]
+    ratio = [s["limit"] / means[s["epoch"]] for s in judged]
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else math.nan
+
+    return {
+        "above_limit": len(above) / len(judged) if judged else math.nan,
+        "extra_per_trigger": median([s["extra_iters"] for s in triggered]),
+        "reached_limit": (
+            sum(s["loss_after"] <= s["limit"] for s in after) / len(triggered)
+            if triggered
+            else math.nan
+        ),
+        "batch_loss_drop": median([(s["loss"] - s["loss_after"]) / s["loss"] for s in after]),
+        "epoch_trend": median(trend),
+        "limit_over_mean": median(ratio),
+    }
+
+
+def _mechanics_table(records, arms: Sequence[str]) -> list[str]:
+    lines = [
+        "| arm | loss above limit (%) | extra iters per trigger | triggers that reached the "
+        "limit (%) | drop of a triggered batch's loss (%) | epoch-to-epoch loss ratio "
+        "| limit ÷ epoch mean loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in arms:
+        rows = [mechanics(Path(r["run_dir"])) for r in records if r["arm"] == arm]
+        if not rows:
+            continue
+        m = {
+            k: float(np.nanmedian([row[k] for row in rows]))
+            if any(math.isfinite(row[k]) for row in rows)
+            else math.nan
+            for k in rows[0]
+        }
+        lines.append(
+            f"| {arm} | {_num(100 * m['above_limit'], '.2f')} | {_num(m['extra_per_trigger'])} "
+            f"| {_num(100 * m['reached_limit'])} | {_num(100 * m['batch_loss_drop'])} "
+            f"| {_num(m['epoch_trend'], '.3f')} | {_num(m['limit_over_mean'], '.2f')} |"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------------- report
 def _num(x: float, spec: str = ".1f") -> str:
     if isinstance(x, float) and math.isnan(x):
