@@ -287,6 +287,8 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             "samples, equal budget per arm): "
             + ", ".join(f"{k}: {v:g}" for k, v in result["tuned_lr"].items()),
         ]
+    lines += ["", "## How ISGD behaved (median over seeds)", ""]
+    lines += _mechanics_table(records, list(arms))
     lines += [
         "",
         "## Runs",
