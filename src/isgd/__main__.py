@@ -1,3 +1,14 @@
-from isgd.cli import main
+import os
+import sys
 
-raise SystemExit(main())
+from isgd.cli import main
+from isgd.distributed import env_world_size
+
+code = main()
+if env_world_size() > 1:
+    # A torchrun worker: leave now. Everything it wrote is already closed and fsynced, and the
+    # interpreter's own teardown can abort (SIGABRT) while gloo's threads still hold objects.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+raise SystemExit(code)

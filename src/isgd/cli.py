@@ -3,13 +3,16 @@
 isgd data fetch NAME [--data-dir DIR]
 isgd train [--preset NAME] [--config FILE.toml] [--optimizer ...] [--iters N | --epochs N] ...
 isgd train --resume RUN_DIR
+isgd train --nproc N ...            (or: torchrun --nproc-per-node N -m isgd train ...)
 isgd plot RUN_DIR... [--out DIR]
+isgd batch-study [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -22,6 +25,7 @@ log = logging.getLogger("isgd")
 
 USAGE_ERROR = 2  # bad input of any kind: flags, config, data, run directory, checkpoint, disk
 DIVERGED = 3  # the loss (or the weights) became non-finite; the last good checkpoint is kept
+DIST_FAILED = 4  # data parallel: a rank died, hung or disconnected; the last checkpoint is kept
 
 # flags shown first in --help with a short description; every other TrainConfig field follows
 HELP = {
@@ -31,7 +35,8 @@ HELP = {
     "eval_every": "evaluate on the test split every N iterations (untimed)",
     "checkpoint_every": "write a checkpoint every N iterations",
     "seed": "seed of the initialisation and of the fixed batch order",
-    "threads": "torch CPU threads",
+    "threads": "torch CPU threads (per process when data parallel)",
+    "device": "cpu or cuda (data parallel: GPU LOCAL_RANK, NCCL)",
     "dataset": "mnist, fashion-mnist, cifar10 or idx:DIR",
     "model": "lenet, lenet-bn, cifar10-quick, mlp, resnet20, alexnet",
     "lr_policy": "fixed, step, multistep, inv or cosine",
@@ -108,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: when the output is a terminal)",
     )
+    dp = train.add_argument_group("data parallel (torch.distributed; see README)")
+    dp.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run N processes on this machine (torchrun --standalone); default 1",
+    )
+    dp.add_argument(
+        "--shares",
+        metavar="S,S,...|auto",
+        help="per-process shares of the global batch, e.g. 3,1, or auto (measured); "
+        "default even (on --resume: the checkpoint's split)",
+    )
+    dp.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a collective waiting this long for another rank fails the job (default 300)",
+    )
     _add_config_flags(train)
 
     compare = commands.add_parser(
@@ -158,6 +183,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(compare)
 
+    study = commands.add_parser(
+        "batch-study",
+        help="throughput, sync cost and time to target against batch size on this machine",
+    )
+    study.add_argument("--out", metavar="DIR", help="study directory (must not exist)")
+    study.add_argument("--quick", action="store_true", help="a reduced grid (a few minutes)")
+    study.add_argument("--preset", choices=sorted(PRESETS), help="default lenet-mnist")
+    study.add_argument("--dataset", help="default: the preset's")
+    study.add_argument("--model", help="default: the preset's")
+    study.add_argument("--optimizer", choices=OPTIMIZERS, help="of the target runs (isgd)")
+    study.add_argument(
+        "--lr", type=float, help="lr at the preset's batch, scaled linearly (preset's)"
+    )
+    study.add_argument("--procs", type=_int_list, metavar="K,K,...", help="default 1,2")
+    study.add_argument("--threads", type=int, help="torch threads per process (default 1)")
+    study.add_argument(
+        "--batch-sizes", type=_int_list, metavar="B,B,...", help="per-process batches timed"
+    )
+    study.add_argument(
+        "--allreduce-sizes", type=_int_list, metavar="N,N,...", help="floats all-reduced"
+    )
+    study.add_argument(
+        "--target-batches", type=_int_list, metavar="B,B,...", help="global batches trained"
+    )
+    study.add_argument("--target", type=float, help="test accuracy to reach (0.985)")
+    study.add_argument("--epochs", type=float, help="budget of each target run (4)")
+    study.add_argument("--evals-per-epoch", type=int, help="evaluations per epoch (10)")
+    study.add_argument("--train-threads", type=int, help="threads of the target runs (1)")
+    study.add_argument("--warmup", type=int, help="warm-up steps before timing (3)")
+    study.add_argument("--steps", type=int, help="timed steps per block (10)")
+    study.add_argument("--repeats", type=int, help="timed blocks (3); the median is kept")
+    study.add_argument("--saturation", type=float, help="growth below this is saturated (0.1)")
+    study.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    study.add_argument("--seed", type=int)
+    study.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+
     plot = commands.add_parser("plot", help="figures from one or more run directories")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", metavar="DIR", help="default: the first run directory's plots/")
@@ -171,6 +232,9 @@ def _default_run_dir(overrides: dict[str, Any], preset: str | None) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import math
+
+    from isgd import distributed
     from isgd import train as training
     from isgd.config import resolve_config
 
@@ -180,12 +244,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"--resume continues the saved configuration; drop {flags}")
-        summary = training.resume(args.resume, data_dir=args.data_dir, progress=args.progress)
-        run_dir = Path(args.resume)
-    else:
-        config = resolve_config(args.preset, args.config, overrides)
-        run_dir = Path(args.out) if args.out else _default_run_dir(overrides, args.preset)
-        summary = training.train(config, run_dir, data_dir=args.data_dir, progress=args.progress)
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}")
+    world_size = distributed.env_world_size()
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+        if world_size > 1:
+            raise UsageError("--nproc starts the processes itself: under torchrun, drop it")
+        if args.nproc > 1:
+            return _launch(args, overrides)
+    distributed.parse_shares(args.shares, world_size)
+    ctx = distributed.init_from_env(args.dist_timeout)
+    finished = False
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            summary = training.resume(
+                run_dir,
+                data_dir=args.data_dir,
+                progress=args.progress,
+                dist=ctx,
+                shares=args.shares,
+            )
+        else:
+            config = resolve_config(args.preset, args.config, overrides)
+            run_dir = Path(args.out) if args.out else _default_run_dir(overrides, args.preset)
+            run_dir = distributed.on_main(ctx, lambda: run_dir)  # one name for every rank
+            summary = training.train(
+                config,
+                run_dir,
+                data_dir=args.data_dir,
+                progress=args.progress,
+                dist=ctx,
+                shares=args.shares,
+            )
+        finished = True
+    finally:
+        distributed.shutdown(ctx, finished)
     log.info(
         "done: test accuracy %.2f%% after %d iterations, %d passes, %.1f s of training; "
         "results in %s",
@@ -196,6 +292,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir,
     )
     return 0
+
+
+def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """``--nproc N``: check what can be checked once, then run N workers under torchrun."""
+    from isgd import distributed
+    from isgd.config import load_toml, resolve_config
+    from isgd.launch import launch_local, worker_argv
+    from isgd.train import check_new_run_dir
+
+    distributed.parse_shares(args.shares, args.nproc)
+    if args.resume:
+        run_dir, out, threads = Path(args.resume), None, False
+    else:
+        resolve_config(args.preset, args.config, overrides)  # bad input fails here, once
+        run_dir = Path(args.out) if args.out else _default_run_dir(overrides, args.preset)
+        check_new_run_dir(run_dir)
+        out = None if args.out else str(run_dir)
+        # one thread per process unless --threads (or the config file) says otherwise
+        threads = "threads" not in overrides and (
+            args.config is None or "threads" not in load_toml(args.config)
+        )
+    return launch_local(worker_argv(args.argv, out=out, threads=threads), args.nproc, run_dir)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -244,6 +362,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch_study(args: argparse.Namespace) -> int:
+    from isgd.batch_study import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from isgd.data import fetch
 
@@ -287,6 +411,30 @@ def _training_stops() -> tuple[type[BaseException], ...]:
     return (train.TrainingInterrupted, train.NonFiniteError) if train else ()
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    from isgd.distributed import env_world_size
+
+    try:
+        return int(os.environ.get("RANK", "0")) if env_world_size() > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _report(err: BaseException, rank: int) -> None:
+    """One line on stderr. Ranks other than 0 stay silent about what every rank hits alike
+    (rank 0 reports it): only their own failures — process group, data, files — are theirs."""
+    from isgd.data import DataError
+    from isgd.distributed import DistributedError
+
+    if rank == 0:
+        print(f"isgd: error: {err}", file=sys.stderr)
+        return
+    own = isinstance(err, (DistributedError, DataError, OSError))
+    if own and not getattr(err, "mirrored", False):
+        print(f"isgd[rank {rank}]: error: {err}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     handler = logging.StreamHandler(sys.stderr)
@@ -294,36 +442,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = logging.getLogger("isgd")
     root.handlers[:] = [handler]
     root.propagate = False
+    rank = _rank()
     try:
-        args = parser.parse_args(argv)
-        root.setLevel(logging.WARNING if args.quiet else logging.INFO)
-        command = {"train": cmd_train, "data": cmd_data, "plot": cmd_plot, "compare": cmd_compare}[
-            args.command
-        ]
+        raw = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(raw)
+        args.argv = raw
+        root.setLevel(logging.WARNING if args.quiet or rank else logging.INFO)
+        command = {
+            "train": cmd_train,
+            "data": cmd_data,
+            "plot": cmd_plot,
+            "compare": cmd_compare,
+            "batch-study": cmd_batch_study,
+        }[args.command]
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[root]):
             return command(args)
+    except _distributed_failures() as err:
+        _report(err, rank)
+        return DIST_FAILED
     except _training_stops() as err:
         if hasattr(err, "signum"):  # the trainer logged "interrupted at ...; resume with: ..."
             return 128 + err.signum  # 130 for SIGINT, 143 for SIGTERM
-        print(f"isgd: error: {err}", file=sys.stderr)
+        _report(err, rank)
         return DIVERGED
     except _known_errors() as err:
-        print(f"isgd: error: {err}", file=sys.stderr)
+        _report(err, rank)
         return USAGE_ERROR
     except ValueError as err:  # bad model names, sizes and the like from the library
-        print(f"isgd: error: {err}", file=sys.stderr)
+        _report(err, rank)
         return USAGE_ERROR
     except OSError as err:  # one the library did not turn into a message of its own
         from isgd.runio import os_error_reason
 
         where = f"{err.filename}: " if err.filename else ""
-        print(f"isgd: error: {where}{os_error_reason(err)}", file=sys.stderr)
+        _report(OSError(f"{where}{os_error_reason(err)}"), rank)
         return USAGE_ERROR
+    except RuntimeError as err:  # a collective failed outside the training loop
+        from isgd.distributed import DistributedError, first_line, is_collective_failure
+
+        if _rank_count() == 1 or not is_collective_failure(err):
+            raise
+        _report(
+            DistributedError(
+                f"the process group failed ({first_line(err)}); another rank died or stopped "
+                "responding before training started or after it ended"
+            ),
+            rank,
+        )
+        return DIST_FAILED
     except KeyboardInterrupt:
         print("isgd: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank_count() -> int:
+    from isgd.distributed import env_world_size
+
+    return env_world_size()
+
+
+def _distributed_failures() -> tuple[type[BaseException], ...]:
+    dist = sys.modules.get("isgd.distributed")
+    return (dist.DistributedError,) if dist else ()
 
 
 if __name__ == "__main__":

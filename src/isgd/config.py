@@ -73,7 +73,8 @@ class TrainConfig:
     checkpoint_every: int = 2000
     log_every: int = 100  # plain progress lines when the output is not a terminal
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # torch CPU threads (per process under torchrun / --nproc)
+    device: str = "cpu"  # cpu | cuda (under torchrun: GPU LOCAL_RANK, NCCL)
     channels_last: bool = True
     step_records: bool = True  # write steps.jsonl
     tensorboard: bool = True
@@ -122,6 +123,7 @@ class TrainConfig:
         )
         need(self.max_extra_iters >= 0, "max_extra_iters", "must be >= 0")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
+        need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
         need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
         need(all(m >= 1 for m in self.milestones), "milestones", "iterations >= 1")
         need(self.milestones == sorted(self.milestones), "milestones", "must be increasing")

@@ -81,18 +81,25 @@ class Preprocess:
         image = data.mean_image() if mode == "mean_subtract" else None
         return cls(mode, mean=data.mean, std=data.std, mean_image=image, **kwargs)
 
-    def augment(self, x: Tensor) -> Tensor:
-        """Random crop (after zero padding) and horizontal flip of a uint8 batch."""
+    def augment(self, x: Tensor, within: tuple[int, slice] | None = None) -> Tensor:
+        """Random crop (after zero padding) and horizontal flip of a uint8 batch.
+
+        ``within=(B, rows)``: ``x`` holds the rows ``rows`` of a batch of ``B`` (one rank's share
+        of a global batch); the random numbers are drawn for all ``B`` and the rows' ones used,
+        so every sample is augmented as in a single process, whatever the split.
+        """
         n, _, h, w = x.shape
+        total, rows = within if within is not None else (n, slice(None))
         if self.crop_padding:
             p = self.crop_padding
-            off = torch.randint(0, 2 * p + 1, (2, n), generator=self.generator).to(x.device)
+            off = torch.randint(0, 2 * p + 1, (2, total), generator=self.generator)[:, rows]
+            off = off.to(x.device)
             # every h×w window of the padded batch as a view: N × (2p+1) × (2p+1) × C × h × w;
             # one indexing op then copies each image's window (2-4× faster than a gather)
             windows = F.pad(x, (p, p, p, p)).unfold(2, h, 1).unfold(3, w, 1)
             x = windows.permute(0, 2, 3, 1, 4, 5)[torch.arange(n, device=x.device), off[0], off[1]]
         if self.flip:
-            mask = (torch.rand(n, generator=self.generator) < 0.5).to(x.device)
+            mask = (torch.rand(total, generator=self.generator)[rows] < 0.5).to(x.device)
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
         return x
 
@@ -111,7 +118,9 @@ class Preprocess:
     def _layout(self, out: Tensor) -> Tensor:
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
-    def __call__(self, x: Tensor, *, train: bool = False) -> Tensor:
+    def __call__(
+        self, x: Tensor, *, train: bool = False, within: tuple[int, slice] | None = None
+    ) -> Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"expected a uint8 N×C×H×W batch, got {x.dtype} {tuple(x.shape)}")
         if self._shift is not None and self._shift.shape[1] != x.shape[1]:
@@ -119,7 +128,7 @@ class Preprocess:
                 f"{self.mode} statistics have {self._shift.shape[1]} channels, "
                 f"the batch has {x.shape[1]}"
             )
-        return self.normalize(self.augment(x) if train else x)
+        return self.normalize(self.augment(x, within) if train else x)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The augmentation generator's state, for exact resumption."""

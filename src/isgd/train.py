@@ -10,6 +10,11 @@ SIGINT and SIGTERM stop the loop at the next step boundary with a checkpoint
 (:class:`NonFiniteError`, the last good checkpoint kept) or, with ``on_nonfinite = "skip"``, skips
 that batch. A file that cannot be written raises :class:`runio.WriteError`; nothing written before
 is lost, and ``resume`` continues from the last checkpoint.
+
+Data parallel (``dist``, see :mod:`isgd.distributed`): each rank trains its share of every global
+batch under DistributedDataParallel; the loss, the stop requests and every decision that could
+differ between ranks (non-finite loss, weights no longer finite) are reduced across ranks, so all
+ranks step, stop and fail together. Evaluation is sharded across ranks; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import contextlib
 import logging
 import math
 import signal
+import struct
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from isgd import runio
+from isgd import distributed, runio
 from isgd.config import ConfigError, TrainConfig, dump_toml, load_toml, lr_factor, resolve_config
 from isgd.data import DataError, DataSplit, Preprocess, load_dataset
+from isgd.distributed import DistContext, DistributedError
 from isgd.models import build_model
-from isgd.optim import ISGD
+from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.runio import RunError
 from isgd.sampler import FixedCycleBatchSampler
 from isgd.spc import LossControlChart
@@ -50,11 +58,18 @@ _MAX_SKIP_WARNINGS = 10
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped the run at a step boundary; a checkpoint holds its progress."""
 
-    def __init__(self, signum: int, iteration: int, run_dir: Path) -> None:
+    def __init__(self, signum: int, iteration: int, run_dir: Path, nproc: int = 1) -> None:
         self.signum, self.iteration, self.run_dir = signum, iteration, run_dir
         super().__init__(
-            f"interrupted at iteration {iteration}; resume with: isgd train --resume {run_dir}"
+            f"interrupted at iteration {iteration}; resume with: {resume_hint(run_dir, nproc)}"
         )
+
+
+def resume_hint(run_dir: Path, nproc: int = 1) -> str:
+    """The command that continues ``run_dir`` (with as many processes as it had)."""
+    if nproc > 1:
+        return f"isgd train --nproc {nproc} --resume {run_dir} (or the same under torchrun)"
+    return f"isgd train --resume {run_dir}"
 
 
 class NonFiniteError(RunError):
@@ -130,6 +145,13 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on preprocessed ``x`` (eval mode)."""
+    loss_sum, correct = evaluate_sums(model, x, y, batch_size)
+    return loss_sum / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, int]:
+    """Summed cross-entropy and number of correct predictions on ``x`` (eval mode)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -139,7 +161,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[f
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
     model.train(was_training)
-    return loss_sum / len(x), correct / len(x)
+    return loss_sum, correct
 
 
 @dataclass
@@ -157,8 +179,26 @@ class _Progress:
     skipped_in_a_row: int = 0
 
 
+class _NullWriter:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    """One run: data, model, optimizer and run directory, ready to :meth:`run`."""
+    """One run: data, model, optimizer and run directory, ready to :meth:`run`.
+
+    ``dist`` (a process group of several ranks) makes it one rank of a data-parallel run:
+    ``shares`` (``None``, a list of relative speeds, or ``"auto"``) or ``sizes`` (samples per
+    rank, e.g. from a checkpoint) split each global batch of ``config.batch_size`` samples.
+    """
 
     def __init__(
         self,
@@ -166,11 +206,18 @@ class Trainer:
         run_dir: Path,
         data: DataSplit | None = None,
         data_dir: str | None = None,
+        *,
+        dist: DistContext | None = None,
+        shares: Any = None,
+        sizes: list[int] | None = None,
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        self.is_main = self.dist is None or self.dist.is_main
+        self.world_size = 1 if self.dist is None else self.dist.world_size
         torch.set_num_threads(config.threads)
-        self.device = torch.device("cpu")
+        self.device = _device(config, self.dist)
         self.data = data if data is not None else _load_data(config.dataset, data_dir)
         height, width = self.data.x_train.shape[2:]
         if height != width:
@@ -200,8 +247,10 @@ class Trainer:
             seed=config.seed + 1,
         )
         # Without augmentation the whole set is normalised once: a step only gathers rows.
-        self.x_train = None if config.augment else self.pre(self.data.x_train)
-        self.x_test = self.pre(self.data.x_test)
+        self.x_train = None if config.augment else self.pre(self.data.x_train).to(self.device)
+        self.y_train = self.data.y_train.to(self.device)
+        self.x_test = self.pre(self.data.x_test).to(self.device)
+        self.y_test = self.data.y_test.to(self.device)
 
         torch.manual_seed(config.seed)  # same initialisation for every optimizer of a seed
         self.model = build_model(
@@ -209,6 +258,16 @@ class Trainer:
         )
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(self.device)
+        self.net: nn.Module = self.model  # what the training passes call (DDP under dist)
+        self.sizes = [config.batch_size]
+        self.rows = slice(None)
+        if self.dist is not None:
+            self._setup_data_parallel(shares, sizes)
+        self._decisions = 0  # CRC of every step's decision: compared across ranks
+        self._ranks_checked = 0
+        self._stop: _StopSignals | None = None
+        self._global_stop: int | None = None  # the stop request all ranks agreed on
         self.optimizer = build_optimizer(config, self.model, self.n_b)
         # SGD/Adam runs keep a chart too, for the records and plots (it never acts)
         self.chart = (
@@ -231,6 +290,73 @@ class Trainer:
                     self._norm_buffers += [b for b in buffers if b is not None]
         self._norm_saved = [b.clone() for b in self._norm_buffers]
 
+    def _setup_data_parallel(self, shares: Any, sizes: list[int] | None) -> None:
+        """Split the global batch (even, by shares, or by measured speed), wrap the model in
+        DistributedDataParallel and shard the test set."""
+        d, cfg = self.dist, self.config
+        if sizes is None:
+            shares = distributed.parse_shares(shares, d.world_size)
+            if shares == "auto":
+                shares = self._calibrate()
+            sizes = distributed.split_sizes(cfg.batch_size, shares, d.world_size)
+        if len(sizes) != d.world_size or sum(sizes) != cfg.batch_size:
+            raise ConfigError(
+                f"invalid batch split {sizes} for {d.world_size} processes and a global batch of "
+                f"{cfg.batch_size}"
+            )
+        self.sampler = distributed.DistributedFixedCycleBatchSampler(
+            len(self.data.x_train),
+            cfg.batch_size,
+            num_replicas=d.world_size,
+            rank=d.rank,
+            shares=sizes,
+            seed=cfg.seed,
+            reshuffle=cfg.reshuffle,
+        )
+        self.sizes, self.rows = self.sampler.sizes, self.sampler.rows
+        # DDP averages gradients over the W ranks: backward on (W/B)·Σ_local ℓ gives each rank
+        # the full-batch mean gradient (1/B)·Σ_all ∇ℓ whatever the split.
+        self._loss_scale = d.world_size / cfg.batch_size
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        n = len(self.x_test)
+        lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size
+        self._test_shard = (self.x_test[lo:hi], self.y_test[lo:hi])
+        if d.is_main:
+            log.info(
+                "data parallel: %d processes, global batch %d split %s",
+                d.world_size,
+                cfg.batch_size,
+                ",".join(map(str, self.sizes)),
+            )
+
+    def _calibrate(self) -> list[float]:
+        """``shares = auto``: every rank times forward+backward passes on an even share of the
+        first batch, leaving weights, gradients, BatchNorm statistics and RNG as they were."""
+        d, cfg = self.dist, self.config
+        even = distributed.split_sizes(cfg.batch_size, None, d.world_size)
+        rows = distributed.rank_rows(even, d.rank)
+        idx = self.sampler.epoch_batches(0)[0][rows]
+        x = self.pre(self.data.x_train[idx]).to(self.device)
+        y = self.y_train[idx.to(self.device)]
+        devices = [self.device] if self.device.type == "cuda" else []
+
+        def step() -> None:
+            self.model.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(x), y).backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        with torch.random.fork_rng(devices=devices), frozen_batchnorm_stats():
+            speeds = distributed.calibrate_shares(d, step, len(idx))
+        self.model.zero_grad(set_to_none=True)
+        if d.is_main:
+            log.info(
+                "shares = auto: measured %s samples/s per rank",
+                ", ".join(f"{s:,.0f}" for s in speeds),
+            )
+        return distributed.sizes_from_speeds(cfg.batch_size, speeds)
+
     # ------------------------------------------------------------------ one step
     def batch(self, iteration: int) -> tuple[int, int, Tensor, Tensor]:
         epoch, batch_id = divmod(iteration, self.n_b)
@@ -238,15 +364,18 @@ class Trainer:
             self._batches = self.sampler.epoch_batches(epoch)
         idx = self._batches[batch_id]
         if self.x_train is None:
-            x = self.pre(self.data.x_train[idx], train=True)
+            within = (self.config.batch_size, self.rows) if self.dist is not None else None
+            x = self.pre(self.data.x_train[idx], train=True, within=within).to(self.device)
         else:
             x = self.x_train[idx]
-        return epoch, batch_id, x, self.data.y_train[idx]
+        return epoch, batch_id, x, self.y_train[idx]
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """One training step on ``(x, y)``; returns the regular loss. A non-finite regular loss
         raises :class:`_NonFiniteLoss` before ``backward`` and before any update is applied (for
         ISGD the closure's first call, which runs before the base step)."""
+        if self.dist is not None:
+            return self._dist_step(x, y)
         model, opt = self.model, self.optimizer
         if isinstance(opt, ISGD):
             regular = True
@@ -274,6 +403,51 @@ class Trainer:
         opt.step()
         return value
 
+    def _dist_step(self, x: Tensor, y: Tensor) -> float:
+        """One data-parallel step: every pass (the regular one and each extra iteration) is a
+        DDP forward/backward on this rank's rows plus one all-reduce of the loss, in the same
+        order on every rank; ISGD sees the global loss, so every rank decides alike."""
+        net, opt = self.net, self.optimizer
+
+        def loss_pass(regular: bool) -> Tensor:
+            opt.zero_grad()
+            loss_sum = F.cross_entropy(net(x), y, reduction="sum")
+            psi = self._global_loss(loss_sum, regular)  # may raise _NonFiniteLoss: no backward
+            (loss_sum * self._loss_scale).backward()  # DDP all-reduces (averages) the gradients
+            return psi
+
+        if isinstance(opt, ISGD):
+            calls = 0
+
+            def closure() -> Tensor:
+                nonlocal calls
+                calls += 1
+                return loss_pass(calls == 1)
+
+            opt.step(closure)
+            return opt.stats.last.loss
+        psi = loss_pass(True)
+        opt.step()
+        return float(psi)
+
+    def _global_loss(self, loss_sum: Tensor, regular: bool) -> Tensor:
+        """ψ, the same on every rank (:func:`distributed.global_mean_loss`); the regular pass
+        also agrees on stopping, and a non-finite ψ stops (or skips) the step on every rank."""
+        signum = self._stop.signum if regular and self._stop is not None else None
+        psi, stop = distributed.global_mean_loss(
+            loss_sum, self.config.batch_size, signum, with_stop=regular
+        )
+        if regular:
+            self._global_stop = stop
+            if not math.isfinite(psi):
+                raise _NonFiniteLoss(psi)
+        return torch.tensor(psi, dtype=torch.float64)
+
+    def _stop_signum(self, stop: _StopSignals) -> int | None:
+        """The stop request to honour now: this process's (one process), or the one all ranks
+        agreed on in the last step's all-reduce (data parallel)."""
+        return stop.signum if self.dist is None else self._global_stop
+
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool | None = None) -> dict[str, Any]:
         """Train to the end and return the summary.
@@ -285,17 +459,21 @@ class Trainer:
         """
         writers: dict[str, runio.JsonlWriter] = {}
         bar = None
+        if not self.is_main:
+            progress = False
         try:
             writers = self._open_writers()
             with _StopSignals() as stop:
+                self._stop = stop
                 if self.state.iteration == 0:
                     self._evaluate_and_record(writers)
                 self._batches = None
                 bar = _make_bar(self.total, self.state.iteration, progress)
-                while self.state.iteration < self.total and stop.signum is None:
+                while self.state.iteration < self.total and self._stop_signum(stop) is None:
                     self._train_step(writers, bar)
-                if stop.signum is not None and self.state.iteration < self.total:
-                    self._interrupt(stop.signum, writers)
+                signum = self._stop_signum(stop)
+                if signum is not None and self.state.iteration < self.total:
+                    self._interrupt(signum, writers)
             bar.close()
             for w in writers.values():
                 w.close()
@@ -303,9 +481,14 @@ class Trainer:
         except runio.WriteError as err:
             raise runio.WriteError(
                 f"{err}; what was written before is intact: once that is fixed, continue with: "
-                f"isgd train --resume {self.run_dir}"
+                f"{resume_hint(self.run_dir, self.world_size)}"
             ) from None
+        except RuntimeError as err:
+            if self.dist is None or not distributed.is_collective_failure(err):
+                raise
+            raise self._distributed_error(err) from None
         finally:
+            self._stop = None
             if bar is not None:
                 bar.close()
             for w in writers.values():
@@ -330,6 +513,8 @@ class Trainer:
             self._skip_or_stop(bad.value, t + 1, epoch, batch_id)
             loss, skipped = bad.value, True
         self.scheduler.step()
+        if self.device.type == "cuda":  # the clock must not stop before the GPU's work has
+            torch.cuda.synchronize(self.device)
         st.train_seconds += time.perf_counter() - start
 
         st.iteration = t + 1
@@ -361,7 +546,7 @@ class Trainer:
             )
         self.state.skipped += 1
         self.state.skipped_in_a_row += 1
-        if self.state.skipped <= _MAX_SKIP_WARNINGS:
+        if self.is_main and self.state.skipped <= _MAX_SKIP_WARNINGS:
             log.warning(
                 "skipped %s (epoch %d)%s",
                 what,
@@ -372,16 +557,39 @@ class Trainer:
             )
 
     def _weights_finite(self) -> bool:
-        return all(
+        """All weights and buffers finite — on every rank (a collective under ``dist``)."""
+        finite = all(
             bool(torch.isfinite(v).all())
             for v in self.model.state_dict().values()
             if v.is_floating_point()
         )
+        if self.dist is None:
+            return finite
+        flag = torch.tensor([float(finite)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _nonfinite_error(self, what: str, todo: str) -> NonFiniteError:
-        last = runio.latest_checkpoint(self.run_dir / "checkpoints")
+        last = self._last_checkpoint()
         kept = f"its last good checkpoint {last} is kept" if last else "it had no checkpoint yet"
         return NonFiniteError(f"{what}; the run stopped and {kept}; {todo}")
+
+    def _last_checkpoint(self) -> Path | None:
+        return runio.latest_checkpoint(self.run_dir / "checkpoints") if self.is_main else None
+
+    def _distributed_error(self, err: BaseException) -> DistributedError:
+        """One line for a failed collective: who, where, the cause, what is kept, what to do."""
+        d, st = self.dist, self.state
+        if self.is_main:
+            last = self._last_checkpoint()
+            kept = f"the last checkpoint is {last}" if last else "there is no checkpoint yet"
+        else:
+            kept = f"rank 0 keeps the checkpoints in {self.run_dir / 'checkpoints'}"
+        return DistributedError(
+            f"rank {d.rank} of {d.world_size}: another rank died or stopped responding after "
+            f"iteration {st.iteration} (process group error: {distributed.first_line(err)}); "
+            f"{kept}; resume with: {resume_hint(self.run_dir, d.world_size)}"
+        )
 
     def _interrupt(self, signum: int, writers) -> None:
         """Checkpoint (unless one holds this iteration already) and raise TrainingInterrupted."""
@@ -390,8 +598,9 @@ class Trainer:
             self._checkpoint(writers)
         for w in writers.values():
             w.flush()
-        err = TrainingInterrupted(signum, st.iteration, self.run_dir)
-        log.warning("%s", err)
+        err = TrainingInterrupted(signum, st.iteration, self.run_dir, self.world_size)
+        if self.is_main:
+            log.warning("%s", err)
         raise err
 
     def _after_step(
@@ -415,6 +624,17 @@ class Trainer:
         if math.isfinite(loss):
             st.interval_loss_sum += loss
             st.interval_steps += 1
+        if self.dist is not None:  # compared across ranks at every checkpoint and at the end
+            after = rec["loss_after"]
+            packed = struct.pack(
+                "<qd?qd",
+                st.iteration,
+                loss,
+                bool(rec["triggered"]),
+                int(rec["extra_iters"]),
+                math.nan if after is None else after,
+            )
+            self._decisions = zlib.crc32(packed, self._decisions)
         if cfg.step_records:
             record = dict(
                 iteration=st.iteration,
@@ -457,9 +677,7 @@ class Trainer:
 
     def _evaluate_and_record(self, writers) -> None:
         cfg, st = self.config, self.state
-        test_loss, accuracy = evaluate(
-            self.model, self.x_test, self.data.y_test, cfg.eval_batch_size
-        )
+        test_loss, accuracy = self._evaluate()
         stats = getattr(self.optimizer, "stats", None)
         record = {
             "iteration": st.iteration,
@@ -477,6 +695,7 @@ class Trainer:
             else None,
         }
         st.interval_loss_sum, st.interval_steps = 0.0, 0
+        self._last_eval = record
         st.best_accuracy = max(st.best_accuracy, accuracy)
         if cfg.target_accuracy and not st.target and accuracy >= cfg.target_accuracy:
             st.target = {
@@ -501,8 +720,48 @@ class Trainer:
                 st.train_seconds,
             )
 
+    def _evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy; under ``dist`` each rank evaluates its shard of the test set
+        with rank 0's BatchNorm statistics, and the sums are all-reduced."""
+        cfg = self.config
+        if self.dist is None:
+            return evaluate(self.model, self.x_test, self.y_test, cfg.eval_batch_size)
+        for buffer in self.model.buffers():  # DDP syncs them at forward start, not after
+            torch.distributed.broadcast(buffer, 0)
+        x, y = self._test_shard
+        loss_sum, correct = (
+            evaluate_sums(self.model, x, y, cfg.eval_batch_size) if len(x) else (0.0, 0)
+        )
+        sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        n = len(self.x_test)
+        loss_sum, correct = sums.tolist()
+        return loss_sum / n, round(correct) / n
+
+    def _check_ranks(self) -> None:
+        """Under ``dist``: every rank must hold the same weights, optimizer state (ISGD's chart
+        and counters included) and step decisions, or the run stops (a collective)."""
+        if self.dist is None:
+            return
+        st = self.state
+        fingerprint = distributed.digest(
+            [p.detach() for p in self.model.parameters()],
+            self.optimizer.state_dict(),
+            self.chart.state_dict(),
+            [st.iteration, st.passes, st.skipped, self._decisions],
+        )
+        distributed.check_identical(
+            self.dist,
+            fingerprint,
+            f"the weights, optimizer state, control chart and decisions at iteration "
+            f"{st.iteration}",
+        )
+        self._ranks_checked += 1
+
     # ------------------------------------------------------------------ files
     def _open_writers(self) -> dict[str, runio.JsonlWriter]:
+        if not self.is_main:
+            return {"metrics": _NullWriter(), "steps": _NullWriter()}
         if self.config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -521,6 +780,15 @@ class Trainer:
                 "last loss was finite); no checkpoint was written with them",
                 "start a new run with a lower --lr",
             )
+        self._check_ranks()
+        rng_by_rank = (
+            distributed.all_gather_object(self.dist, torch.get_rng_state())
+            if self.dist is not None
+            else None
+        )
+        if not self.is_main:
+            self._checkpointed_at = self.state.iteration
+            return
         for w in writers.values():
             w.flush()
         state = {
@@ -537,6 +805,12 @@ class Trainer:
             },
             "progress": vars(self.state).copy(),
         }
+        if self.dist is not None:  # resuming with as many processes reuses the split and RNGs
+            state["distributed"] = {
+                "world_size": self.dist.world_size,
+                "batch_sizes": list(self.sizes),
+                "torch_rng_by_rank": rng_by_rank,
+            }
         runio.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, state)
         self._checkpointed_at = self.state.iteration
 
@@ -554,6 +828,9 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.pre.load_state_dict(checkpoint["preprocess"])
             torch.set_rng_state(checkpoint["torch_rng"])
+            saved = checkpoint.get("distributed") or {}
+            if self.dist is not None and saved.get("world_size") == self.dist.world_size:
+                torch.set_rng_state(saved["torch_rng_by_rank"][self.dist.rank])
             self.state = _Progress(**checkpoint["progress"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -564,8 +841,9 @@ class Trainer:
                 "with --out"
             ) from None
         self._checkpointed_at = self.state.iteration
-        for name in ("metrics.jsonl", "steps.jsonl"):
-            runio.truncate_jsonl(self.run_dir / name, self.state.iteration)
+        if self.is_main:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                runio.truncate_jsonl(self.run_dir / name, self.state.iteration)
 
     def _finish(self) -> dict[str, Any]:
         cfg, st = self.config, self.state
@@ -575,9 +853,13 @@ class Trainer:
                 "model.pt was not written",
                 "start a new run with a lower --lr",
             )
-        runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
+        self._check_ranks()
+        if self.is_main:
+            runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
+            last = list(runio.read_jsonl(self.run_dir / "metrics.jsonl"))[-1]
+        else:
+            last = self._last_eval
         stats = getattr(self.optimizer, "stats", None)
-        last = list(runio.read_jsonl(self.run_dir / "metrics.jsonl"))[-1]
         summary = {
             "optimizer": cfg.optimizer,
             "preset": cfg.preset,
@@ -602,7 +884,12 @@ class Trainer:
             "target/passes": st.target.get("passes"),
             "target/train_seconds": st.target.get("train_seconds"),
         }
-        runio.write_json(self.run_dir / "summary.json", summary)
+        if self.dist is not None:
+            summary["distributed/world_size"] = self.dist.world_size
+            summary["distributed/batch_sizes"] = list(self.sizes)
+            summary["distributed/ranks_checked"] = self._ranks_checked
+        if self.is_main:
+            runio.write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -624,6 +911,19 @@ def check_checkpoint_config(
         )
 
 
+def _device(config: TrainConfig, dist: DistContext | None) -> torch.device:
+    """``config.device``; under ``dist`` on CUDA, GPU ``LOCAL_RANK``."""
+    if config.device != "cuda":
+        return torch.device("cpu")
+    index = dist.local_rank if dist is not None else None
+    if not torch.cuda.is_available() or (index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"invalid device: 'cuda' (this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s){'' if index is None else f'; this process needs GPU {index}'})"
+        )
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+
 def _load_data(name: str, data_dir: str | None) -> DataSplit:
     try:
         return load_dataset(name, data_dir)
@@ -640,7 +940,7 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, buffer)
+    torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()
 
 
@@ -699,23 +999,43 @@ def train(
     data_dir: str | None = None,
     data: DataSplit | None = None,
     progress: bool | None = None,
+    dist: DistContext | None = None,
+    shares: Any = None,
 ) -> dict[str, Any]:
     """Train a fresh run into ``run_dir`` (which must not exist or be empty); ``data`` skips
-    loading the data set (callers that train several runs on it load it once)."""
+    loading the data set (callers that train several runs on it load it once).
+
+    ``dist``: this process is one rank of a data-parallel job (every rank calls ``train`` with
+    the same arguments); ``shares`` splits the global batch (see :class:`Trainer`). Rank 0 alone
+    creates and writes the run directory.
+    """
     run_dir = Path(run_dir)
-    check_new_run_dir(run_dir)  # fail fast, before loading anything
-    trainer = Trainer(config, run_dir, data=data, data_dir=data_dir)
-    prepare_run_dir(run_dir)  # created only once data and model are known to be good
-    try:
-        runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
-        runio.write_json(run_dir / "provenance.json", runio.provenance(config.threads))
-    except runio.WriteError as err:
-        todo = (
-            f"continue with: isgd train --resume {run_dir}"
-            if (run_dir / "config.toml").is_file()
-            else "run the same command again"
-        )
-        raise runio.WriteError(f"{err}; once that is fixed, {todo}") from None
+    ctx = dist if dist is not None and dist.world_size > 1 else None
+    # fail fast, before loading anything (under dist: rank 0 checks, every rank raises)
+    distributed.on_main(ctx, lambda: check_new_run_dir(run_dir))
+    trainer = Trainer(config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares)
+
+    def create() -> None:
+        prepare_run_dir(run_dir)  # created only once data and model are known to be good
+        try:
+            runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
+            record = runio.provenance(config.threads)
+            if ctx is not None:
+                record["distributed"] = {
+                    "world_size": ctx.world_size,
+                    "batch_sizes": list(trainer.sizes),
+                    "backend": torch.distributed.get_backend(),
+                }
+            runio.write_json(run_dir / "provenance.json", record)
+        except runio.WriteError as err:
+            todo = (
+                f"continue with: {resume_hint(run_dir, trainer.world_size)}"
+                if (run_dir / "config.toml").is_file()
+                else "run the same command again"
+            )
+            raise runio.WriteError(f"{err}; once that is fixed, {todo}") from None
+
+    distributed.on_main(ctx, create)
     log.info(
         "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
         config.model,
@@ -725,34 +1045,61 @@ def train(
         trainer.n_b,
         run_dir,
     )
-    return trainer.run(progress)
+    try:
+        return trainer.run(progress)
+    finally:
+        trainer.net = trainer.model  # let DDP (and its hold on the process group) go
 
 
 def resume(
-    run_dir: str | Path, *, data_dir: str | None = None, progress: bool | None = None
+    run_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    progress: bool | None = None,
+    dist: DistContext | None = None,
+    shares: Any = None,
 ) -> dict[str, Any]:
-    """Continue ``run_dir`` from its last checkpoint."""
+    """Continue ``run_dir`` from its last checkpoint.
+
+    Under ``dist`` rank 0 reads the run directory and hands the configuration and checkpoint to
+    the other ranks (they need no access to it). With as many processes as before and no new
+    ``shares``, the batch split and per-rank RNG states of the checkpoint are reused.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise RunError(f"{run_dir} is not a run directory (no config.toml); nothing to resume")
-    if (run_dir / "summary.json").is_file():
-        raise RunError(f"{run_dir} has finished (summary.json is there); nothing to resume")
-    config = resolve_config(config_file=run_dir / "config.toml")
-    config.preset = load_toml(run_dir / "config.toml").get("preset", "")
-    for directory in (run_dir, run_dir / "checkpoints"):  # left by a kill during a write
-        runio.remove_stale_temporaries(directory)
-    checkpoint_path = runio.latest_checkpoint(run_dir / "checkpoints")
-    # loaded before the data, so that a bad checkpoint fails fast; never falls back by itself
-    checkpoint = runio.load_checkpoint(checkpoint_path) if checkpoint_path else None
-    if checkpoint is not None:
-        where = f"checkpoint {checkpoint_path}"
-        check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
-    trainer = Trainer(config, run_dir, data_dir=data_dir)
+    ctx = dist if dist is not None and dist.world_size > 1 else None
+
+    def load() -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+        if not (run_dir / "config.toml").is_file():
+            raise RunError(f"{run_dir} is not a run directory (no config.toml); nothing to resume")
+        if (run_dir / "summary.json").is_file():
+            raise RunError(f"{run_dir} has finished (summary.json is there); nothing to resume")
+        config = resolve_config(config_file=run_dir / "config.toml")
+        config.preset = load_toml(run_dir / "config.toml").get("preset", "")
+        for directory in (run_dir, run_dir / "checkpoints"):  # left by a kill during a write
+            runio.remove_stale_temporaries(directory)
+        checkpoint_path = runio.latest_checkpoint(run_dir / "checkpoints")
+        # loaded before the data, so that a bad checkpoint fails fast; never falls back by itself
+        checkpoint = runio.load_checkpoint(checkpoint_path) if checkpoint_path else None
+        if checkpoint is not None:
+            where = f"checkpoint {checkpoint_path}"
+            check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
+        return config, checkpoint, checkpoint_path
+
+    config, checkpoint, checkpoint_path = distributed.on_main(ctx, load)
+    sizes = None
+    saved = (checkpoint or {}).get("distributed") or {}
+    if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
+        sizes = list(saved["batch_sizes"])
+    trainer = Trainer(config, run_dir, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes)
     if checkpoint is None:
         log.info("no checkpoint in %s: starting it from the beginning", run_dir)
-        for name in ("metrics.jsonl", "steps.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
+        if trainer.is_main:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
     else:
         trainer.restore(checkpoint, checkpoint_path)
         log.info("resuming %s from iteration %d", run_dir, trainer.state.iteration)
-    return trainer.run(progress)
+    try:
+        return trainer.run(progress)
+    finally:
+        trainer.net = trainer.model  # let DDP (and its hold on the process group) go
