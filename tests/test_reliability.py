@@ -185,6 +185,19 @@ def test_a_run_killed_while_being_created_can_be_started_again(tiny_idx_dir, tmp
 
 
 # ----------------------------------------------------------------------- SIGINT / SIGTERM
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Python's own SIGINT/SIGTERM handling for each test: a shell that started the test run in
+    the background (``cmd &``, nohup) leaves SIGINT ignored, and the trainer keeps an ignored
+    signal ignored on purpose."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 def signal_at(monkeypatch, iteration: int, *signums: int) -> None:
     """Deliver ``signums`` to this process right after training iteration ``iteration``."""
     after_step = Trainer._after_step
