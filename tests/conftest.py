@@ -42,3 +42,14 @@ def tiny_idx_dir(tmp_path_factory) -> Path:
         gz=True,
     )
     return directory
+
+
+def tiny_train_argv(idx_dir: Path, out: Path, *extra: str) -> list[str]:
+    """``isgd train`` on the tiny data set with an MLP, 1 thread, no progress bar, no TensorBoard;
+    ``extra`` flags come last, so they override these."""
+    return [
+        *f"train --dataset idx:{idx_dir} --model mlp --batch-size {TINY['batch']}".split(),
+        *("--lr", "0.05", "--lr-policy", "fixed", "--threads", "1"),
+        *("--no-progress", "--no-tensorboard"),
+        *("--out", str(out), *extra),
+    ]

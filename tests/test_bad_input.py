@@ -27,6 +27,7 @@ from isgd.data import DataError, DataSplit
 from isgd.optim import ISGD
 from isgd.runio import JsonlWriter, RunError, WriteError, atomic_write_bytes, load_checkpoint
 from isgd.train import Trainer, resume, train
+from tests.conftest import tiny_train_argv
 from tests.fixtures import write_idx
 
 IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
@@ -34,13 +35,9 @@ TEST_IMAGES = "t10k-images-idx3-ubyte"
 
 
 def train_argv(idx_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        *("--dataset", f"idx:{idx_dir}", "--model", "mlp", "--batch-size", "16"),
-        *("--lr", "0.05", "--lr-policy", "fixed", "--iters", "50", "--eval-every", "25"),
-        *("--checkpoint-every", "20", "--threads", "1", "--no-progress", "--no-tensorboard"),
-        *("--out", str(out), *extra),
-    ]
+    return tiny_train_argv(
+        idx_dir, out, "--iters", "50", "--eval-every", "25", "--checkpoint-every", "20", *extra
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from isgd.cli import main
 from isgd.data import default_data_dir
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_train_argv
 
 N_TRAIN, BATCH, NOISY_BATCH = TINY["n_train"], TINY["batch"], TINY["noisy_batch"]
 
@@ -22,21 +22,12 @@ def idx_dir(tiny_idx_dir) -> Path:
 
 
 def base_args(idx_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        *f"train --dataset idx:{idx_dir} --model mlp --batch-size {BATCH} --lr 0.05".split(),
-        *["--lr-policy", "fixed", "--sigma-factor", "1.5", "--iters", "150", "--eval-every", "30"],
-        *[
-            "--checkpoint-every",
-            "40",
-            "--threads",
-            "1",
-            "--no-progress",
-            "--no-tensorboard",
-            "--out",
-        ],
-        str(out),
-        *extra,
-    ]
+    return tiny_train_argv(
+        idx_dir,
+        out,
+        *("--sigma-factor", "1.5", "--iters", "150", "--eval-every", "30"),
+        *("--checkpoint-every", "40", *extra),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -23,20 +23,19 @@ import torch
 from isgd.cli import main
 from isgd.config import TrainConfig
 from isgd.train import NonFiniteError, Trainer, train
+from tests.conftest import tiny_train_argv
 
 ITERS, EVERY, N_B = 800, 25, 15  # 240 training images in batches of 16
 TIMING = ("time/train_seconds", "images_per_second")
 
 
 def train_argv(idx_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        *("--dataset", f"idx:{idx_dir}", "--model", "mlp", "--batch-size", "16"),
-        *("--lr", "0.05", "--lr-policy", "fixed", "--sigma-factor", "1.5"),
-        *("--iters", str(ITERS), "--eval-every", "100", "--checkpoint-every", str(EVERY)),
-        *("--threads", "1", "--log-every", "1000", "--no-progress", "--no-tensorboard"),
-        *("--out", str(out), *extra),
-    ]
+    return tiny_train_argv(
+        idx_dir,
+        out,
+        *("--sigma-factor", "1.5", "--iters", str(ITERS), "--eval-every", "100"),
+        *("--checkpoint-every", str(EVERY), "--log-every", "1000", *extra),
+    )
 
 
 @pytest.fixture(scope="module")

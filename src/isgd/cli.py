@@ -90,6 +90,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kwargs)
 
 
+def _add_data_and_progress_flags(parser: argparse.ArgumentParser, progress: str) -> None:
+    parser.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"{progress} (default: when the output is a terminal)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="isgd", description="Inconsistent Stochastic Gradient Descent")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -106,13 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.toml", help="TOML file of configuration keys")
     train.add_argument("--out", metavar="RUN_DIR", help="run directory (must not exist)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    train.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
-    train.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: when the output is a terminal)",
-    )
+    _add_data_and_progress_flags(train, "progress bar")
     dp = train.add_argument_group("data parallel (torch.distributed; see README)")
     dp.add_argument(
         "--nproc",
@@ -174,13 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="summarise a finished comparison DIR again for --target (no training)",
     )
-    compare.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
-    compare.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar over all runs (default: when on a terminal)",
-    )
+    _add_data_and_progress_flags(compare, "progress bar over all runs")
     _add_config_flags(compare)
 
     study = commands.add_parser(
