@@ -186,3 +186,19 @@ def test_real_mnist_lenet(tmp_path):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final/test_accuracy"] > 0.90
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "isgd"])
+def test_window_sets_the_charts_length(idx_dir, tmp_path, optimizer):
+    """``--window W`` (a variant): the limit is mean + k·σ of the last W regular losses, from
+    step W on, for the acting chart (ISGD) and the monitoring one (SGD) alike."""
+    out, window, k = tmp_path / optimizer, 4, 1.5
+    assert main(base_args(idx_dir, out, "--optimizer", optimizer, "--window", str(window))) == 0
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert all(s["limit"] is None for s in steps[:window])
+    for t in range(window, len(steps)):
+        last = torch.tensor([s["loss"] for s in steps[t - window : t]], dtype=torch.float64)
+        expected = last.mean() + k * last.std(unbiased=False)
+        assert steps[t]["limit"] == pytest.approx(expected.item(), rel=1e-6)
+    if optimizer == "isgd":
+        assert sum(s["triggered"] for s in steps) > 0

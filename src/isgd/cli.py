@@ -45,6 +45,7 @@ HELP = {
     "max_extra_iters": "ISGD: extra iterations at most on a triggered batch",
     "eps": "ISGD: conservative weight epsilon",
     "freeze_bn_stats": "ISGD: keep BatchNorm statistics unchanged by extra passes",
+    "window": "ISGD: control chart window in batches, 0 = one epoch (a variant when not 0)",
     "normalize": "scale (x/256), standardize or mean_subtract",
     "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
     "target_accuracy": "report time and passes to reach this test accuracy (fraction)",

@@ -61,6 +61,7 @@ class TrainConfig:
     max_extra_iters: int = 5
     eps: float = 0.1
     freeze_bn_stats: bool = True
+    window: int = 0  # control chart window in batches; 0: one epoch, n_b (the paper)
     # data
     normalize: str = "scale"  # scale (Caffe LeNet, x/256) | standardize | mean_subtract
     augment: bool = False  # random crop (padding 4) and horizontal flip
@@ -122,6 +123,7 @@ class TrainConfig:
             "must be a finite number > 0",
         )
         need(self.max_extra_iters >= 0, "max_extra_iters", "must be >= 0")
+        need(self.window == 0 or self.window >= 2, "window", "0 (one epoch) or >= 2 batches")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
         need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
@@ -130,6 +132,10 @@ class TrainConfig:
         if self.lr_policy == "multistep":
             need(bool(self.milestones), "milestones", "the multistep policy needs milestones")
         return self
+
+    def chart_window(self, n_b: int) -> int:
+        """Losses in the control chart's window: ``window``, or one epoch (``n_b``) when 0."""
+        return self.window or n_b
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

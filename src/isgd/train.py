@@ -133,7 +133,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
     return ISGD(
         model.parameters(),
         base,
-        window=n_b,
+        window=config.chart_window(n_b),
         sigma_factor=config.sigma_factor,
         max_extra_iters=config.max_extra_iters,
         eps=config.eps,
@@ -273,7 +273,7 @@ class Trainer:
         self.chart = (
             self.optimizer.chart
             if isinstance(self.optimizer, ISGD)
-            else LossControlChart(self.n_b, config.sigma_factor)
+            else LossControlChart(config.chart_window(self.n_b), config.sigma_factor)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: lr_factor(config, t, self.total)
