@@ -203,3 +203,6 @@ def test_mechanics_from_known_steps(tmp_path):
     assert m["batch_loss_drop"] == pytest.approx(0.5)
     assert m["epoch_trend"] == pytest.approx(1.0 / 2.0)
     assert m["limit_over_mean"] == pytest.approx(1.5)
+    # window of 2 (steps before the first limit): means 2, 1.25, 0.5, 1.25 against epoch mean 1.0
+    assert m["window_over_mean"] == pytest.approx(1.25)
+    assert m["limit_over_window_mean"] == pytest.approx(1.2)  # median of 0.75, 1.2, 3, 1.2

@@ -173,10 +173,21 @@ def mechanics(run_dir: Path) -> dict[str, float]:
     of a triggered batch's loss over its extra iterations; ``epoch_trend``: median ratio of an
     epoch's mean batch loss to the previous epoch's (below 1: the loss falls, so the window of the
     last epoch sits above the current losses); ``limit_over_mean``: median ratio of the limit to
-    the current epoch's mean batch loss.
+    the current epoch's mean batch loss. It is the product of two parts, each a median ratio:
+    ``window_over_mean``, the chart window's mean loss over the current epoch's (the trend: above 1
+    when the loss falls) and ``limit_over_window_mean`` = 1 + k·σ/mean of the window (the tail of
+    the batch-loss distribution). The window length is read from the records: the number of steps
+    before the first limit.
     """
     steps = [s for s in runio.read_jsonl(Path(run_dir) / "steps.jsonl") if not s.get("skipped")]
     judged = [s for s in steps if s["limit"] is not None]
+    window = next((i for i, s in enumerate(steps) if s["limit"] is not None), 0)
+    losses = np.cumsum([0.0] + [s["loss"] for s in steps])
+    window_mean = [
+        (losses[i] - losses[i - window]) / window
+        for i, s in enumerate(steps)
+        if s["limit"] is not None and i >= window > 0
+    ]
     above = [s for s in judged if s["loss"] > s["limit"]]
     triggered = [s for s in steps if s["triggered"]]
     after = [s for s in triggered if s["loss_after"] is not None]
@@ -201,6 +212,8 @@ def mechanics(run_dir: Path) -> dict[str, float]:
         "batch_loss_drop": median([(s["loss"] - s["loss_after"]) / s["loss"] for s in after]),
         "epoch_trend": median(trend),
         "limit_over_mean": median(ratio),
+        "window_over_mean": median([m / means[s["epoch"]] for s, m in zip(judged, window_mean)]),
+        "limit_over_window_mean": median([s["limit"] / m for s, m in zip(judged, window_mean)]),
     }
 
 
@@ -208,8 +221,9 @@ def _mechanics_table(records, arms: Sequence[str]) -> list[str]:
     lines = [
         "| arm | loss above limit (%) | extra iters per trigger | triggers that reached the "
         "limit (%) | drop of a triggered batch's loss (%) | epoch-to-epoch loss ratio "
-        "| limit ÷ epoch mean loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| limit ÷ epoch mean loss | = window mean ÷ epoch mean (trend) | × limit ÷ window mean "
+        "(tail, 1 + kσ/mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in arms:
         rows = [mechanics(Path(r["run_dir"])) for r in records if r["arm"] == arm]
@@ -224,7 +238,8 @@ def _mechanics_table(records, arms: Sequence[str]) -> list[str]:
         lines.append(
             f"| {arm} | {_num(100 * m['above_limit'], '.2f')} | {_num(m['extra_per_trigger'])} "
             f"| {_num(100 * m['reached_limit'])} | {_num(100 * m['batch_loss_drop'])} "
-            f"| {_num(m['epoch_trend'], '.3f')} | {_num(m['limit_over_mean'], '.2f')} |"
+            f"| {_num(m['epoch_trend'], '.3f')} | {_num(m['limit_over_mean'], '.2f')} "
+            f"| {_num(m['window_over_mean'], '.2f')} | {_num(m['limit_over_window_mean'], '.2f')} |"
         )
     return lines
 
