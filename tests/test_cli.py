@@ -135,7 +135,14 @@ def _bad(idx_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--config", str(cfg_type), "--out", out], "invalid iters: 'many'"),
         (["train", "--config", str(cfg_broken), "--out", out], "is not valid TOML"),
         (["train", "--config", str(tmp / "none.toml"), "--out", out], "config file not found"),
-        (["train", "--dataset", "imagenet", "--out", out], "invalid dataset: 'imagenet'"),
+        (["train", "--dataset", "svhn", "--out", out], "invalid dataset: 'svhn'"),
+        (
+            ["train", "--dataset", "imagenet", "--data-dir", str(tmp / "none"), "--out", out],
+            "ImageNet not found in",
+        ),
+        (["train", "--dataset", f"packed:{tmp / 'nowhere'}", "--out", out], "no meta.json"),
+        (["train", "--crop-size", "-1", "--out", out], "invalid crop_size: -1"),
+        (["train", "--window", "1", "--out", out], "invalid window: 1"),
         (["train", "--dataset", f"idx:{tmp / 'nowhere'}", "--out", out], "nowhere"),
         (
             ["train", "--dataset", f"idx:{idx_dir}", "--model", "vgg", "--out", out],

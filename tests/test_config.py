@@ -119,4 +119,4 @@ def test_out_of_range_values(overrides, message):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown preset: 'x'"):
         resolve_config("x")
-    assert set(PRESETS) == {"lenet-mnist", "cifar10-quick"}
+    assert set(PRESETS) == {"lenet-mnist", "cifar10-quick", "alexnet-imagenet"}

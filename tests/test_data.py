@@ -121,7 +121,7 @@ def test_unknown_dataset_lists_known_ones(tmp_path: Path) -> None:
     with pytest.raises(
         DataError,
         match=r"unknown data set 'svhn'; known: mnist, fashion-mnist, "
-        r"cifar10, idx:DIR",
+        r"cifar10, imagenet, idx:DIR, packed:DIR",
     ):
         load_dataset("svhn", tmp_path)
 

@@ -1,6 +1,7 @@
 """``isgd`` command line: thin — parse, call the library, turn errors into one line and exit 2.
 
 isgd data fetch NAME [--data-dir DIR]
+isgd data pack SRC DST [--size S] [--workers N]   (an image folder → packed:DST, e.g. ImageNet)
 isgd train [--preset NAME] [--config FILE.toml] [--optimizer ...] [--iters N | --epochs N] ...
 isgd train --resume RUN_DIR
 isgd train --nproc N ...            (or: torchrun --nproc-per-node N -m isgd train ...)
@@ -37,7 +38,7 @@ HELP = {
     "seed": "seed of the initialisation and of the fixed batch order",
     "threads": "torch CPU threads (per process when data parallel)",
     "device": "cpu or cuda (data parallel: GPU LOCAL_RANK, NCCL)",
-    "dataset": "mnist, fashion-mnist, cifar10 or idx:DIR",
+    "dataset": "mnist, fashion-mnist, cifar10, imagenet, idx:DIR or packed:DIR (isgd data pack)",
     "model": "lenet, lenet-bn, cifar10-quick, mlp, resnet20, alexnet",
     "lr_policy": "fixed, step, multistep, inv or cosine",
     "milestones": "multistep policy: comma-separated iterations",
@@ -48,6 +49,8 @@ HELP = {
     "window": "ISGD: control chart window in batches, 0 = one epoch (a variant when not 0)",
     "normalize": "scale (x/256), standardize or mean_subtract",
     "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
+    "augment": "random crop (padding 4, or --crop-size) and horizontal flip of training images",
+    "crop_size": "train on SxS crops (random with --augment), evaluate on the centre crop",
     "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
     "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
 }
@@ -111,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("fetch", help="fetch a data set into the data directory")
     fetch.add_argument("name", help="mnist or fashion-mnist")
     fetch.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    pack = data_commands.add_parser(
+        "pack",
+        help="pack an image folder (SRC/train/<class>/, SRC/val/<class>/) into memory-mappable "
+        "arrays for --dataset packed:DST",
+    )
+    pack.add_argument("source", metavar="SRC", help="image folder with train/ and val/ (or test/)")
+    pack.add_argument("destination", metavar="DST", help="packed directory (new or empty)")
+    pack.add_argument("--size", type=int, default=256, help="resize to SxS (default 256, Caffe)")
+    pack.add_argument("--grayscale", action="store_true", help="one channel instead of RGB")
+    pack.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    pack.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     train = commands.add_parser("train", help="train a model with ISGD or a baseline")
     train.add_argument("--preset", choices=sorted(PRESETS), help="the paper's baseline solvers")
@@ -370,6 +384,20 @@ def cmd_batch_study(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from isgd.data import fetch
 
+    if args.data_command == "pack":
+        from isgd.packed import pack_image_folder
+
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        out = pack_image_folder(
+            args.source,
+            args.destination,
+            size=args.size,
+            grayscale=args.grayscale,
+            workers=max(1, args.workers),
+            progress=progress,
+        )
+        log.info("packed %s into %s: train with --dataset packed:%s", args.source, out, out)
+        return 0
     path = fetch(args.name, args.data_dir)
     log.info("%s is ready in %s", args.name, path)
     return 0

@@ -64,7 +64,8 @@ class TrainConfig:
     window: int = 0  # control chart window in batches; 0: one epoch, n_b (the paper)
     # data
     normalize: str = "scale"  # scale (Caffe LeNet, x/256) | standardize | mean_subtract
-    augment: bool = False  # random crop (padding 4) and horizontal flip
+    augment: bool = False  # random crop (padding 4, or crop_size) and horizontal flip
+    crop_size: int = 0  # > 0: train on crop_size² crops (random with augment), test on the centre
     reshuffle: bool = False  # per-epoch reshuffling instead of the fixed cycle (ablation)
     # budget and bookkeeping
     iters: int = 10_000
@@ -96,11 +97,12 @@ class TrainConfig:
 
         need(self.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
         need(self.model in MODELS, "model", "one of " + ", ".join(MODELS))
-        datasets = ("mnist", "fashion-mnist", "cifar10")
+        datasets = ("mnist", "fashion-mnist", "cifar10", "imagenet")
         need(
-            self.dataset in datasets or self.dataset.startswith("idx:"),
+            self.dataset in datasets or self.dataset.startswith(("idx:", "packed:")),
             "dataset",
-            "one of " + ", ".join(datasets) + " or idx:DIR (a directory of IDX files)",
+            "one of " + ", ".join(datasets) + ", idx:DIR (a directory of IDX files) or "
+            "packed:DIR (made by isgd data pack)",
         )
         need(self.lr_policy in LR_POLICIES, "lr_policy", "one of " + ", ".join(LR_POLICIES))
         need(
@@ -111,6 +113,7 @@ class TrainConfig:
         for key in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every", "threads"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.crop_size >= 0, "crop_size", "must be >= 0 (0: no crop)")
         need(self.iters >= 1, "iters", "must be >= 1")
         need(self.step_size >= 1, "step_size", "must be >= 1")
         for key in ("lr", "momentum", "weight_decay", "gamma", "power", "eps", "epochs"):
@@ -174,6 +177,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         normalize="mean_subtract",
         eval_every=500,
         checkpoint_every=1000,
+    ),
+    # Caffe models/bvlc_alexnet/solver.prototxt and train_val.prototxt (256×256 images, random
+    # 227 crops and mirroring, mean subtracted); ImageNet packed with `isgd data pack`
+    "alexnet-imagenet": dict(
+        dataset="imagenet",
+        model="alexnet",
+        batch_size=256,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+        lr_policy="step",
+        gamma=0.1,
+        step_size=100_000,
+        iters=450_000,
+        normalize="mean_subtract",
+        augment=True,
+        crop_size=227,
+        eval_every=10_000,
+        eval_batch_size=500,
+        checkpoint_every=10_000,
+        target_accuracy=0.56,
     ),
 }
 

@@ -137,8 +137,11 @@ class DataSplit:
     mean: tuple[float, ...] = dataclasses.field(init=False)
     std: tuple[float, ...] = dataclasses.field(init=False)
     _mean_image: Tensor | None = dataclasses.field(default=None, init=False, repr=False)
+    # precomputed statistics (a packed set on disk): skips the pass over the training images
+    channel_stats: dataclasses.InitVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None
+    pixel_mean: dataclasses.InitVar[Tensor | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, channel_stats, pixel_mean) -> None:
         for split, x, y in (
             ("train", self.x_train, self.y_train),
             ("test", self.x_test, self.y_test),
@@ -161,7 +164,8 @@ class DataSplit:
             )
         self.y_train = self.y_train.long()
         self.y_test = self.y_test.long()
-        self.mean, self.std = _channel_stats(self.x_train)
+        self.mean, self.std = channel_stats or _channel_stats(self.x_train)
+        self._mean_image = pixel_mean
 
     @property
     def in_channels(self) -> int:
@@ -326,18 +330,24 @@ def load_cifar10(directory: str | os.PathLike[str]) -> DataSplit:
     )
 
 
-KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "idx:DIR")
+KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet", "idx:DIR", "packed:DIR")
 
 
 def load_dataset(
     name: str, data_dir: str | os.PathLike[str] | None = None, *, download: bool = True
 ) -> DataSplit:
-    """Load ``mnist``, ``fashion-mnist``, ``cifar10`` or ``idx:DIR`` (any IDX folder).
+    """Load ``mnist``, ``fashion-mnist``, ``cifar10``, ``imagenet`` (packed, in the data
+    directory), ``idx:DIR`` (any IDX folder) or ``packed:DIR`` (memory-mapped arrays made by
+    ``isgd data pack``, :mod:`isgd.packed`).
 
     With ``download`` a missing or corrupt MNIST/Fashion-MNIST is fetched first.
     """
     if name.startswith("idx:"):
         return load_idx_dir(Path(name[4:]).expanduser(), name=name)
+    if name.startswith("packed:"):
+        from isgd.packed import load_packed
+
+        return load_packed(Path(name[7:]).expanduser(), name=name)
     root = _resolve(data_dir)
     if name in SOURCES:
         source = SOURCES[name]
@@ -353,4 +363,15 @@ def load_dataset(
         return load_idx_dir(directory, name=name, num_classes=10)
     if name == "cifar10":
         return load_cifar10(root / "cifar10")
+    if name == "imagenet":
+        from isgd.packed import load_packed
+
+        directory = root / "imagenet"
+        if not (directory / "meta.json").is_file():
+            raise DataError(
+                f"ImageNet not found in {directory}: no reachable registry ships it; pack the "
+                f"ILSVRC-2012 image folder (train/<wnid>/, val/<wnid>/) there with `isgd data pack "
+                f"SRC {directory}`"
+            )
+        return load_packed(directory, name=name)
     raise DataError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")

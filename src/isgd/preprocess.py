@@ -24,12 +24,16 @@ class Preprocess:
     (Caffe CIFAR-10 quick's mean file). Training augmentation (``train=True``), applied to the
     uint8 pixels before normalising: a random crop after zero padding by ``crop_padding`` and a
     random horizontal flip, both vectorised over the batch and drawn from ``self.generator``.
+    With ``crop_size`` every batch is cut to ``crop_size``² pixels (Caffe's ``crop_size``, 227 for
+    AlexNet): at random positions in training batches when ``random_crop``, else the centre.
 
     Args:
         mode: ``scale``, ``standardize`` or ``mean_subtract``.
         mean, std: per-channel statistics in [0, 1] units (``standardize``).
         mean_image: ``C×H×W`` mean in pixel units (``mean_subtract``).
         crop_padding: pixels of zero padding for the random crop; 0 disables it.
+        crop_size: side of the crop taken from every batch; 0 keeps the full image.
+        random_crop: training batches get random crops (``crop_size``) instead of the centre.
         flip: random horizontal flip with probability 1/2.
         channels_last: return the batch in ``torch.channels_last`` memory format.
         seed: seed of the augmentation generator.
@@ -49,6 +53,8 @@ class Preprocess:
         std: tuple[float, ...] | None = None,
         mean_image: Tensor | None = None,
         crop_padding: int = 0,
+        crop_size: int = 0,
+        random_crop: bool = False,
         flip: bool = False,
         channels_last: bool = False,
         seed: int = 0,
@@ -57,7 +63,10 @@ class Preprocess:
             raise ValueError(f"Invalid preprocess mode: {mode!r} (known: {', '.join(self.MODES)})")
         if crop_padding < 0:
             raise ValueError(f"Invalid crop_padding value: {crop_padding}")
+        if crop_size < 0:
+            raise ValueError(f"Invalid crop_size value: {crop_size}")
         self.mode, self.crop_padding, self.flip = mode, int(crop_padding), bool(flip)
+        self.crop_size, self.random_crop = int(crop_size), bool(random_crop)
         self.channels_last = bool(channels_last)
         self.generator = torch.Generator().manual_seed(seed)
         self._scale: Tensor | None = None
@@ -77,8 +86,13 @@ class Preprocess:
 
     @classmethod
     def for_data(cls, data: DataSplit, mode: str = "standardize", **kwargs: Any) -> Preprocess:
-        """A :class:`Preprocess` using ``data``'s statistics (keyword arguments as ``__init__``)."""
+        """A :class:`Preprocess` using ``data``'s statistics (keyword arguments as ``__init__``).
+
+        With a ``crop_size``, ``mean_subtract`` subtracts the per-channel mean pixel (Caffe's
+        ``mean_value``): a per-pixel mean image does not line up with random crops."""
         image = data.mean_image() if mode == "mean_subtract" else None
+        if image is not None and kwargs.get("crop_size"):
+            image = image.mean((1, 2), keepdim=True)
         return cls(mode, mean=data.mean, std=data.std, mean_image=image, **kwargs)
 
     def augment(self, x: Tensor, within: tuple[int, slice] | None = None) -> Tensor:
@@ -90,6 +104,14 @@ class Preprocess:
         """
         n, _, h, w = x.shape
         total, rows = within if within is not None else (n, slice(None))
+        if self.crop_size and self.random_crop:
+            c = self._check_crop(x)
+            off = torch.randint(0, h - c + 1, (2, total), generator=self.generator)[:, rows]
+            off = off.to(x.device)
+            windows = x.unfold(2, c, 1).unfold(3, c, 1)  # N × (h-c+1) × (w-c+1) × C × c × c
+            x = windows.permute(0, 2, 3, 1, 4, 5)[torch.arange(n, device=x.device), off[0], off[1]]
+        elif self.crop_size:
+            x = self.centre_crop(x)
         if self.crop_padding:
             p = self.crop_padding
             off = torch.randint(0, 2 * p + 1, (2, total), generator=self.generator)[:, rows]
@@ -102,6 +124,21 @@ class Preprocess:
             mask = (torch.rand(total, generator=self.generator)[rows] < 0.5).to(x.device)
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
         return x
+
+    def centre_crop(self, x: Tensor) -> Tensor:
+        """The central ``crop_size``² pixels of every image (the full image without a crop)."""
+        if not self.crop_size:
+            return x
+        c = self._check_crop(x)
+        top, left = (x.shape[2] - c) // 2, (x.shape[3] - c) // 2
+        return x[:, :, top : top + c, left : left + c]
+
+    def _check_crop(self, x: Tensor) -> int:
+        if self.crop_size > min(x.shape[2:]):
+            raise ValueError(
+                f"crop_size {self.crop_size} is larger than the images ({x.shape[2]}×{x.shape[3]})"
+            )
+        return self.crop_size
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 → float32 in the configured mode."""
@@ -128,7 +165,7 @@ class Preprocess:
                 f"{self.mode} statistics have {self._shift.shape[1]} channels, "
                 f"the batch has {x.shape[1]}"
             )
-        return self.normalize(self.augment(x, within) if train else x)
+        return self.normalize(self.augment(x, within) if train else self.centre_crop(x))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The augmentation generator's state, for exact resumption."""

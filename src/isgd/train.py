@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.runio import RunError
 from isgd.sampler import FixedCycleBatchSampler
 from isgd.spc import LossControlChart
+
+Prepare = Callable[[Tensor], Tensor]  # a uint8 batch → the network's input on its device
 
 __all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate", "resume", "train"]
 
@@ -143,20 +146,26 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on preprocessed ``x`` (eval mode)."""
-    loss_sum, correct = evaluate_sums(model, x, y, batch_size)
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, prepare: Prepare | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``x`` (eval mode); ``prepare`` turns each
+    batch of ``x`` into the network's input (default: ``x`` already is)."""
+    loss_sum, correct = evaluate_sums(model, x, y, batch_size, prepare)
     return loss_sum / len(x), correct / len(x)
 
 
 @torch.no_grad()
-def evaluate_sums(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, int]:
+def evaluate_sums(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, prepare: Prepare | None = None
+) -> tuple[float, int]:
     """Summed cross-entropy and number of correct predictions on ``x`` (eval mode)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
+        batch = x[start : start + batch_size]
+        logits = model(batch if prepare is None else prepare(batch))
         target = y[start : start + batch_size]
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
@@ -241,20 +250,28 @@ class Trainer:
         self.pre = Preprocess.for_data(
             self.data,
             config.normalize,
-            crop_padding=4 if config.augment else 0,
+            crop_padding=4 if config.augment and not config.crop_size else 0,
+            crop_size=config.crop_size,
+            random_crop=config.augment,
             flip=config.augment,
             channels_last=config.channels_last,
             seed=config.seed + 1,
         )
-        # Without augmentation the whole set is normalised once: a step only gathers rows.
-        self.x_train = None if config.augment else self.pre(self.data.x_train).to(self.device)
+        # Without augmentation a small set is normalised once: a step only gathers rows. An
+        # augmented set, or one whose float copy would pass 2 GiB (ImageNet, memory-mapped from
+        # disk), is prepared batch by batch (the same numbers: the operations are per pixel).
+        per_batch = config.augment or self.data.x_train.numel() * 4 > 2**31
+        self.x_train = None if per_batch else self.pre(self.data.x_train).to(self.device)
         self.y_train = self.data.y_train.to(self.device)
-        self.x_test = self.pre(self.data.x_test).to(self.device)
+        self.x_test = self.data.x_test  # uint8; evaluation prepares it batch by batch
         self.y_test = self.data.y_test.to(self.device)
 
         torch.manual_seed(config.seed)  # same initialisation for every optimizer of a seed
         self.model = build_model(
-            config.model, self.data.in_channels, self.data.num_classes, self.data.image_size
+            config.model,
+            self.data.in_channels,
+            self.data.num_classes,
+            config.crop_size or self.data.image_size,
         )
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -725,18 +742,25 @@ class Trainer:
         with rank 0's BatchNorm statistics, and the sums are all-reduced."""
         cfg = self.config
         if self.dist is None:
-            return evaluate(self.model, self.x_test, self.y_test, cfg.eval_batch_size)
+            return evaluate(
+                self.model, self.x_test, self.y_test, cfg.eval_batch_size, self._prepare_test
+            )
         for buffer in self.model.buffers():  # DDP syncs them at forward start, not after
             torch.distributed.broadcast(buffer, 0)
         x, y = self._test_shard
         loss_sum, correct = (
-            evaluate_sums(self.model, x, y, cfg.eval_batch_size) if len(x) else (0.0, 0)
+            evaluate_sums(self.model, x, y, cfg.eval_batch_size, self._prepare_test)
+            if len(x)
+            else (0.0, 0)
         )
         sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(sums)
         n = len(self.x_test)
         loss_sum, correct = sums.tolist()
         return loss_sum / n, round(correct) / n
+
+    def _prepare_test(self, x: Tensor) -> Tensor:
+        return self.pre(x).to(self.device)
 
     def _check_ranks(self) -> None:
         """Under ``dist``: every rank must hold the same weights, optimizer state (ISGD's chart
