@@ -206,3 +206,59 @@ def test_mechanics_from_known_steps(tmp_path):
     # window of 2 (steps before the first limit): means 2, 1.25, 0.5, 1.25 against epoch mean 1.0
     assert m["window_over_mean"] == pytest.approx(1.25)
     assert m["limit_over_window_mean"] == pytest.approx(1.2)  # median of 0.75, 1.2, 3, 1.2
+
+
+def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, capsys):
+    import shutil
+
+    def records(out):
+        rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+        drop = ("run_dir", "time_to_target", "train_seconds")
+        return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+    full = tmp_path / "full"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr 0.05 --lr-policy fixed --sigma-factor 1.5 --iters 90 --eval-every 15 --threads 1 "
+        f"--checkpoint-every 30 --no-tensorboard --seeds 2 --target 0.3 --out {full} "
+        "--arm sgd --arm isgd --no-progress"
+    ).split()
+    assert main(argv) == 0
+    assert json.loads((full / "plan.json").read_text())["seeds"] == [0, 1]
+    # an interrupted comparison: one run recorded, one cut short after its checkpoint at 60,
+    # two never started, no summary
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    lines = (cut / "runs.jsonl").read_text().splitlines(keepends=True)
+    (cut / "runs.jsonl").write_text(lines[0])
+    isgd0 = cut / "runs" / "isgd-seed0"
+    for name in ("summary.json", "model.pt", "checkpoints/ckpt-00000090.pt"):
+        (isgd0 / name).unlink(missing_ok=True)
+    for name in ("isgd-seed1", "sgd-seed1"):
+        shutil.rmtree(cut / "runs" / name)
+    for name in ("summary.json", "report.md"):
+        (cut / name).unlink()
+    capsys.readouterr()
+    assert main(["compare", "--resume", str(cut), "--no-progress"]) == 0
+    log = capsys.readouterr().err
+    assert "run 1/4 sgd seed 0" in log and "recorded earlier" in log
+    assert f"resuming {isgd0} from iteration 60" in log
+    assert records(cut) == records(full)
+    assert (isgd0 / "model.pt").read_bytes() == (
+        full / "runs" / "isgd-seed0" / "model.pt"
+    ).read_bytes()
+    assert (cut / "report.md").is_file()
+    # fewer seeds: summarise the first only; more seeds: add runs, keep the recorded ones
+    assert main(["compare", "--resume", str(cut), "--seeds", "1", "--no-progress"]) == 0
+    assert [(r["arm"], r["seed"]) for r in records(cut)] == [("sgd", 0), ("isgd", 0)]
+    assert json.loads((cut / "summary.json").read_text())["arms"]["sgd"]["final_accuracy"]["n"] == 1
+    assert main(["compare", "--resume", str(cut), "--seed-list", "0,1,2", "--no-progress"]) == 0
+    assert records(cut)[:4] == records(full)
+    assert [(r["arm"], r["seed"]) for r in records(cut)[4:]] == [("sgd", 2), ("isgd", 2)]
+    # the plan cannot change under --resume, and only a comparison can be resumed
+    capsys.readouterr()
+    assert main(["compare", "--resume", str(cut), "--lr", "0.1", "--arm", "sgd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop --lr, --arm" in err[0], err
+    assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a comparison directory" in capsys.readouterr().err

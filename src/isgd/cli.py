@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:key=value,...]",
         help="an arm; the first is the baseline (default: sgd, isgd)",
     )
-    compare.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    compare.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5)")
     compare.add_argument("--seed-list", type=_int_list, metavar="S,S,...", help="explicit seeds")
     compare.add_argument(
         "--target",
@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the baseline for as many iterations as ISGD used passes",
     )
     compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
+    compare.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted comparison DIR (its plan; --seeds/--seed-list may change "
+        "the seeds: more add runs, fewer summarise the first ones)",
+    )
     compare.add_argument(
         "--retarget",
         metavar="DIR",
@@ -343,6 +349,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         log.info("report and figures for target %g in %s", args.target, destination)
         return 0
     overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    if args.resume:
+        return _resume_comparison(args, overrides)
     base = resolve_config(args.preset, args.config, overrides)
     arms = [parse_arm(spec) for spec in (args.arms or ["sgd", "isgd"])]
     names = [a.name for a in arms]
@@ -350,9 +358,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"arm names must differ: {', '.join(names)}")
     for arm in arms:  # every arm's configuration must be valid before anything runs
         apply(base, arm.overrides, f"arm {arm.name}").validate()
-    seeds = args.seed_list if args.seed_list else list(range(args.seeds))
-    if not seeds or args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    n_seeds = 5 if args.seeds is None else args.seeds
+    seeds = args.seed_list if args.seed_list else list(range(n_seeds))
+    if not seeds or n_seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {n_seeds}")
     target = args.target if args.target is not None else base.target_accuracy
     if not 0 < target <= 1:
         raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
@@ -372,6 +381,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_comparison(plan, progress=args.progress)
     print((out / "report.md").read_text().split("\n## Runs")[0])
     log.info("report, figures and raw records in %s", out)
+    return 0
+
+
+def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import dataclasses
+
+    from isgd.compare import load_plan, run_comparison
+
+    given = [f"--{k.replace('_', '-')}" for k in overrides] + [
+        flag
+        for flag, value in (
+            ("--preset", args.preset),
+            ("--config", args.config),
+            ("--arm", args.arms),
+            ("--target", args.target),
+            ("--out", args.out),
+            ("--tune-lrs", args.tune_lrs),
+            ("--equal-compute", args.equal_compute),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"--resume continues the saved plan; drop {', '.join(given)} (only --seeds or "
+            "--seed-list may change)"
+        )
+    plan, _ = load_plan(Path(args.resume))
+    seeds = args.seed_list or (plan.seeds if args.seeds is None else list(range(args.seeds)))
+    if not seeds:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    plan = dataclasses.replace(plan, seeds=seeds, data_dir=args.data_dir or plan.data_dir)
+    run_comparison(plan, progress=args.progress, resume=True)
     return 0
 
 

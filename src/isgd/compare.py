@@ -26,10 +26,19 @@ from isgd.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.data import DataSplit, load_dataset
 from isgd.runio import RunError
 
-__all__ = ["Arm", "aggregate", "parse_arm", "run_comparison", "speedup", "time_to_target"]
+__all__ = [
+    "Arm",
+    "aggregate",
+    "load_plan",
+    "parse_arm",
+    "run_comparison",
+    "speedup",
+    "time_to_target",
+]
 
 log = logging.getLogger("isgd.compare")
 INF = math.inf
+PLAN_FILE = "plan.json"  # what the comparison runs, written first: --resume reads it
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,50 @@ class ComparisonPlan:
     data_dir: str | None = None
 
 
+def save_plan(plan: ComparisonPlan, tuned_lr: dict[str, float] | None = None) -> None:
+    """``plan.json`` in the comparison directory: everything ``--resume`` needs."""
+    runio.write_json(
+        plan.out / PLAN_FILE,
+        {
+            "version": 1,
+            "base": plan.base.to_dict(),
+            "arms": [{"name": a.name, "overrides": a.overrides} for a in plan.arms],
+            "seeds": plan.seeds,
+            "target": plan.target,
+            "equal_compute": plan.equal_compute,
+            "tune_lrs": plan.tune_lrs,
+            "tune_iters": plan.tune_iters,
+            "data_dir": plan.data_dir,
+            "tuned_lr": tuned_lr,
+        },
+    )
+
+
+def load_plan(out: Path) -> tuple[ComparisonPlan, dict[str, float] | None]:
+    """The plan of the comparison in ``out`` and its tuned learning rates (None: not tuned yet)."""
+    path = out / PLAN_FILE
+    if not path.is_file():
+        raise RunError(f"{out} is not a comparison directory (no {PLAN_FILE}); nothing to resume")
+    try:
+        raw = json.loads(path.read_text())
+        base = apply(TrainConfig(), raw["base"], str(path)).validate()
+        arms = [Arm(a["name"], dict(a["overrides"])) for a in raw["arms"]]
+        plan = ComparisonPlan(
+            base,
+            arms,
+            [int(s) for s in raw["seeds"]],
+            float(raw["target"]),
+            out,
+            bool(raw["equal_compute"]),
+            [float(x) for x in raw["tune_lrs"]],
+            int(raw["tune_iters"]),
+            raw["data_dir"],
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: not a readable comparison plan ({e})") from e
+    return plan, raw.get("tuned_lr")
+
+
 def _arm_config(plan: ComparisonPlan, arm: Arm, seed: int, **extra: Any) -> TrainConfig:
     config = apply(plan.base, {**arm.overrides, **extra}, f"arm {arm.name}")
     config = dataclasses.replace(config, seed=seed, target_accuracy=plan.target)
@@ -249,38 +302,67 @@ def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
     return chosen
 
 
-def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[str, Any]:
-    """Run every arm × seed (interleaved), then write records, summary, report and figures."""
+def run_comparison(
+    plan: ComparisonPlan, progress: bool | None = None, *, resume: bool = False
+) -> dict[str, Any]:
+    """Run every arm × seed (interleaved), then write records, summary, report and figures.
+
+    ``resume``: ``plan.out`` holds a comparison started before (see :func:`load_plan`); its
+    recorded runs are kept, an interrupted run continues from its checkpoint, the rest run. The
+    plan's seeds may differ from the first invocation's: more seeds add runs, fewer summarise
+    the first ones only.
+    """
     from tqdm.auto import tqdm
 
-    from isgd.train import check_new_run_dir, train
+    from isgd.train import TrainingInterrupted, check_new_run_dir
 
-    check_new_run_dir(plan.out)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    tuned: dict[str, float] | None = None
+    if resume:
+        _, tuned = load_plan(plan.out)
+        if (plan.out / "runs.jsonl").is_file():
+            done = {(r["arm"], r["seed"]): r for r in load_records(plan.out)}
+    else:
+        check_new_run_dir(plan.out)
     data = load_dataset(plan.base.dataset, plan.data_dir)
     plan.out.mkdir(parents=True, exist_ok=True)
+    save_plan(plan, tuned)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
     n_isgd = sum(_arm_config(plan, a, plan.seeds[0]).uses_isgd for a in plan.arms)
     n_runs = len(plan.seeds) * (len(plan.arms) + (n_isgd if plan.equal_compute else 0))
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=n_tune + n_runs, disable=not progress, unit="run", dynamic_ncols=True)
-    lrs = tune(plan, data, bar) if plan.tune_lrs else {}
+    if tuned is not None or not plan.tune_lrs:
+        lrs = tuned or {}
+        bar.update(n_tune)
+    else:
+        if (plan.out / "tune").exists():  # tuning was interrupted: it starts again
+            import shutil
+
+            shutil.rmtree(plan.out / "tune")
+        lrs = tune(plan, data, bar)
+        save_plan(plan, lrs)
 
     arms = list(plan.arms)
     records: list[dict[str, Any]] = []
     raw = runio.JsonlWriter(plan.out / "runs.jsonl")
-    started = time.perf_counter()
+    started, ran = time.perf_counter(), 0
 
     def run_one(arm: Arm, seed: int) -> dict[str, Any]:
-        extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
-        run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
-        train(_arm_config(plan, arm, seed, **extra), run_dir, data=data, progress=False)
-        record = run_record(arm, seed, run_dir, plan.target)
+        nonlocal ran
+        record = done.get((arm.name, seed))
+        if record is None:
+            _train_or_continue(plan, arm, seed, lrs, data)
+            record = run_record(
+                arm, seed, plan.out / "runs" / f"{arm.name}-seed{seed}", plan.target
+            )
+            raw.write(record)
+            raw.flush()
+            ran += 1
         records.append(record)
-        raw.write(record)
-        raw.flush()
         bar.update(1)
-        _log_run(record, len(records), n_runs, started)
+        _log_run(record, len(records), n_runs, started, ran)
         return record
 
     try:
@@ -289,9 +371,16 @@ def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[s
                 record = run_one(arm, seed)
                 if plan.equal_compute and _arm_config(plan, arm, seed).uses_isgd:
                     run_one(_equal_compute_arm(arms, arm, record["passes"], lrs), seed)
+    except TrainingInterrupted:
+        log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
+        raise
     finally:
         bar.close()
         raw.close()
+    if resume:  # runs.jsonl in plan order, the seeds left out of the plan dropped
+        runio.atomic_write_text(
+            plan.out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records)
+        )
     names = [a.name for a in plan.arms] + sorted(
         {r["arm"] for r in records} - {a.name for a in plan.arms}
     )
@@ -305,6 +394,22 @@ def run_comparison(plan: ComparisonPlan, progress: bool | None = None) -> dict[s
     )
     _write_outputs(plan.out, result, records, names)
     return result
+
+
+def _train_or_continue(
+    plan: ComparisonPlan, arm: Arm, seed: int, lrs: dict[str, float], data: DataSplit
+) -> None:
+    """Train one run, or finish it if an earlier invocation left it with a checkpoint."""
+    from isgd.train import resume, train
+
+    run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
+    if (run_dir / "summary.json").is_file():
+        return  # finished, but stopped before its record was written
+    if (run_dir / "config.toml").is_file():
+        resume(run_dir, data=data, progress=False)
+        return
+    extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+    train(_arm_config(plan, arm, seed, **extra), run_dir, data=data, progress=False)
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
@@ -347,22 +452,23 @@ def _equal_compute_arm(arms: list[Arm], arm: Arm, passes: int, lrs: dict[str, fl
     return Arm(f"{base.name}@{arm.name}-passes", overrides)
 
 
-def _log_run(record: dict[str, Any], done: int, total: int, started: float) -> None:
-    eta = (time.perf_counter() - started) / done * (total - done)
+def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran: int) -> None:
+    """One line per run; the ETA extrapolates the runs trained by this invocation."""
     reached = (
         f"target at {record['time_to_target']:.1f} s / {record['passes_to_target']:.0f} passes"
         if math.isfinite(record["time_to_target"])
         else "target missed"
     )
+    eta = (time.perf_counter() - started) / ran * (total - done) / 60 if ran else None
     log.info(
-        "run %d/%d %s seed %d: %s, final accuracy %.2f%%, ETA %.0f min",
+        "run %d/%d %s seed %d: %s, final accuracy %.2f%%, %s",
         done,
         total,
         record["arm"],
         record["seed"],
         reached,
         100 * record["final_accuracy"],
-        eta / 60,
+        f"ETA {eta:.0f} min" if eta is not None else "recorded earlier",
     )
 
 

@@ -1079,12 +1079,14 @@ def resume(
     run_dir: str | Path,
     *,
     data_dir: str | None = None,
+    data: DataSplit | None = None,
     progress: bool | None = None,
     dist: DistContext | None = None,
     shares: Any = None,
 ) -> dict[str, Any]:
     """Continue ``run_dir`` from its last checkpoint.
 
+    ``data``: the run's data set, already loaded (as for :func:`train`).
     Under ``dist`` rank 0 reads the run directory and hands the configuration and checkpoint to
     the other ranks (they need no access to it). With as many processes as before and no new
     ``shares``, the batch split and per-rank RNG states of the checkpoint are reused.
@@ -1114,7 +1116,9 @@ def resume(
     saved = (checkpoint or {}).get("distributed") or {}
     if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
         sizes = list(saved["batch_sizes"])
-    trainer = Trainer(config, run_dir, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes)
+    trainer = Trainer(
+        config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
+    )
     if checkpoint is None:
         log.info("no checkpoint in %s: starting it from the beginning", run_dir)
         if trainer.is_main:
