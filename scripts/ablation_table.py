@@ -6,7 +6,8 @@ docs/results.md), from their raw per-run records — finished or still running.
 Per arm: seeds done, passes to the target (median [min–max], misses counted as ∞), the median of
 the per-seed ratios ``passes_sgd / passes_arm`` against the ``sgd`` arm of the *same* comparison,
 final test accuracy, trigger rate, extra passes, the last complete epoch's CV (σ/mean) of the
-batch losses (claim C2) and the chart's limit over the epoch mean loss with its two parts.
+batch losses (claim C2), the Spearman ρ of the batch losses between consecutive epochs (claim
+C1) and the chart's limit over the epoch mean loss with its two parts.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| comparison | arm | seeds | passes to target | paired passes ratio base/arm | final "
-        "acc % | trigger % | extra passes | last-epoch CV | limit ÷ epoch mean = trend × tail |"
+        "acc % | trigger % | extra passes | last-epoch CV | ρ epoch to epoch | limit ÷ epoch mean "
+        "= trend × tail |"
     )
-    print("|---|---|---:|---|---:|---|---:|---:|---|---|")
+    print("|---|---|---:|---|---:|---|---:|---:|---|---:|---|")
     for directory in args.dirs:
         records = load_records(directory)
         if args.target is not None:
@@ -59,6 +61,8 @@ def main() -> None:
             paired = [p for p in paired if not math.isnan(p)]
             claims = summarize_claims([Path(r["run_dir"]) for r in rs]).values()
             cv = [c["loss_cv"][-1] for c in claims if c["loss_cv"]]
+            rho = [c["spearman_consecutive_mean"] for c in claims]
+            rho = [x for x in rho if x is not None]
             mech = [mechanics(Path(r["run_dir"])) for r in rs]
 
             def med(key: str, runs=mech) -> float:
@@ -72,6 +76,7 @@ def main() -> None:
                 f"| {100 * float(np.median([r['trigger_rate'] for r in rs])):.2f} "
                 f"| {float(np.median([r['extra_passes'] for r in rs])):.0f} "
                 f"| {spread(cv, '.3f')} "
+                f"| {float(np.median(rho)) if rho else math.nan:.3f} "
                 f"| {med('limit_over_mean'):.2f} = {med('window_over_mean'):.2f} × "
                 f"{med('limit_over_window_mean'):.2f} |"
             )
