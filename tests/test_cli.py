@@ -143,6 +143,10 @@ def _bad(idx_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--dataset", f"packed:{tmp / 'nowhere'}", "--out", out], "no meta.json"),
         (["train", "--crop-size", "-1", "--out", out], "invalid crop_size: -1"),
         (["train", "--window", "1", "--out", out], "invalid window: 1"),
+        (
+            ["train", "--dataset", f"idx:{idx_dir}", "--crop-size", "9", "--out", out],
+            "invalid crop_size: 9 (the idx:",
+        ),
         (["train", "--dataset", f"idx:{tmp / 'nowhere'}", "--out", out], "nowhere"),
         (
             ["train", "--dataset", f"idx:{idx_dir}", "--model", "vgg", "--out", out],
@@ -209,3 +213,15 @@ def test_window_sets_the_charts_length(idx_dir, tmp_path, optimizer):
         assert steps[t]["limit"] == pytest.approx(expected.item(), rel=1e-6)
     if optimizer == "isgd":
         assert sum(s["triggered"] for s in steps) > 0
+
+
+def test_per_batch_preparation_trains_the_same_model(idx_dir, tmp_path, isgd_run, monkeypatch):
+    """A set too large to normalise up front (ImageNet) is prepared batch by batch: the same
+    numbers, so the same model, as the whole-set path."""
+    import isgd.train
+
+    monkeypatch.setattr(isgd.train, "PREPARE_ONCE_MAX_BYTES", 0)
+    out = tmp_path / "per-batch"
+    assert main(base_args(idx_dir, out, "--optimizer", "isgd")) == 0
+    assert (out / "model.pt").read_bytes() == (isgd_run / "model.pt").read_bytes()
+    assert (out / "steps.jsonl").read_text() == (isgd_run / "steps.jsonl").read_text()

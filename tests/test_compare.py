@@ -44,6 +44,8 @@ def test_aggregate_median_quartiles_and_misses():
         (100.0, 125.0, 0.8, -0.25),
         (INF, 50.0, INF, 1.0),
         (50.0, INF, 0.0, -INF),
+        (10.0, 0.0, INF, 1.0),  # reached at the first evaluation, before any training
+        (0.0, 10.0, 0.0, -INF),
     ],
 )
 def test_speedup_gives_both_readings(base, arm, ratio, saving):
@@ -51,8 +53,9 @@ def test_speedup_gives_both_readings(base, arm, ratio, saving):
     assert s["ratio"] == pytest.approx(ratio) and s["saving"] == pytest.approx(saving)
 
 
-def test_speedup_both_missed_is_nan():
-    s = speedup(INF, INF)
+@pytest.mark.parametrize("both", [INF, 0.0])
+def test_speedup_both_missed_or_both_at_zero_is_nan(both):
+    s = speedup(both, both)
     assert math.isnan(s["ratio"]) and math.isnan(s["saving"])
 
 
@@ -229,8 +232,11 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
     # two never started, no summary
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
+    expected = records(full)
+    isgd0_model = (full / "runs" / "isgd-seed0" / "model.pt").read_bytes()
+    shutil.rmtree(full)  # the comparison was moved: its records' run_dir are stale
     lines = (cut / "runs.jsonl").read_text().splitlines(keepends=True)
-    (cut / "runs.jsonl").write_text(lines[0])
+    (cut / "runs.jsonl").write_text(lines[0] + lines[1][:20])  # the second line torn by a kill
     isgd0 = cut / "runs" / "isgd-seed0"
     for name in ("summary.json", "model.pt", "checkpoints/ckpt-00000090.pt"):
         (isgd0 / name).unlink(missing_ok=True)
@@ -243,22 +249,22 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
     log = capsys.readouterr().err
     assert "run 1/4 sgd seed 0" in log and "recorded earlier" in log
     assert f"resuming {isgd0} from iteration 60" in log
-    assert records(cut) == records(full)
-    assert (isgd0 / "model.pt").read_bytes() == (
-        full / "runs" / "isgd-seed0" / "model.pt"
-    ).read_bytes()
+    assert records(cut) == expected
+    assert (isgd0 / "model.pt").read_bytes() == isgd0_model
     assert (cut / "report.md").is_file()
     # fewer seeds: summarise the first only; more seeds: add runs, keep the recorded ones
     assert main(["compare", "--resume", str(cut), "--seeds", "1", "--no-progress"]) == 0
     assert [(r["arm"], r["seed"]) for r in records(cut)] == [("sgd", 0), ("isgd", 0)]
     assert json.loads((cut / "summary.json").read_text())["arms"]["sgd"]["final_accuracy"]["n"] == 1
     assert main(["compare", "--resume", str(cut), "--seed-list", "0,1,2", "--no-progress"]) == 0
-    assert records(cut)[:4] == records(full)
+    assert records(cut)[:4] == expected
     assert [(r["arm"], r["seed"]) for r in records(cut)[4:]] == [("sgd", 2), ("isgd", 2)]
     # the plan cannot change under --resume, and only a comparison can be resumed
     capsys.readouterr()
     assert main(["compare", "--resume", str(cut), "--lr", "0.1", "--arm", "sgd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "drop --lr, --arm" in err[0], err
+    assert main(["compare", "--resume", str(cut), "--tune-iters", "5"]) == 2
+    assert "drop --tune-iters" in capsys.readouterr().err
     assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a comparison directory" in capsys.readouterr().err

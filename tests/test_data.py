@@ -235,3 +235,15 @@ def test_real_fashion_mnist() -> None:
     split = load_dataset("fashion-mnist", download=False)
     assert split.x_train.shape == (60000, 1, 28, 28) and split.x_test.shape == (10000, 1, 28, 28)
     assert torch.bincount(split.y_train).tolist() == [6000] * 10
+
+
+def test_hold_out_keeps_the_statistics(tmp_path: Path) -> None:
+    write_idx_dir(tmp_path, mnist_like(n_train=64, size=12))
+    data = load_idx_dir(tmp_path)
+    tune = data.hold_out(16)
+    assert (len(tune.x_train), len(tune.x_test)) == (48, 16)
+    assert torch.equal(tune.x_test, data.x_train[-16:]) and torch.equal(
+        tune.y_test, data.y_train[-16:]
+    )
+    assert (tune.mean, tune.std) == (data.mean, data.std)  # not recomputed on the 48
+    assert torch.equal(tune.mean_image(), data.mean_image())

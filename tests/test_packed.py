@@ -114,6 +114,11 @@ def test_pack_bad_input_one_line_exit_2(packed, tmp_path, capsys) -> None:
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "o3" / "meta.json").exists()  # a failed pack is not loadable
+    (tmp_path / "again").mkdir()
+    unreadable = bad_packs(tmp_path / "again", root)[2][0]
+    assert main([*unreadable, "--workers", "2"]) == 2  # raised in a worker process: one line too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zzz.png: not a readable image" in err[0], err
     with pytest.raises(DataError, match=r"no meta\.json"):
         load_packed(tmp_path / "o3")
 

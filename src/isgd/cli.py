@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune each arm's learning rate over these first (equal budget)",
     )
     compare.add_argument(
-        "--tune-iters", type=int, default=1000, help="iterations per tuning trial (default 1000)"
+        "--tune-iters", type=int, help="iterations per tuning trial (default 1000)"
     )
     compare.add_argument(
         "--equal-compute",
@@ -365,18 +365,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     target = args.target if args.target is not None else base.target_accuracy
     if not 0 < target <= 1:
         raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
-    tune_lrs = []
+    tune_lrs, tune_iters = [], 1000 if args.tune_iters is None else args.tune_iters
     if args.tune_lrs:
         try:
             tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v.strip()]
         except ValueError:
             raise UsageError(f"--tune-lrs: not a list of numbers: {args.tune_lrs!r}") from None
-        if not tune_lrs or min(tune_lrs) <= 0 or args.tune_iters < 1:
+        if not tune_lrs or min(tune_lrs) <= 0 or tune_iters < 1:
             raise UsageError("--tune-lrs needs positive rates and --tune-iters >= 1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"
     plan = ComparisonPlan(
-        base, arms, seeds, target, out, args.equal_compute, tune_lrs, args.tune_iters, args.data_dir
+        base,
+        arms,
+        seeds,
+        target,
+        out,
+        args.equal_compute,
+        tune_lrs,
+        tune_iters,
+        args.data_dir,
     )
     run_comparison(plan, progress=args.progress)
     print((out / "report.md").read_text().split("\n## Runs")[0])
@@ -398,9 +406,10 @@ def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> i
             ("--target", args.target),
             ("--out", args.out),
             ("--tune-lrs", args.tune_lrs),
+            ("--tune-iters", args.tune_iters),
             ("--equal-compute", args.equal_compute),
         )
-        if value
+        if value is not None and value is not False
     ]
     if given:
         raise UsageError(

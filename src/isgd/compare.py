@@ -153,6 +153,7 @@ def speedup(base: float, arm: float) -> dict[str, float]:
 
     A missed target is ``inf``: an arm that reaches it where the baseline does not is infinitely
     faster (ratio inf, saving 1); the reverse gives ratio 0 and saving −inf; both missed: NaN.
+    A target reached before training (0 s, 0 passes) is read the same way as the other end.
     """
     if math.isinf(base) and math.isinf(arm):
         return {"ratio": math.nan, "saving": math.nan}
@@ -160,6 +161,10 @@ def speedup(base: float, arm: float) -> dict[str, float]:
         return {"ratio": INF, "saving": 1.0}
     if math.isinf(arm):
         return {"ratio": 0.0, "saving": -INF}
+    if arm == 0 or base == 0:  # reached at the first evaluation, before any training
+        if arm == base:
+            return {"ratio": math.nan, "saving": math.nan}
+        return {"ratio": INF, "saving": 1.0} if arm == 0 else {"ratio": 0.0, "saving": -INF}
     return {"ratio": base / arm, "saving": (base - arm) / base}
 
 
@@ -263,25 +268,12 @@ def _arm_config(plan: ComparisonPlan, arm: Arm, seed: int, **extra: Any) -> Trai
     return config.validate()
 
 
-def _validation_split(data: DataSplit, n_val: int) -> DataSplit:
-    """Hold out the last ``n_val`` training samples as the tuning set (the test split stays
-    untouched by tuning)."""
-    return DataSplit(
-        name=f"{data.name}[tune]",
-        x_train=data.x_train[:-n_val],
-        y_train=data.y_train[:-n_val],
-        x_test=data.x_train[-n_val:],
-        y_test=data.y_train[-n_val:],
-        num_classes=data.num_classes,
-    )
-
-
 def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
     """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
     ``plan.tune_iters`` iterations (same budget for every arm; first seed)."""
     from isgd.train import train
 
-    held_out = _validation_split(data, min(5000, len(data.x_train) // 6))
+    held_out = data.hold_out(min(5000, len(data.x_train) // 6))
     chosen: dict[str, float] = {}
     for arm in plan.arms:
         scores = {}
@@ -320,8 +312,14 @@ def run_comparison(
     tuned: dict[str, float] | None = None
     if resume:
         _, tuned = load_plan(plan.out)
-        if (plan.out / "runs.jsonl").is_file():
-            done = {(r["arm"], r["seed"]): r for r in load_records(plan.out)}
+        if (plan.out / "runs.jsonl").is_file():  # run_dir as the runs lie now (moved or not)
+            for r in load_records(plan.out):
+                run_dir = plan.out / "runs" / f"{r['arm']}-seed{r['seed']}"
+                done[r["arm"], r["seed"]] = {**r, "run_dir": str(run_dir)}
+        # rewritten whole: drops a line torn by a kill, so that appending goes on cleanly
+        runio.atomic_write_text(
+            plan.out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in done.values())
+        )
     else:
         check_new_run_dir(plan.out)
     data = load_dataset(plan.base.dataset, plan.data_dir)

@@ -176,6 +176,21 @@ class DataSplit:
         """Height of the images (all data sets here have square images)."""
         return int(self.x_train.shape[2])
 
+    def hold_out(self, n_val: int) -> DataSplit:
+        """The last ``n_val`` training samples as the test split, the rest as training (for
+        tuning; the real test split stays untouched). Keeps this set's normalisation statistics,
+        so nothing is recomputed over the (possibly memory-mapped) training images."""
+        return DataSplit(
+            f"{self.name}[tune]",
+            self.x_train[:-n_val],
+            self.y_train[:-n_val],
+            self.x_train[-n_val:],
+            self.y_train[-n_val:],
+            self.num_classes,
+            channel_stats=(self.mean, self.std),
+            pixel_mean=self.mean_image(),
+        )
+
     def mean_image(self) -> Tensor:
         """Per-pixel mean of the training images, ``C×H×W`` float32 in pixel units (0..255)."""
         if self._mean_image is None:

@@ -154,11 +154,14 @@ def _decode(job: tuple[str, int, str]) -> np.ndarray:
 
 
 def _decoded(jobs: list[tuple[str, int, str]], workers: int) -> Iterator[np.ndarray]:
+    """The decoded images in order; at most ``workers × 64`` of them in memory at a time."""
     if workers <= 1:
         yield from map(_decode, jobs)
         return
+    step = workers * 64
     with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(_decode, jobs, chunksize=64)
+        for start in range(0, len(jobs), step):
+            yield from pool.map(_decode, jobs[start : start + step], chunksize=16)
 
 
 def pack_image_folder(

@@ -54,8 +54,9 @@ __all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate", "resu
 log = logging.getLogger("isgd.train")
 
 # configuration keys a checkpoint cannot be resumed under once changed
-_STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size")
+_STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size", "crop_size", "window")
 _MAX_SKIP_WARNINGS = 10
+PREPARE_ONCE_MAX_BYTES = 2**31  # a training set larger than this as float32 is prepared per batch
 
 
 class TrainingInterrupted(Exception):
@@ -234,6 +235,11 @@ class Trainer:
                 f"{config.dataset}: the images are {height}×{width} pixels, but the models take "
                 "square images (N×S×S); crop or pad them to a square"
             )
+        if config.crop_size > height:
+            raise ConfigError(
+                f"invalid crop_size: {config.crop_size} (the {config.dataset} images are "
+                f"{height}×{width} pixels)"
+            )
         self.sampler = FixedCycleBatchSampler(
             len(self.data.x_train), config.batch_size, seed=config.seed, reshuffle=config.reshuffle
         )
@@ -260,7 +266,7 @@ class Trainer:
         # Without augmentation a small set is normalised once: a step only gathers rows. An
         # augmented set, or one whose float copy would pass 2 GiB (ImageNet, memory-mapped from
         # disk), is prepared batch by batch (the same numbers: the operations are per pixel).
-        per_batch = config.augment or self.data.x_train.numel() * 4 > 2**31
+        per_batch = config.augment or self.data.x_train.numel() * 4 > PREPARE_ONCE_MAX_BYTES
         self.x_train = None if per_batch else self.pre(self.data.x_train).to(self.device)
         self.y_train = self.data.y_train.to(self.device)
         self.x_test = self.data.x_test  # uint8; evaluation prepares it batch by batch
