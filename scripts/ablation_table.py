@@ -8,7 +8,8 @@ Outcome, per arm: seeds done; passes to each comparison's target and to the ``--
 ``passes_sgd / passes_arm`` against the ``sgd`` arm of the *same* comparison and seed; the test
 accuracy averaged over the last 5 evaluations (less noisy than the last one); extra passes.
 
-Mechanics, per arm (medians over seeds): trigger rate, extra iterations per trigger, the last
+Mechanics, per arm (medians over seeds): trigger rate, extra iterations per trigger, the share of
+triggers that got the batch down to the limit, the last
 complete epoch's CV (σ/mean) of the batch losses (claim C2), the Spearman ρ of the batch losses
 between consecutive epochs (claim C1), and the chart's limit over the epoch mean loss split into
 its trend and tail parts (``isgd.compare_report.mechanics``).
@@ -91,15 +92,16 @@ def main() -> None:
         )
     print()
     print(
-        "| comparison | arm | trigger % | extra iters per trigger | last-epoch CV | ρ epoch to "
-        "epoch | limit ÷ epoch mean = trend × tail |"
+        "| comparison | arm | trigger % | extra iters per trigger | triggers reaching the limit % "
+        "| last-epoch CV | ρ epoch to epoch | limit ÷ epoch mean = trend × tail |"
     )
-    print("|---|---|---:|---:|---|---:|---|")
+    print("|---|---|---:|---:|---:|---|---:|---|")
     for name, arm, rs, _ in rows:
-        m = {k: median([r[k] for r in rs]) for k in ("extra_per_trigger", "rho")}
+        m = {k: median([r[k] for r in rs]) for k in ("extra_per_trigger", "rho", "reached_limit")}
         print(
             f"| {name} | {arm} | {100 * median([r['trigger_rate'] for r in rs]):.2f} "
-            f"| {m['extra_per_trigger']:.1f} | {spread([r['cv'] for r in rs], '.3f')} "
+            f"| {m['extra_per_trigger']:.1f} | {100 * m['reached_limit']:.0f} "
+            f"| {spread([r['cv'] for r in rs], '.3f')} "
             f"| {m['rho']:.3f} | {median([r['limit_over_mean'] for r in rs]):.2f} = "
             f"{median([r['window_over_mean'] for r in rs]):.2f} × "
             f"{median([r['limit_over_window_mean'] for r in rs]):.2f} |"
