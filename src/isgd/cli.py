@@ -387,9 +387,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.data_dir,
     )
     run_comparison(plan, progress=args.progress)
-    print((out / "report.md").read_text().split("\n## Runs")[0])
-    log.info("report, figures and raw records in %s", out)
-    return 0
+    return _show_report(out)
 
 
 def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -422,6 +420,12 @@ def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> i
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     plan = dataclasses.replace(plan, seeds=seeds, data_dir=args.data_dir or plan.data_dir)
     run_comparison(plan, progress=args.progress, resume=True)
+    return _show_report(plan.out)
+
+
+def _show_report(out: Path) -> int:
+    print((out / "report.md").read_text().split("\n## Runs")[0])
+    log.info("report, figures and raw records in %s", out)
     return 0
 
 
