@@ -102,28 +102,30 @@ class Preprocess:
         of a global batch); the random numbers are drawn for all ``B`` and the rows' ones used,
         so every sample is augmented as in a single process, whatever the split.
         """
-        n, _, h, w = x.shape
-        total, rows = within if within is not None else (n, slice(None))
+        total, rows = within if within is not None else (len(x), slice(None))
         if self.crop_size and self.random_crop:
             c = self._check_crop(x)
-            off = torch.randint(0, h - c + 1, (2, total), generator=self.generator)[:, rows]
-            off = off.to(x.device)
-            windows = x.unfold(2, c, 1).unfold(3, c, 1)  # N × (h-c+1) × (w-c+1) × C × c × c
-            x = windows.permute(0, 2, 3, 1, 4, 5)[torch.arange(n, device=x.device), off[0], off[1]]
+            x = self._random_windows(x, (c, c), total, rows)
         elif self.crop_size:
             x = self.centre_crop(x)
         if self.crop_padding:
             p = self.crop_padding
-            off = torch.randint(0, 2 * p + 1, (2, total), generator=self.generator)[:, rows]
-            off = off.to(x.device)
-            # every h×w window of the padded batch as a view: N × (2p+1) × (2p+1) × C × h × w;
-            # one indexing op then copies each image's window (2-4× faster than a gather)
-            windows = F.pad(x, (p, p, p, p)).unfold(2, h, 1).unfold(3, w, 1)
-            x = windows.permute(0, 2, 3, 1, 4, 5)[torch.arange(n, device=x.device), off[0], off[1]]
+            x = self._random_windows(F.pad(x, (p, p, p, p)), x.shape[2:], total, rows)
         if self.flip:
             mask = (torch.rand(total, generator=self.generator)[rows] < 0.5).to(x.device)
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
         return x
+
+    def _random_windows(self, x: Tensor, size, total: int, rows: slice) -> Tensor:
+        """An ``h×w = size`` window of every image at a random offset, the same range for both
+        axes (drawn for all ``total`` rows of the global batch, the ``rows`` ones used). Every
+        window of the batch is a view, N × (H−h+1) × (W−w+1) × C × h × w; one indexing op then
+        copies each image's own (2-4× faster than a gather)."""
+        (h, w), n = size, len(x)
+        off = torch.randint(0, x.shape[2] - h + 1, (2, total), generator=self.generator)
+        off = off[:, rows].to(x.device)
+        windows = x.unfold(2, h, 1).unfold(3, w, 1)
+        return windows.permute(0, 2, 3, 1, 4, 5)[torch.arange(n, device=x.device), off[0], off[1]]
 
     def centre_crop(self, x: Tensor) -> Tensor:
         """The central ``crop_size``² pixels of every image (the full image without a crop)."""
