@@ -225,3 +225,17 @@ def test_per_batch_preparation_trains_the_same_model(idx_dir, tmp_path, isgd_run
     assert main(base_args(idx_dir, out, "--optimizer", "isgd")) == 0
     assert (out / "model.pt").read_bytes() == (isgd_run / "model.pt").read_bytes()
     assert (out / "steps.jsonl").read_text() == (isgd_run / "steps.jsonl").read_text()
+
+
+def test_lr_schedule_advances_once_per_regular_step_with_triggers(idx_dir, tmp_path):
+    """Extra iterations are not steps of the schedule: the lr logged at each evaluation is the
+    schedule's value at that regular iteration (inv: it changes at every iteration)."""
+    out = tmp_path / "inv"
+    schedule = ("--lr-policy", "inv", "--gamma", "0.01", "--power", "0.75")
+    assert main(base_args(idx_dir, out, "--optimizer", "isgd", *schedule)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["isgd/extra_iters"] > 0 and last["passes"] > last["iteration"]
+    for r in records:
+        t = r["iteration"]
+        assert r["lr"] == pytest.approx(0.05 * (1 + 0.01 * t) ** -0.75, rel=1e-12), t

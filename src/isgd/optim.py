@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from isgd.collective import LossSync
 from isgd.spc import LossControlChart
 
 __all__ = ["ISGD", "ISGDStats", "StepRecord", "frozen_batchnorm_stats"]
@@ -47,6 +49,7 @@ class StepRecord:
     sigma: float | None = None
     limit: float | None = None
     triggered: bool = False  # ψ > limit with a full window
+    skipped: bool = False  # a GradScaler found inf/NaN gradients: no update this step
     extra_iters: int = 0  # subproblem updates applied
     loss_after: float | None = None  # last ψ evaluated on d_t in the extra iterations
 
@@ -101,13 +104,24 @@ class ISGD(Optimizer):
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (the regular pass still updates them). Works by watching module calls while the
             extra iterations run, so no model needs to be passed.
+        process_group, sync_loss: which loss the decisions read (:class:`isgd.collective.LossSync`).
+            By default (``sync_loss=None``), when ``torch.distributed`` is initialised with more
+            than one process, every decision reads the process-group mean of the ranks' losses —
+            one all-reduce of three scalars per pass — so all ranks take the same decisions and
+            their collectives stay matched. ``sync_loss=False`` opts out, for loops that already
+            pass a loss that is the same on every rank; ``process_group`` names a group other
+            than the default one.
         **base_kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
 
     The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
     ``backward()`` and return the loss — the same contract as ``torch.optim.LBFGS`` (it is called
-    several times per step on a triggered batch). For loops that own ``backward()`` (mixed
-    precision with ``GradScaler``, trainer frameworks) use :meth:`observe`,
-    :meth:`above_limit` and :meth:`subproblem_grad_` instead; see the README.
+    several times per step on a triggered batch). Gradient accumulation belongs *inside* the
+    closure (zero once, back-propagate every micro-batch, return their mean loss); gradients
+    accumulated before :meth:`step` would be discarded by the closure's ``zero_grad`` and are
+    refused. Mixed precision: ``step(closure, grad_scaler=scaler)``, or ``scaler.step(opt,
+    closure)``, with a closure that back-propagates ``scaler.scale(loss)``. For loops that own
+    ``backward()`` use :meth:`observe`, then a bare :meth:`step`, then :meth:`above_limit` and
+    :meth:`subproblem_grad_` for the extra iterations; see ``docs/integrations.md``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -131,6 +145,8 @@ class ISGD(Optimizer):
         max_extra_iters: int = 5,
         eps: float = 0.1,
         freeze_bn_stats: bool = True,
+        process_group: Any = None,
+        sync_loss: bool | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
@@ -150,6 +166,7 @@ class ISGD(Optimizer):
         if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
         self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
+        self.sync = LossSync(process_group, sync_loss)
 
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -164,6 +181,11 @@ class ISGD(Optimizer):
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
         self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
         self._psi: float | None = None  # the last extra-iteration loss reported
+        self._weight: float | None = None  # this rank's weight in the mean loss of the step
+        self._observed = False  # observe() ran and the step's update is still to come
+        #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
+        self.in_extra_iteration = False
+        self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
 
     # ------------------------------------------------------------------ hyper-parameters
     @property
@@ -183,54 +205,127 @@ class ISGD(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------ the step
+    _step_supports_amp_scaling = True  # GradScaler.step(opt, closure) hands itself to step()
+
     @torch.no_grad()
-    def step(self, closure: LossClosure | None = None) -> Tensor:  # type: ignore[override]
-        """One ISGD step on the batch the closure evaluates; returns the regular loss."""
+    def step(  # type: ignore[override]
+        self,
+        closure: LossClosure | None = None,
+        *,
+        weight: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor | None:
+        """One ISGD step on the batch the closure evaluates; returns the regular loss.
+
+        Args:
+            closure: zeroes the gradients, computes the batch loss, back-propagates it (scaled by
+                ``grad_scaler`` if one is used) and returns it; called once more per extra
+                iteration. ``None`` is the closure-free form: the loop has back-propagated and
+                called :meth:`observe`; ``step()`` then applies the base update.
+            weight: this rank's weight in the process-group mean of the loss (its sample count
+                when ranks hold batches of different sizes); ignored in a single process.
+            grad_scaler: a ``torch.amp.GradScaler``; gradients of every pass are unscaled and
+                checked for inf/NaN before ISGD uses them. Inf in the regular pass skips the
+                update (on every rank alike) as ``GradScaler.step`` would; inf in an extra
+                iteration ends the extra iterations. Call ``grad_scaler.update()`` after.
+        """
         if closure is None:
-            raise TypeError(
-                "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
-                "computes the batch loss, calls backward() and returns the loss; loops that own "
-                "backward() use observe()/above_limit()/subproblem_grad_())"
+            return self._closure_free_step(grad_scaler)
+        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "ISGD.step(closure) was called by a GradScaler that does not hand itself over "
+                "(a wrapper changed step's signature, as accelerate's AcceleratedOptimizer does "
+                "under fp16): call the ISGD optimizer's step(closure, grad_scaler=scaler) "
+                "directly, then scaler.update()"
             )
+        self._refuse_outside_grads()
         with torch.enable_grad():
             loss = closure()
-        n_extra = self.observe(loss)
-        self.base_optimizer.step()
-        if n_extra:
-            guard = frozen_batchnorm_stats() if self.freeze_bn_stats else contextlib.nullcontext()
-            with guard:
-                for _ in range(n_extra):
-                    with torch.enable_grad():
-                        loss_i = closure()
-                    if not self.above_limit(loss_i):
-                        break
-                    self.subproblem_grad_()
-                    self.base_optimizer.step()
+        _check_loss(loss)
+        found_inf = _unscale_once(grad_scaler, self)
+        n_extra = self.observe(loss, weight=weight, found_inf=found_inf)
+        self._observed = False
+        if not self.stats.last.skipped:
+            self.base_optimizer.step()
+        for _ in range(n_extra):
+            with self.extra_pass(), torch.enable_grad():
+                loss_i = closure()
+            _check_loss(loss_i)
+            found_inf = None if grad_scaler is None else self.unscale_(grad_scaler)
+            if not self.above_limit(loss_i, found_inf=found_inf):
+                break
+            self.subproblem_grad_()
+            self.base_optimizer.step()
+        self._grad_marks = [None if p.grad is None else p.grad._version for p in self._params()]
         return loss
+
+    def _closure_free_step(self, grad_scaler: torch.amp.GradScaler | None) -> None:
+        if not self._observed and grad_scaler is not None:
+            raise TypeError(
+                "Invalid closure: None (GradScaler.step(opt) without a closure cannot re-run the "
+                "batch for ISGD's extra iterations: call opt.step(closure, grad_scaler=scaler) "
+                "with a closure that back-propagates scaler.scale(loss), or opt.observe(loss) "
+                "before scaler.step(opt) in a loop that owns backward())"
+            )
+        if not self._observed:
+            raise TypeError(
+                "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
+                "computes the batch loss, calls backward() and returns the loss, or, in a loop "
+                "that owns backward(), opt.observe(loss) before a bare opt.step(); frameworks: "
+                "see isgd.integrations)"
+            )
+        self._observed = False
+        if grad_scaler is not None:  # GradScaler.step(opt) handed itself over
+            found_inf = _unscale_once(grad_scaler, self)
+        else:  # GradScaler's attribute protocol (found_inf / grad_scale set on the optimizer)
+            found_inf = _unscale_by(self._grads(), getattr(self, "grad_scale", None))
+            outer = getattr(self, "found_inf", None)
+            if outer is not None:
+                found_inf = outer if found_inf is None else found_inf + outer
+        if found_inf is not None and float(found_inf) > 0:
+            self._skip_step()
+            return None
+        self.base_optimizer.step()
+        return None
 
     # ------------------------------------------------------------------ closure-free form
     @torch.no_grad()
-    def observe(self, loss: Tensor | float) -> int:
+    def observe(
+        self,
+        loss: Tensor | float,
+        *,
+        weight: float | None = None,
+        found_inf: Tensor | None = None,
+    ) -> int:
         """Report the regular loss ψ of this step, *before* the base optimizer's step.
 
         Judges ψ against the chart (the limit is read before ψ joins it), adds ψ to the chart,
         and, when ψ is above the limit, remembers :math:`w_{t-1}` (the current weights) for the
         conservative term. Returns the number of extra iterations the loop may run: 0, or
-        ``max_extra_iters`` on a triggered step. Reads the loss once (one host-device sync).
+        ``max_extra_iters`` on a triggered step. Under data parallelism ψ is the process-group
+        mean (``weight``: this rank's weight in it); ``found_inf`` (a GradScaler's flag) travels
+        in the same all-reduce, and inf on any rank makes the step a skipped one everywhere.
+        Reads the loss once (one host-device sync).
         """
-        psi = _as_float(loss)  # the one host-device sync per step
+        psi, any_inf = self.sync(loss, weight, found_inf)
+        self._weight = weight
         chart = self.chart
         mean, sigma, limit = chart.statistics()
         triggered = (
-            self.max_extra_iters > 0 and limit is not None and math.isfinite(psi) and psi > limit
+            not any_inf
+            and self.max_extra_iters > 0
+            and limit is not None
+            and math.isfinite(psi)
+            and psi > limit
         )
-        record = StepRecord(psi, mean, sigma, limit, triggered)
+        record = StepRecord(psi, mean, sigma, limit, triggered, skipped=any_inf)
         chart.update(psi)
 
         self.stats.steps += 1
         self.stats.passes += 1
         self.stats.last = record
         self._psi = None
+        self._observed = True
         if not record.triggered:
             self._limit = None
             return 0
@@ -240,19 +335,71 @@ class ISGD(Optimizer):
             self._snapshot_w_prev()
         return self.max_extra_iters
 
-    def above_limit(self, loss: Tensor | float) -> bool:
+    def above_limit(self, loss: Tensor | float, *, found_inf: Tensor | None = None) -> bool:
         """Report the loss ψ' of an extra iteration; True while it is still above the limit.
 
         When True, the loop runs backward (if not done yet), calls :meth:`subproblem_grad_` and
-        the base optimizer's step; when False it stops the extra iterations.
+        the base optimizer's step; when False it stops the extra iterations. ψ' is the
+        process-group mean under data parallelism (one all-reduce, with ``found_inf``: non-finite
+        gradients on any rank also stop the extra iterations on every rank).
         """
         if self._limit is None:
             raise RuntimeError("above_limit() called outside a triggered step (see observe())")
-        psi = _as_float(loss)  # one sync per extra iteration: the stop rule needs ψ'
+        psi, any_inf = self.sync(loss, self._weight, found_inf)  # the stop rule needs ψ'
         self.stats.passes += 1
         self.stats.last.loss_after = psi
         self._psi = psi
-        return psi > self._limit
+        return not any_inf and psi > self._limit
+
+    def _skip_step(self) -> None:
+        """The update of the step just observed is not applied (non-finite gradients)."""
+        record = self.stats.last
+        if record.triggered:
+            self.stats.triggers -= 1
+        record.triggered, record.skipped = False, True
+        self._limit = None
+
+    def _refuse_outside_grads(self) -> None:
+        """Gradients back-propagated since the last step would be zeroed by the closure."""
+        marks = self._grad_marks
+        params = self._params()
+        touched = [
+            p.grad
+            for i, p in enumerate(params)
+            if p.grad is not None
+            and (marks is None or len(marks) != len(params) or marks[i] != p.grad._version)
+        ]
+        if touched and bool(torch.stack(torch._foreach_norm(touched)).sum() > 0):
+            raise RuntimeError(
+                "ISGD.step(closure): the parameters hold gradients back-propagated outside the "
+                "closure (gradient accumulation?), which the closure's zero_grad() would discard; "
+                "run every micro-batch inside the closure (docs/integrations.md#gradient-"
+                "accumulation), or zero the gradients before step()"
+            )
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self._params() if p.grad is not None]
+
+    @contextlib.contextmanager
+    def extra_pass(self) -> Iterator[None]:
+        """Wrap the forward/backward of one extra iteration in a loop that owns them: BatchNorm
+        statistics end as they started (with ``freeze_bn_stats``), and
+        :attr:`in_extra_iteration` is True inside (loggers use it to skip these passes)."""
+        guard = frozen_batchnorm_stats() if self.freeze_bn_stats else contextlib.nullcontext()
+        self.in_extra_iteration = True
+        try:
+            with guard:
+                yield
+        finally:
+            self.in_extra_iteration = False
+
+    def unscale_(self, grad_scaler: torch.amp.GradScaler) -> Tensor | None:
+        """Divide the gradients of an extra iteration by ``grad_scaler``'s scale, in place, and
+        return its found-inf flag (for :meth:`above_limit`). ``GradScaler.unscale_`` may run only
+        once between updates — the regular pass's — hence this. ``None`` if the scaler is off."""
+        if not grad_scaler.is_enabled():
+            return None
+        return _unscale_by(self._grads(), torch.tensor(grad_scaler.get_scale()))
 
     @torch.no_grad()
     def subproblem_grad_(self) -> None:
@@ -339,21 +486,26 @@ def frozen_batchnorm_stats() -> Iterator[None]:
     """Inside this block, BatchNorm/InstanceNorm running statistics end as they started.
 
     Every normalisation module that runs in training mode with ``track_running_stats`` has its
-    ``running_mean``, ``running_var`` and ``num_batches_tracked`` saved at its first call and
-    restored on exit. Batch statistics are still used for normalisation, exactly as in the
-    regular pass. Implemented with a global forward pre-hook, so it needs no model reference.
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` saved and restored on exit.
+    Batch statistics are still used for normalisation, exactly as in the regular pass.
+    Implemented with a global forward pre-hook, so it needs no model reference: the first call of
+    a module not seen yet saves every normalisation module *under* it, so a model compiled with
+    ``torch.compile`` (whose submodules run inside the graph, without hooks) is covered through
+    the one call of its ``OptimizedModule``.
     """
-    saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}
+    seen: set[int] = set()
+    saved: list[tuple[Tensor, Tensor]] = []
 
     def hook(module: torch.nn.Module, _args: Any) -> None:
-        if (
-            isinstance(module, torch.nn.modules.batchnorm._NormBase)
-            and module.training
-            and module.track_running_stats
-            and module not in saved
-        ):
-            buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
-            saved[module] = [(b, b.detach().clone()) for b in buffers if b is not None]
+        if id(module) in seen:
+            return
+        for sub in module.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+                buffers = (sub.running_mean, sub.running_var, sub.num_batches_tracked)
+                saved.extend((b, b.detach().clone()) for b in buffers if b is not None)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -361,13 +513,44 @@ def frozen_batchnorm_stats() -> Iterator[None]:
     finally:
         handle.remove()
         with torch.no_grad():
-            for pairs in saved.values():
-                for buffer, copy in pairs:
-                    buffer.copy_(copy)
+            for buffer, copy in saved:
+                buffer.copy_(copy)
 
 
-def _as_float(loss: Tensor | float) -> float:
-    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        what = type(loss).__name__ if not isinstance(loss, Tensor) else f"shape {tuple(loss.shape)}"
+        raise TypeError(
+            f"Invalid closure result: {what} (the closure must return the batch loss, a "
+            "one-element tensor)"
+        )
+
+
+def _unscale_once(scaler: torch.amp.GradScaler | None, opt: Optimizer) -> Tensor | None:
+    """The scaler's own unscale of this step (unless the loop already called it): gradients
+    unscaled in place, the found-inf flag it recorded returned."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    state = scaler._per_optimizer_states[id(opt)]
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(opt)
+    flags = list(state["found_inf_per_device"].values())
+    return torch.stack([f.to(flags[0].device) for f in flags]).sum() if flags else None
+
+
+def _unscale_by(grads: list[Tensor], scale: Tensor | None) -> Tensor | None:
+    if scale is None:
+        return None
+    found = torch.zeros((), device="cpu")
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, group in by_device.items():
+        flag = torch.zeros(1, device=device)
+        inv = scale.to(device=device, dtype=torch.float64).reciprocal().float().reshape(1)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
+        found = found + flag.cpu().sum()
+    return found
 
 
 def _is_real(x: object) -> bool:

@@ -142,6 +142,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
         max_extra_iters=config.max_extra_iters,
         eps=config.eps,
         freeze_bn_stats=config.freeze_bn_stats,
+        sync_loss=False,  # the trainer hands ISGD the global ψ (distributed.global_mean_loss)
         **kwargs,
     )
 

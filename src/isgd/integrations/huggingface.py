@@ -1,0 +1,192 @@
+"""ISGD in the Hugging Face ``Trainer``: :class:`ISGDTrainer`.
+
+The Trainer owns ``backward()``: it back-propagates every micro-batch of an optimizer step
+(``gradient_accumulation_steps`` of them), clips, then calls ``optimizer.step()`` with no closure,
+then steps the LR schedule. ISGD's extra iterations need the step's batch again, so
+:class:`ISGDTrainer` keeps the micro-batches of the step in progress and, when ISGD triggers,
+replays them — through the Trainer's own ``training_step``, so the loss, its scaling for
+accumulation, ``accelerator.backward`` and DDP's gradient all-reduce are the Trainer's. Per
+optimizer step:
+
+1. the Trainer's micro-batches: forward/backward, their losses summed into ψ (the Trainer's
+   reported loss for the step);
+2. the Trainer's clipping (``max_grad_norm``) of ∇ψ;
+3. ``ISGD.observe(ψ)`` (the process-group mean under DDP), then the Trainer's
+   ``optimizer.step()``: ISGD's closure-free step, the base update (skipped with the scaler's
+   inf, as the Trainer expects);
+4. on a triggered step, up to ``max_extra_iters`` times: replay the micro-batches (ψ′, ∇ψ′;
+   BatchNorm statistics frozen), stop once ψ′ ≤ limit, clip ∇ψ′ to ``max_grad_norm``, form ∇φ,
+   apply the base update;
+5. the Trainer's LR schedule step — once per regular step — and its logging, to which ISGD's
+   statistics are added (``isgd/trigger_rate``, ``isgd/triggers``, ``isgd/extra_iters``,
+   ``isgd/limit``).
+
+The training batches come in ISGD's fixed cycle (one permutation, seeded by ``args.seed``, the same
+every epoch) unless ``fixed_cycle=False``. Pass the optimizer in: ``optimizers=(isgd.ISGD(...),
+None)``, with ``window`` = optimizer steps per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback
+
+from isgd.optim import ISGD
+
+__all__ = ["ISGDTrainer"]
+
+log = logging.getLogger("isgd.integrations.huggingface")
+
+
+class ISGDTrainer(Trainer):
+    """A ``transformers.Trainer`` that runs ISGD's extra iterations (see the module docstring).
+
+    Args:
+        *args, **kwargs: as for ``Trainer``; ``optimizers=(isgd.ISGD(...), scheduler or None)``.
+        fixed_cycle: visit the training samples in one fixed order every epoch, as ISGD's
+            control chart assumes (default True); False keeps the Trainer's shuffling.
+    """
+
+    def __init__(self, *args: Any, fixed_cycle: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fixed_cycle = fixed_cycle
+        self._isgd_micro: list[tuple[Any, Any]] = []  # the step's micro-batches
+        self._isgd_loss: torch.Tensor | None = None  # their summed loss: ψ
+        self._isgd_model: torch.nn.Module | None = None  # the wrapped model the loop trains
+        self._isgd_replaying = False
+        self.add_callback(_ISGDSteps(self))
+
+    @property
+    def isgd(self) -> ISGD:
+        """The ISGD optimizer under the Trainer's (accelerate's) wrapper."""
+        opt = self.optimizer
+        while not isinstance(opt, ISGD) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        if not isinstance(opt, ISGD):
+            raise ValueError(
+                f"ISGDTrainer needs an isgd.ISGD optimizer, got {type(opt).__name__}: pass "
+                "optimizers=(isgd.ISGD(model.parameters(), window=..., lr=...), None)"
+            )
+        return opt
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.fixed_cycle or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        return _FixedOrder(len(dataset), seed=self.args.seed)
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._isgd_replaying:
+            self._isgd_model = model
+            self._isgd_micro.append((inputs, num_items_in_batch))
+            self._isgd_loss = loss if self._isgd_loss is None else self._isgd_loss + loss
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self.optimizer is not None:
+            stats = self.isgd.stats
+            logs = {
+                **logs,
+                "isgd/trigger_rate": stats.trigger_rate,
+                "isgd/triggers": stats.triggers,
+                "isgd/extra_iters": stats.extra_iters,
+                **({"isgd/limit": stats.last.limit} if stats.last.limit is not None else {}),
+            }
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ the ISGD parts of a step
+    def _isgd_observe(self) -> None:
+        """After the Trainer's clipping, before its optimizer.step(): judge ψ."""
+        if self._isgd_loss is None:
+            raise RuntimeError("ISGDTrainer: an optimizer step without a training_step")
+        self.isgd.observe(self._isgd_loss)
+
+    def _isgd_extra_iterations(self) -> None:
+        """After the base update, before the LR schedule: the extra iterations, if triggered."""
+        opt, model = self.isgd, self._isgd_model
+        micro, self._isgd_micro, self._isgd_loss = self._isgd_micro, [], None
+        if not opt.stats.last.triggered or self.accelerator.optimizer_step_was_skipped:
+            return
+        scaler = self.accelerator.scaler
+        for _ in range(opt.max_extra_iters):
+            model.zero_grad()
+            with opt.extra_pass():
+                psi = self._isgd_replay(model, micro)
+            found_inf = None if scaler is None else opt.unscale_(scaler)
+            if not opt.above_limit(psi, found_inf=found_inf):
+                break
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+            opt.subproblem_grad_()
+            opt.base_optimizer.step()
+
+    def _isgd_replay(self, model: torch.nn.Module, micro: list[tuple[Any, Any]]) -> torch.Tensor:
+        """ψ′ and ∇ψ′: the step's micro-batches again, through the Trainer's training_step (DDP
+        all-reduces the gradients at the last one, as in the regular pass)."""
+        self._isgd_replaying = True
+        try:
+            total = None
+            for i, (inputs, num_items) in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, inputs, num_items)
+                total = loss if total is None else total + loss
+        finally:
+            self._isgd_replaying = False
+        return total
+
+
+class _ISGDSteps(TrainerCallback):
+    """The Trainer's hooks around ``optimizer.step()``, handed to :class:`ISGDTrainer`."""
+
+    def __init__(self, trainer: ISGDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        opt = trainer.isgd  # refuses a non-ISGD optimizer, in one line
+        sharded = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if trainer.accelerator.distributed_type in sharded:
+            raise ValueError(
+                f"ISGDTrainer supports one process and DDP, not "
+                f"{trainer.accelerator.distributed_type.value}: ISGD's extra iterations update "
+                "the full parameters outside the sharding engine"
+            )
+        loader = kwargs.get("train_dataloader")
+        if loader is not None and hasattr(loader, "__len__"):
+            per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+            if per_epoch != opt.window:
+                log.warning(
+                    "ISGD's window is %d but an epoch has %d optimizer steps: the control chart "
+                    "covers %s one epoch (the paper's choice is one epoch)",
+                    opt.window, per_epoch, "more than" if opt.window > per_epoch else "less than",
+                )  # fmt: skip
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._isgd_observe()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._isgd_extra_iterations()
+
+
+class _FixedOrder(Sampler[int]):
+    """One seeded permutation of ``range(n)``, the same every epoch (ISGD's fixed cycle)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)

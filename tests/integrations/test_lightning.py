@@ -1,0 +1,77 @@
+"""ISGD in a real Lightning Trainer (CPU): fp32 and bf16 on one process, DDP on two (gloo), and
+the set-ups ISGD refuses at fit start."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from isgd.integrations.lightning import ISGDCallback
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
+sys.path.insert(0, str(EXAMPLE.parent))
+import lightning_example  # noqa: E402
+
+
+def read_metrics(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_automatic_optimisation_logs_the_regular_loss_and_isgd_statistics(tmp_path, precision):
+    result = lightning_example.main(["--out", str(tmp_path), "--precision", precision])
+    stats = result["stats"]
+    assert stats["steps"] == 72 and stats["triggers"] > 0 and stats["extra_iters"] > 0
+    assert result["lr"] == pytest.approx(0.05 * 0.5)  # StepLR(50) stepped once per regular step
+    rows = [r for r in read_metrics(result["metrics_csv"]) if r.get("isgd/loss")]
+    assert len(rows) == 72
+    triggered = [r for r in rows if float(r["isgd/triggered"]) == 1.0]
+    assert len(triggered) == stats["triggers"]
+    assert all(float(r["isgd/limit"]) < float(r["isgd/loss"]) for r in triggered)
+    assert float(rows[-1]["isgd/triggers_total"]) == stats["triggers"]
+    # the module's own train_loss is the regular pass's, not the last extra pass's
+    for r in rows:
+        assert math.isclose(float(r["train_loss"]), float(r["isgd/loss"]), rel_tol=1e-6)
+
+
+def test_ddp_two_processes_take_the_same_decisions(tmp_path):
+    argv = [sys.executable, str(EXAMPLE), "--devices", "2", "--strategy", "ddp"]
+    subprocess.run(
+        [*argv, "--out", str(tmp_path)], check=True, timeout=300, capture_output=True, cwd=tmp_path
+    )
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["stats"]["triggers"] > 0 and r0["stats"]["extra_iters"] > 0
+    assert r0["decisions"] == r1["decisions"]
+    assert r0["weights_sha256"] == r1["weights_sha256"]
+
+
+def fit(tmp_path, **trainer_kwargs) -> None:
+    module = lightning_example.Classifier(n_batches=12)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, callbacks=[ISGDCallback()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, **trainer_kwargs,
+    )  # fmt: skip
+    trainer.fit(module)
+
+
+def test_16_mixed_grad_scaler_is_refused_at_fit_start(tmp_path):
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(MisconfigurationException, match=r"precision='16-mixed'.*bf16-mixed"):
+        fit(tmp_path, plugins=[plugin])
+
+
+def test_accumulate_grad_batches_is_refused_at_fit_start(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"accumulate_grad_batches=2"):
+        fit(tmp_path, accumulate_grad_batches=2)
