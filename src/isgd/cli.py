@@ -112,8 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="fetch and verify data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     fetch = data_commands.add_parser("fetch", help="fetch a data set into the data directory")
-    fetch.add_argument("name", help="mnist or fashion-mnist")
+    fetch.add_argument("name", help="mnist, fashion-mnist or cifar10")
     fetch.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        help="cifar10 only: a local copy instead of the download (cifar-10-python.tar.gz, its "
+        "folder, or an image folder train/<class>/, test/<class>/ or a tar of one)",
+    )
     pack = data_commands.add_parser(
         "pack",
         help="pack an image folder (SRC/train/<class>/, SRC/val/<class>/) into memory-mappable "
@@ -452,6 +459,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         )
         log.info("packed %s into %s: train with --dataset packed:%s", args.source, out, out)
         return 0
+    if args.name == "cifar10":
+        from isgd.cifar10 import fetch_cifar10
+        from isgd.fetch import default_data_dir
+
+        root = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+        fetch_cifar10(root / "cifar10", args.source)
+        return 0
+    if args.source is not None:
+        raise ConfigError(f"--from is for cifar10 only; {args.name} is fetched from its registry")
     path = fetch(args.name, args.data_dir)
     log.info("%s is ready in %s", args.name, path)
     return 0

@@ -137,6 +137,8 @@ class DataSplit:
     mean: tuple[float, ...] = dataclasses.field(init=False)
     std: tuple[float, ...] = dataclasses.field(init=False)
     _mean_image: Tensor | None = dataclasses.field(default=None, init=False, repr=False)
+    # what results call the data: "CIFAR-10 (JPEG q75)" for a re-encoded copy (isgd.cifar10)
+    variant: str = dataclasses.field(default="", init=False)
     # precomputed statistics (a packed set on disk): skips the pass over the training images
     channel_stats: dataclasses.InitVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None
     pixel_mean: dataclasses.InitVar[Tensor | None] = None
@@ -339,9 +341,8 @@ def load_cifar10(directory: str | os.PathLike[str]) -> DataSplit:
                 )
     raise DataError(
         f"CIFAR-10 not found in {directory}: expected {', '.join(CIFAR_PY_FILES)} (python format) "
-        "or the same names with .bin; no reachable registry ships CIFAR-10, so download "
-        f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html elsewhere and "
-        f"extract it into {directory}"
+        "or the same names with .bin; fetch it with `isgd data fetch cifar10` (or `--from FILE` "
+        "for a copy downloaded elsewhere)"
     )
 
 
@@ -377,7 +378,11 @@ def load_dataset(
             )
         return load_idx_dir(directory, name=name, num_classes=10)
     if name == "cifar10":
-        return load_cifar10(root / "cifar10")
+        from isgd.cifar10 import read_source
+
+        data = load_cifar10(root / "cifar10")
+        data.variant = read_source(root / "cifar10")["variant"]
+        return data
     if name == "imagenet":
         from isgd.packed import load_packed
 

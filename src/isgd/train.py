@@ -1051,6 +1051,7 @@ def train(
         try:
             runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
             record = runio.provenance(config.threads)
+            record["data"] = trainer.data.variant or trainer.data.name
             if ctx is not None:
                 record["distributed"] = {
                     "world_size": ctx.world_size,
