@@ -12,6 +12,9 @@ operation order as ``torch.optim.SGD``). Nothing here is shared with ``src/isgd`
                 ψ' ← loss(w, d_t);  if ψ' ≤ limit: break
                 w ← base_step(w, (ψ' − limit)∇ψ' + (ε/n_w)(w − w_prev))
         push ψ into the window
+
+``inner_solver`` replaces base_step in the extra iterations: "gd" is w ← w − lr·∇φ; "momentum"
+is v ← μ·v + ∇φ, w ← w − lr·v with v = 0 at the start of every triggered step.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class ReferenceISGD:
         sigma_factor: float = 3.0,
         stop: int = 5,
         eps: float = 0.1,
+        inner_solver: str = "base",
     ) -> None:
+        self.inner_solver = inner_solver
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay, self.nesterov = (
             lr,
@@ -83,6 +88,17 @@ class ReferenceISGD:
                 )
             p.add_(d_p, alpha=-self.lr)
 
+    @torch.no_grad()
+    def inner_step(self, grads: list[torch.Tensor], velocity: list[torch.Tensor]) -> None:
+        if self.inner_solver == "base":
+            self.base_step(grads)
+            return
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if self.inner_solver == "momentum":
+                velocity[i] = self.momentum * velocity[i] + g
+                g = velocity[i]
+            p.sub_(self.lr * g)
+
     def step(self, closure: Callable[[], torch.Tensor]) -> Decision:
         w_prev = [p.detach().clone() for p in self.params]
         psi = closure().item()
@@ -90,6 +106,7 @@ class ReferenceISGD:
         limit = self.limit()
         decision = Decision(psi, limit, limit is not None and psi > limit, 0)
         if decision.triggered:
+            velocity = [torch.zeros_like(p) for p in self.params]
             for _ in range(self.stop):
                 psi_i = closure().item()
                 if psi_i <= limit:
@@ -98,7 +115,7 @@ class ReferenceISGD:
                     (psi_i - limit) * p.grad + (self.eps / self.n_w) * (p.detach() - w0)
                     for p, w0 in zip(self.params, w_prev)
                 ]
-                self.base_step(grads)
+                self.inner_step(grads, velocity)
                 decision.extra_iters += 1
         self.window.append(psi)
         if len(self.window) > self.n_b:

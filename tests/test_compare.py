@@ -216,7 +216,7 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
 
     def records(out):
         rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-        drop = ("run_dir", "time_to_target", "train_seconds")
+        drop = ("run_dir", "time_to_target", "time_to_target_grid", "train_seconds")
         return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
     full = tmp_path / "full"

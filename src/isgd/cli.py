@@ -45,6 +45,8 @@ HELP = {
     "sigma_factor": "ISGD: k in limit = mean + k*sigma",
     "max_extra_iters": "ISGD: extra iterations at most on a triggered batch",
     "eps": "ISGD: conservative weight epsilon",
+    "inner_solver": "ISGD: update of the extra iterations: base (the base optimizer's step, "
+    "shared momentum), gd (w -= lr*grad phi) or momentum (a fresh velocity per trigger)",
     "freeze_bn_stats": "ISGD: keep BatchNorm statistics unchanged by extra passes",
     "window": "ISGD: control chart window in batches, 0 = one epoch (a variant when not 0)",
     "normalize": "scale (x/256), standardize or mean_subtract",
@@ -187,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune each arm's learning rate over these first (equal budget)",
     )
     compare.add_argument(
-        "--tune-iters", type=int, help="iterations per tuning trial (default 1000)"
+        "--tune-iters",
+        type=int,
+        help="iterations per tuning trial (default: 3 epochs of the tuning split, so that "
+        "ISGD acts; a budget inside ISGD's first window is refused)",
     )
     compare.add_argument(
         "--equal-compute",
@@ -372,13 +377,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     target = args.target if args.target is not None else base.target_accuracy
     if not 0 < target <= 1:
         raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
-    tune_lrs, tune_iters = [], 1000 if args.tune_iters is None else args.tune_iters
+    tune_lrs, tune_iters = [], 0 if args.tune_iters is None else args.tune_iters
     if args.tune_lrs:
         try:
             tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v.strip()]
         except ValueError:
             raise UsageError(f"--tune-lrs: not a list of numbers: {args.tune_lrs!r}") from None
-        if not tune_lrs or min(tune_lrs) <= 0 or tune_iters < 1:
+        if not tune_lrs or min(tune_lrs) <= 0 or (args.tune_iters is not None and tune_iters < 1):
             raise UsageError("--tune-lrs needs positive rates and --tune-iters >= 1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"

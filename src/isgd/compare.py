@@ -6,6 +6,8 @@ all arms; time-to-target is the training seconds at the first evaluation that re
 For one seed all arms share the model initialisation and the fixed batch order (both follow the
 seed), and runs are interleaved (seed 0: A B, seed 1: B A, ...) so that machine drift hits every
 arm alike. "X % faster" is reported both ways: ``T_base / T_arm`` and ``(T_base − T_arm) / T_base``.
+The crossing of the target is interpolated between evaluations, and every arm is compared with the
+baseline seed by seed, with a 95 % interval of the paired ratio (:mod:`isgd.paired`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from isgd import runio
 from isgd.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.data import DataSplit, load_dataset
+from isgd.paired import crossing, effect_sentence, paired_ratio
 from isgd.runio import RunError
 
 __all__ = [
@@ -88,10 +91,11 @@ def time_to_target(metrics: Sequence[dict[str, Any]], target: float) -> dict[str
 
 
 def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, Any]:
-    """The per-run record of a finished run directory."""
+    """The per-run record of a finished run directory: the target's crossing interpolated
+    between evaluations (``*_to_target``) and at the first evaluation reaching it (``*_grid``)."""
     metrics = list(runio.read_jsonl(run_dir / "metrics.jsonl"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    hit = time_to_target(metrics, target)
+    hit, grid = crossing(metrics, target), time_to_target(metrics, target)
     return {
         "arm": arm.name,
         "seed": seed,
@@ -100,6 +104,8 @@ def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, A
         "time_to_target": hit["seconds"],
         "passes_to_target": hit["passes"],
         "iterations_to_target": hit["iteration"],
+        "time_to_target_grid": grid["seconds"],
+        "passes_to_target_grid": grid["passes"],
         "final_accuracy": summary["final/test_accuracy"],
         "best_accuracy": summary["best/test_accuracy"],
         "train_seconds": summary["time/train_seconds"],
@@ -108,7 +114,19 @@ def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, A
         "extra_passes": summary["passes"] - summary["iterations"],
         "trigger_rate": summary["isgd/trigger_rate"],
         "triggers": summary["isgd/triggers"],
+        "momentum_ratio": _median_momentum_ratio(run_dir),
     }
+
+
+def _median_momentum_ratio(run_dir: Path) -> float | None:
+    """Median over the triggered steps of ‖momentum term‖ / ‖∇φ‖ (None: no such step)."""
+    path = run_dir / "steps.jsonl"
+    if not path.is_file():
+        return None
+    ratios = sorted(
+        r["momentum_ratio"] for r in runio.read_jsonl(path) if r.get("momentum_ratio") is not None
+    )
+    return _quantile(ratios, 0.5) if ratios else None
 
 
 # ---------------------------------------------------------------------- aggregation
@@ -201,7 +219,21 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[st
                 paired.append(speedup(b["time_to_target"], r["time_to_target"])["ratio"])
         finite = [p for p in paired if not math.isnan(p)]
         arm["paired_time_ratio"] = aggregate(finite)
+        if name != arms[0]:
+            arm["paired"] = _paired(records, arms[0], name)
     return {"baseline": arms[0], "arms": per_arm}
+
+
+def _paired(records: Sequence[dict[str, Any]], base: str, name: str) -> dict[str, Any]:
+    """Per-seed ratios base/arm of passes and of seconds to target, with their intervals."""
+    by_seed = {r["seed"]: r for r in records if r["arm"] == base}
+    pairs = [(by_seed[r["seed"]], r) for r in records if r["arm"] == name and r["seed"] in by_seed]
+    out: dict[str, Any] = {"seeds": [r["seed"] for _, r in pairs]}
+    for what, key in (("passes", "passes_to_target"), ("seconds", "time_to_target")):
+        result = paired_ratio([b[key] for b, _ in pairs], [a[key] for _, a in pairs])
+        result["sentence"] = effect_sentence(name, base, result, what)
+        out[what] = result
+    return out
 
 
 # ---------------------------------------------------------------------- running
@@ -214,7 +246,7 @@ class ComparisonPlan:
     out: Path
     equal_compute: bool = False
     tune_lrs: list[float] = field(default_factory=list)
-    tune_iters: int = 0
+    tune_iters: int = 0  # 0: enough for ISGD to act (tuning_budget)
     data_dir: str | None = None
 
 
@@ -268,21 +300,50 @@ def _arm_config(plan: ComparisonPlan, arm: Arm, seed: int, **extra: Any) -> Trai
     return config.validate()
 
 
+def _held_out(data: DataSplit) -> DataSplit:
+    return data.hold_out(min(5000, len(data.x_train) // 6))
+
+
+def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
+    """Iterations per tuning trial: ``plan.tune_iters``, or (0) three epochs of the tuning split
+    — ISGD's chart fills in its first window, so a budget inside it would tune SGD twice.
+    An explicit budget in which an ISGD arm cannot act is refused."""
+    n_train = len(data.x_train) - min(5000, len(data.x_train) // 6)
+    n_b = n_train // plan.base.batch_size
+    isgd_windows = [
+        _arm_config(plan, a, plan.seeds[0]).chart_window(n_b)
+        for a in plan.arms
+        if _arm_config(plan, a, plan.seeds[0]).uses_isgd
+    ]
+    if not plan.tune_iters:
+        return max([1000, 3 * n_b, *(w + 2 * n_b for w in isgd_windows)])
+    if isgd_windows and plan.tune_iters <= max(isgd_windows):
+        raise ConfigError(
+            f"invalid --tune-iters: {plan.tune_iters} (ISGD cannot act before its control chart "
+            f"is full, after {max(isgd_windows)} iterations on the tuning split; give more, or "
+            "leave it out for 3 epochs)"
+        )
+    return plan.tune_iters
+
+
 def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
     """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
-    ``plan.tune_iters`` iterations (same budget for every arm; first seed)."""
+    :func:`tuning_budget` iterations (same budget for every arm; first seed)."""
     from isgd.train import train
 
-    held_out = data.hold_out(min(5000, len(data.x_train) // 6))
+    held_out = _held_out(data)
+    budget = tuning_budget(plan, data)
     chosen: dict[str, float] = {}
     for arm in plan.arms:
         scores = {}
         for lr in plan.tune_lrs:
-            config = _arm_config(plan, arm, plan.seeds[0], lr=lr, iters=plan.tune_iters)
-            config = dataclasses.replace(config, eval_every=plan.tune_iters, tensorboard=False)
+            config = _arm_config(plan, arm, plan.seeds[0], lr=lr, iters=budget, epochs=0.0)
+            config = dataclasses.replace(config, eval_every=budget, tensorboard=False)
             run_dir = plan.out / "tune" / f"{arm.name}-lr{lr:g}"
             summary = train(config, run_dir, data=held_out, progress=False)
             scores[lr] = summary["final/test_accuracy"]
+            if config.uses_isgd:
+                log.info("tuning %s lr %g: %d triggers", arm.name, lr, summary["isgd/triggers"])
             bar.update(1)
         chosen[arm.name] = max(scores, key=lambda lr: (scores[lr], -lr))
         log.info(
@@ -323,6 +384,8 @@ def run_comparison(
     else:
         check_new_run_dir(plan.out)
     data = load_dataset(plan.base.dataset, plan.data_dir)
+    if plan.tune_lrs and tuned is None:
+        tuning_budget(plan, data)  # refuses a budget ISGD cannot act in, before any file
     plan.out.mkdir(parents=True, exist_ok=True)
     save_plan(plan, tuned)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
@@ -444,7 +507,7 @@ def _equal_compute_arm(arms: list[Arm], arm: Arm, passes: int, lrs: dict[str, fl
     """The baseline arm (with its tuned learning rate, if tuned) trained for as many iterations
     as ``arm`` used passes."""
     base = arms[0]
-    overrides = {**base.overrides, "iters": int(passes)}
+    overrides = {**base.overrides, "iters": int(passes), "epochs": 0.0}  # iters, not --epochs
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)

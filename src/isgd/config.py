@@ -15,6 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from isgd.optim import INNER_SOLVERS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -60,6 +62,7 @@ class TrainConfig:
     sigma_factor: float = 3.0
     max_extra_iters: int = 5
     eps: float = 0.1
+    inner_solver: str = "base"  # extra iterations: base optimizer's step | gd | momentum (fresh)
     freeze_bn_stats: bool = True
     window: int = 0  # control chart window in batches; 0: one epoch, n_b (the paper)
     # data
@@ -126,6 +129,9 @@ class TrainConfig:
             "must be a finite number > 0",
         )
         need(self.max_extra_iters >= 0, "max_extra_iters", "must be >= 0")
+        need(
+            self.inner_solver in INNER_SOLVERS, "inner_solver", "one of " + ", ".join(INNER_SOLVERS)
+        )
         need(self.window == 0 or self.window >= 2, "window", "0 (one epoch) or >= 2 batches")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")

@@ -9,13 +9,17 @@ the same batch, solving
     \min_w \; \phi(w) = \tfrac12\,(\psi_w(d_t) - \text{limit})^2
                       + \frac{\varepsilon}{2 n_w}\,\lVert w - w_{t-1}\rVert^2
 
-with the base optimizer's own update rule applied to
+by steps along
 
 .. math::
     \nabla\phi(w) = (\psi_w(d_t) - \text{limit})\,\nabla\psi_w(d_t)
                   + \frac{\varepsilon}{n_w}\,(w - w_{t-1}),
 
-stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. See ``docs/algorithm.md`` for the
+stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. Which steps is ``inner_solver``:
+the base optimizer's own update, sharing its momentum buffer (``"base"``, the default), plain
+gradient descent :math:`w \leftarrow w - \zeta\,\nabla\phi` with the group's learning rate
+:math:`\zeta` (``"gd"``), or heavy-ball momentum on φ with a buffer started afresh at every
+triggered step (``"momentum"``). See ``docs/algorithm.md`` for the
 mapping between the paper's symbols and the arguments below.
 """
 
@@ -35,9 +39,10 @@ from torch.optim import Optimizer
 from isgd.collective import LossSync
 from isgd.spc import LossControlChart
 
-__all__ = ["ISGD", "ISGDStats", "StepRecord", "frozen_batchnorm_stats"]
+__all__ = ["INNER_SOLVERS", "ISGD", "ISGDStats", "StepRecord", "frozen_batchnorm_stats"]
 
 LossClosure = Callable[[], Tensor]
+INNER_SOLVERS = ("base", "gd", "momentum")  # the update of the extra iterations (see ISGD)
 
 
 @dataclass
@@ -52,6 +57,9 @@ class StepRecord:
     skipped: bool = False  # a GradScaler found inf/NaN gradients: no update this step
     extra_iters: int = 0  # subproblem updates applied
     loss_after: float | None = None  # last ψ evaluated on d_t in the extra iterations
+    # ‖momentum term‖ / ‖∇φ‖ in the subproblem updates (mean over them; None: none, or no
+    # momentum-SGD base): how much of an extra iteration is the velocity, how much the chase
+    momentum_ratio: float | None = None
 
 
 @dataclass
@@ -88,7 +96,7 @@ class ISGD(Optimizer):
         w ← base_step(w, ∇ψ)
         if triggered, repeat up to max_extra_iters times:
             ψ' ← closure();  if ψ' ≤ limit: break
-            w ← base_step(w, (ψ' − limit)·∇ψ' + (ε/n_w)·(w − w_{t−1}))
+            w ← inner_step(w, (ψ' − limit)·∇ψ' + (ε/n_w)·(w − w_{t−1}))   # base_step by default
         chart ← chart + ψ
 
     Args:
@@ -101,6 +109,13 @@ class ISGD(Optimizer):
             0 makes ISGD exactly the base optimizer. Default 5 (the paper is silent; see
             ``docs/algorithm.md``).
         eps: the conservative weight :math:`\varepsilon` ("preferably 0.1" in the paper).
+        inner_solver: the update of the extra iterations. ``"base"`` (default): the base
+            optimizer's step with ∇φ as the gradient (its momentum buffer, weight decay and
+            state shared with the regular steps). ``"gd"``: ``w ← w − lr·∇φ``, no momentum, no
+            weight decay, the base's state untouched (the reading that the paper's solver is
+            gradient descent on φ with step ζ). ``"momentum"``: ``v ← μ·v + ∇φ; w ← w − lr·v``
+            with the group's ``momentum`` μ and ``v`` zeroed at each triggered step. The paper
+            does not say which; ``docs/algorithm.md`` has the measurement.
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (the regular pass still updates them). Works by watching module calls while the
             extra iterations run, so no model needs to be passed.
@@ -144,6 +159,7 @@ class ISGD(Optimizer):
         sigma_factor: float = 3.0,
         max_extra_iters: int = 5,
         eps: float = 0.1,
+        inner_solver: str = "base",
         freeze_bn_stats: bool = True,
         process_group: Any = None,
         sync_loss: bool | None = None,
@@ -165,6 +181,10 @@ class ISGD(Optimizer):
             raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
         if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
+        if inner_solver not in INNER_SOLVERS:
+            raise ValueError(
+                f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
+            )
         self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
         self.sync = LossSync(process_group, sync_loss)
 
@@ -176,9 +196,12 @@ class ISGD(Optimizer):
 
         self.max_extra_iters = max_extra_iters
         self.eps = float(eps)
+        self.inner_solver = inner_solver
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.stats = ISGDStats()
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
+        self._v: list[Tensor] | None = None  # inner_solver="momentum": φ's own velocity
+        self._ratios: list[float] = []  # momentum ratios of the step in progress
         self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
         self._psi: float | None = None  # the last extra-iteration loss reported
         self._weight: float | None = None  # this rank's weight in the mean loss of the step
@@ -255,7 +278,7 @@ class ISGD(Optimizer):
             if not self.above_limit(loss_i, found_inf=found_inf):
                 break
             self.subproblem_grad_()
-            self.base_optimizer.step()
+            self.subproblem_step_()
         self._grad_marks = [None if p.grad is None else p.grad._version for p in self._params()]
         return loss
 
@@ -331,6 +354,7 @@ class ISGD(Optimizer):
             return 0
         self.stats.triggers += 1
         self._limit = record.limit
+        self._v, self._ratios = None, []
         if self.eps > 0:
             self._snapshot_w_prev()
         return self.max_extra_iters
@@ -422,6 +446,59 @@ class ISGD(Optimizer):
         self.stats.extra_iters += 1
         self.stats.last.extra_iters += 1
 
+    @torch.no_grad()
+    def subproblem_step_(self) -> None:
+        """Apply the ``inner_solver``'s update with the subproblem gradient in ``p.grad`` (after
+        :meth:`subproblem_grad_`). For ``"base"`` this is ``base_optimizer.step()``, which a loop
+        under a GradScaler may call through ``scaler.step(opt.base_optimizer)`` instead."""
+        self._record_momentum_ratio()
+        if self.inner_solver == "base":
+            self.base_optimizer.step()
+            return
+        velocity = self._velocity() if self.inner_solver == "momentum" else None
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            direction = [p.grad for p in params]
+            if velocity is not None:
+                v = [velocity[i][j] for j, p in enumerate(group["params"]) if p.grad is not None]
+                torch._foreach_mul_(v, float(group.get("momentum", 0.0)))
+                torch._foreach_add_(v, direction)
+                direction = v
+            lr = group["lr"]
+            torch._foreach_add_(params, direction, alpha=-float(lr))
+
+    def _velocity(self) -> list[list[Tensor]]:
+        if self._v is None:
+            self._v = [[torch.zeros_like(p) for p in g["params"]] for g in self.param_groups]
+        return self._v
+
+    def _record_momentum_ratio(self) -> None:
+        """‖momentum term‖ / ‖∇φ‖ of the update about to be applied, kept for the step record."""
+        grads, momenta = [], []
+        for i, group in enumerate(self.param_groups):
+            mu = float(group.get("momentum", 0.0) or 0.0)
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grads.append(p.grad)
+                if self.inner_solver == "gd" or mu == 0:
+                    continue
+                if self.inner_solver == "momentum":
+                    buf = None if self._v is None else self._v[i][j]
+                else:
+                    buf = self.base_optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    momenta.append(buf * mu)
+        if not grads or (
+            self.inner_solver == "base" and not isinstance(self.base_optimizer, torch.optim.SGD)
+        ):
+            return
+        g = torch.stack(torch._foreach_norm(grads)).norm()
+        m = torch.stack(torch._foreach_norm(momenta)).norm() if momenta else g.new_zeros(())
+        if float(g) > 0:
+            self._ratios.append(float(m / g))
+            self.stats.last.momentum_ratio = sum(self._ratios) / len(self._ratios)
+
     def _snapshot_w_prev(self) -> None:
         params = self._params()
         if (
@@ -449,6 +526,7 @@ class ISGD(Optimizer):
                 "sigma_factor": self.sigma_factor,
                 "max_extra_iters": self.max_extra_iters,
                 "eps": self.eps,
+                "inner_solver": self.inner_solver,
                 "freeze_bn_stats": self.freeze_bn_stats,
             },
         }
@@ -476,7 +554,8 @@ class ISGD(Optimizer):
         return (
             f"ISGD(base={type(self.base_optimizer).__name__}, window={self.window}, "
             f"sigma_factor={self.sigma_factor}, max_extra_iters={self.max_extra_iters}, "
-            f"eps={self.eps}, freeze_bn_stats={self.freeze_bn_stats}, "
+            f"eps={self.eps}, inner_solver={self.inner_solver!r}, "
+            f"freeze_bn_stats={self.freeze_bn_stats}, "
             f"groups={self.base_optimizer.param_groups!r})"
         )
 

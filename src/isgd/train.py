@@ -141,6 +141,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
         sigma_factor=config.sigma_factor,
         max_extra_iters=config.max_extra_iters,
         eps=config.eps,
+        inner_solver=config.inner_solver,
         freeze_bn_stats=config.freeze_bn_stats,
         sync_loss=False,  # the trainer hands ISGD the global ψ (distributed.global_mean_loss)
         **kwargs,
@@ -641,6 +642,8 @@ class Trainer:
                 extra_iters=s.last.extra_iters,
                 loss_after=s.last.loss_after,
             )
+            if s.last.momentum_ratio is not None:
+                rec["momentum_ratio"] = s.last.momentum_ratio
         else:
             self.chart.update(loss)
             st.passes += 1

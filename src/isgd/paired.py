@@ -1,0 +1,136 @@
+"""The statistics of a comparison: where a run crosses the target, and paired per-seed ratios.
+
+**Crossing.** Accuracy is evaluated every ``eval_every`` iterations, so "the first evaluation at
+or above the target" is quantised to that grid (250 iterations were ≈ 5 % of the MNIST median).
+:func:`crossing` interpolates linearly between the last evaluation below the target and the first
+at or above it — the passes, seconds and iterations at which the straight line between those two
+evaluations meets the target.
+
+**Paired ratios.** For one seed every arm shares the initialisation and the batch order, so the
+unit of comparison is the per-seed ratio :math:`r_s = T_{base,s} / T_{arm,s}` (> 1: the arm
+needs less). Ratios are averaged on the log scale: with :math:`\\ell_s = \\log r_s` over
+:math:`n` seeds,
+
+.. math:: \\bar r = \\exp(\\bar\\ell), \\qquad
+          \\exp\\big(\\bar\\ell \\pm t_{0.975,\\,n-1}\\, s_\\ell / \\sqrt n\\big)
+
+is the geometric-mean ratio and its 95 % confidence interval (Student *t* on the log-ratios; the
+two-sided p-value tests :math:`\\bar\\ell = 0`). A seed where one arm missed the target has no
+finite ratio; it is counted, and the interval is over the seeds with both crossings.
+:func:`effect_sentence` says in words which effects the interval excludes and which it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["crossing", "effect_sentence", "paired_ratio"]
+
+CONFIDENCE = 0.95
+
+
+def crossing(metrics: Sequence[Mapping[str, Any]], target: float) -> dict[str, float]:
+    """Seconds, passes and iteration where the accuracy first reaches ``target``, interpolated
+    between the two evaluations around it; ``inf`` if it never does. A first evaluation already
+    at the target gives that evaluation's values (there is nothing below it to interpolate)."""
+    keys = {"seconds": "time/train_seconds", "passes": "passes", "iteration": "iteration"}
+    previous: Mapping[str, Any] | None = None
+    for record in metrics:
+        accuracy = record["test/accuracy"]
+        if accuracy >= target:
+            if previous is None or accuracy == previous["test/accuracy"]:
+                return {k: float(record[v]) for k, v in keys.items()}
+            frac = (target - previous["test/accuracy"]) / (accuracy - previous["test/accuracy"])
+            return {
+                k: float(previous[v]) + frac * (float(record[v]) - float(previous[v]))
+                for k, v in keys.items()
+            }
+        previous = record
+    return {k: math.inf for k in keys}
+
+
+def paired_ratio(
+    base: Sequence[float], arm: Sequence[float], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """Geometric-mean ratio ``base/arm`` over paired seeds with its confidence interval.
+
+    Returns ``n`` (pairs with both values finite and positive), ``censored`` (pairs where one or
+    both arms missed), ``ratio`` (geometric mean), ``low``/``high`` (the interval; NaN with
+    fewer than 2 pairs), ``p_value`` and the per-seed ``ratios``.
+    """
+    from scipy import stats
+
+    if len(base) != len(arm):
+        raise ValueError(
+            f"paired_ratio needs pairs: {len(base)} base values, {len(arm)} arm values"
+        )
+    logs, censored, ratios = [], 0, []
+    for b, a in zip(base, arm):
+        if math.isfinite(b) and math.isfinite(a) and b > 0 and a > 0:
+            logs.append(math.log(b / a))
+            ratios.append(b / a)
+        else:
+            censored += 1
+    n = len(logs)
+    out: dict[str, Any] = {
+        "n": n,
+        "censored": censored,
+        "ratios": ratios,
+        "ratio": math.exp(sum(logs) / n) if n else math.nan,
+        "low": math.nan,
+        "high": math.nan,
+        "p_value": math.nan,
+        "confidence": confidence,
+    }
+    if n >= 2:
+        mean = sum(logs) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+        out["low"], out["high"] = math.exp(mean - half), math.exp(mean + half)
+        if sd > 0:
+            out["p_value"] = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+        else:
+            out["p_value"] = 0.0 if mean != 0 else 1.0
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def effect_sentence(arm: str, base: str, result: Mapping[str, Any], what: str = "passes") -> str:
+    """What the interval of ``base/arm`` (from :func:`paired_ratio`) can and cannot exclude."""
+    n, low, high, ratio = result["n"], result["low"], result["high"], result["ratio"]
+    conf = f"{100 * result.get('confidence', CONFIDENCE):g} %"
+    missed = (
+        f" ({result['censored']} seed(s) with a missed target left out)"
+        if result.get("censored")
+        else ""
+    )
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return (
+            f"{arm} vs {base} ({what}): {n} paired seed(s) with both crossings{missed} — too few "
+            "for an interval; this run cannot say whether they differ."
+        )
+    head = (
+        f"{arm} vs {base} ({what}): ratio {base}/{arm} = {ratio:.3f} [{low:.3f}–{high:.3f}], "
+        f"{conf} interval over {n} paired seeds{missed}, p = {result['p_value']:.2g}."
+    )
+    faster = f"{arm} needing more than {_pct(1 - 1 / high)} fewer {what}"
+    slower = f"{arm} needing more than {_pct(1 / low - 1)} more {what}"
+    if low > 1:
+        return (
+            f"{head} {arm} needs fewer {what}: the run excludes no effect and excludes "
+            f"{faster}; the saving lies between {_pct(1 - 1 / low)} and {_pct(1 - 1 / high)}."
+        )
+    if high < 1:
+        return (
+            f"{head} {arm} needs more {what}: the run excludes no effect and excludes {slower}; "
+            f"the cost lies between {_pct(1 / high - 1)} and {_pct(1 / low - 1)}."
+        )
+    return (
+        f"{head} No difference detected: the interval contains 1. The run excludes {faster} "
+        f"and {slower}; smaller effects, either way, it cannot tell from seed-to-seed noise."
+    )

@@ -1,0 +1,74 @@
+"""The comparison's statistics on known inputs: interpolated crossings and paired intervals."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from isgd.paired import crossing, effect_sentence, paired_ratio
+
+T_975_DF4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom (tables)
+
+
+def test_paired_ratio_is_the_t_interval_of_the_log_ratios():
+    base, arm = [100, 120, 90, 110, 130], [90, 100, 100, 100, 120]
+    logs = [math.log(b / a) for b, a in zip(base, arm)]
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    half = T_975_DF4 * sd / math.sqrt(5)
+    r = paired_ratio(base, arm)
+    assert r["n"] == 5 and r["censored"] == 0
+    assert r["ratios"] == pytest.approx([100 / 90, 1.2, 0.9, 1.1, 130 / 120])
+    assert r["ratio"] == pytest.approx(math.exp(mean), rel=1e-12)
+    assert r["low"] == pytest.approx(math.exp(mean - half), rel=1e-12)
+    assert r["high"] == pytest.approx(math.exp(mean + half), rel=1e-12)
+    # pinned: 1.0742 [0.9411–1.2260], p = 0.2074 (t = 1.498 on 4 degrees of freedom)
+    assert (r["ratio"], r["low"], r["high"]) == pytest.approx((1.07416, 0.94113, 1.22598), 1e-4)
+    assert r["p_value"] == pytest.approx(0.20744, rel=1e-3)
+
+
+def test_paired_ratio_counts_missed_targets_and_needs_two_pairs():
+    r = paired_ratio([100, math.inf, 110, math.inf], [120, 100, 130, math.inf])
+    assert (r["n"], r["censored"]) == (2, 2)
+    one = paired_ratio([100.0], [90.0])
+    assert one["ratio"] == pytest.approx(100 / 90) and math.isnan(one["low"])
+    assert "too few for an interval" in effect_sentence("isgd", "sgd", one)
+    equal = paired_ratio([100, 200, 300], [100, 200, 300])
+    assert (equal["low"], equal["high"], equal["p_value"]) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="needs pairs"):
+        paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_effect_sentence_states_what_the_interval_excludes():
+    inside = effect_sentence(
+        "isgd", "sgd", paired_ratio([100, 120, 90, 110, 130], [90, 100, 100, 100, 120])
+    )
+    assert "No difference detected" in inside
+    assert "more than 18 % fewer passes" in inside and "more than 6 % more passes" in inside
+    faster = effect_sentence("isgd", "sgd", paired_ratio([100, 120, 110, 130], [80, 95, 90, 100]))
+    assert "isgd needs fewer passes" in faster and "between 17 % and 24 %" in faster
+    slower = effect_sentence(
+        "isgd", "sgd", paired_ratio([80, 95, 90, 100], [100, 120, 110, 130]), "seconds"
+    )
+    assert "isgd needs more seconds" in slower
+
+
+def _evals(*points):
+    return [
+        {"iteration": it, "passes": it + extra, "time/train_seconds": it / 10, "test/accuracy": acc}
+        for it, extra, acc in points
+    ]
+
+
+def test_crossing_interpolates_between_the_evaluations_around_the_target():
+    metrics = _evals((100, 0, 0.50), (200, 4, 0.60), (300, 10, 0.80), (400, 12, 0.70))
+    hit = crossing(metrics, 0.70)  # halfway from (200, 204 passes) to (300, 310 passes)
+    assert hit == pytest.approx({"iteration": 250.0, "passes": 257.0, "seconds": 25.0})
+    assert crossing(metrics, 0.80)["iteration"] == 300.0  # reached exactly at an evaluation
+    assert crossing(metrics, 0.40)["iteration"] == 100.0  # first evaluation: nothing below it
+    assert crossing(metrics, 0.90) == {
+        "iteration": math.inf,
+        "passes": math.inf,
+        "seconds": math.inf,
+    }
