@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +269,68 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
     assert "drop --tune-iters" in capsys.readouterr().err
     assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a comparison directory" in capsys.readouterr().err
+
+
+def test_compare_under_epochs_extends_the_control_and_keeps_the_tuning_budget(
+    tiny_idx_dir, tmp_path, capsys
+):
+    base = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr-policy fixed --epochs 6 --eval-every 15 --threads 1 --no-tensorboard --seeds 1 "
+        "--sigma-factor 1.5 --target 0.2 --no-progress --tune-lrs 0.05"
+    ).split()
+    # a tuning budget inside ISGD's first window (12 batches of the tuning split) is refused
+    out = tmp_path / "short"
+    assert main([*base, "--tune-iters", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid --tune-iters: 10 (ISGD cannot act" in err[0], err
+    assert not out.exists()
+    out = tmp_path / "cmp"
+    assert main([*base, "--tune-iters", "30", "--equal-compute", "--out", str(out)]) == 0
+    for arm in ("sgd", "isgd"):  # --tune-iters, not --epochs, sets the tuning runs' length
+        tuned = json.loads((out / "tune" / f"{arm}-lr0.05" / "summary.json").read_text())
+        assert tuned["iterations"] == 30
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    isgd = next(r for r in records if r["arm"] == "isgd")
+    control = next(r for r in records if r["arm"] == "sgd@isgd-passes")
+    assert isgd["iterations"] == 90 and isgd["passes"] > 90
+    assert control["iterations"] == isgd["passes"]  # extended, not cut to --epochs
+    summary = json.loads((out / "summary.json").read_text())
+    paired = summary["arms"]["isgd"]["paired"]
+    assert paired["seeds"] == [0] and paired["passes"]["n"] == 1
+    assert "too few for an interval" in (out / "report.md").read_text()
+
+
+def test_tuning_budget_default_lets_isgd_act(tiny_idx_dir):
+    from isgd.compare import Arm, ComparisonPlan, tuning_budget
+    from isgd.config import TrainConfig
+    from isgd.data import load_dataset
+
+    data = load_dataset(f"idx:{tiny_idx_dir}")  # 240 training images, 200 after the hold-out
+    config = TrainConfig(dataset=f"idx:{tiny_idx_dir}", batch_size=4)  # 50 batches per epoch
+    plan = ComparisonPlan(config, [Arm("sgd", {"optimizer": "sgd"})], [0], 0.5, Path("unused"))
+    assert tuning_budget(plan, data) == 1000  # the floor: 3 epochs are 150 iterations
+    plan.base = TrainConfig(dataset=config.dataset, batch_size=1)  # 200 batches per epoch
+    assert tuning_budget(plan, data) == 1000
+    plan.arms.append(Arm("isgd", {"optimizer": "isgd", "window": 900}))
+    assert tuning_budget(plan, data) == 900 + 2 * 200  # ISGD's window, then 2 epochs
+    plan.tune_iters = 900
+    with pytest.raises(ConfigError, match="after 900 iterations"):
+        tuning_budget(plan, data)
+    plan.tune_iters = 901
+    assert tuning_budget(plan, data) == 901
+
+
+def test_report_says_when_isgd_never_triggered(tiny_idx_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr 0.05 --lr-policy fixed --iters 12 --eval-every 6 --threads 1 --no-tensorboard "
+        f"--seeds 2 --target 0.15 --out {out} --no-progress"
+    ).split()
+    assert main(argv) == 0  # 12 iterations: less than the first epoch, which fills the chart
+    report = (out / "report.md").read_text()
+    assert "**isgd never triggered**" in report and "any difference above is noise" in report
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    by_arm = {(r["arm"], r["seed"]): r for r in records}
+    assert all(by_arm["sgd", s]["passes"] == by_arm["isgd", s]["passes"] == 12 for s in (0, 1))

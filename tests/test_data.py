@@ -210,7 +210,7 @@ def test_cifar10_missing_says_where_to_put_it(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"CIFAR-10 not found in {tmp_path / 'cifar10'}" in message
     assert "data_batch_1" in message and "cifar-10-python.tar.gz" in message
-    assert f"extract it into {tmp_path / 'cifar10'}" in message
+    assert "`isgd data fetch cifar10`" in message and "--from FILE" in message
 
 
 # ------------------------------------------------------------------------------ real MNIST

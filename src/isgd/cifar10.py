@@ -294,9 +294,7 @@ def _write_image_folder(
         records[split].append(record)
     for split in ("train", "test"):
         if not records[split]:
-            raise DataError(
-                f"{shown}: no images under {split}/<class>/ (an image folder needs both)"
-            )
+            raise DataError(f"{shown}: no images under {split}/<class>/ (both splits are needed)")
         counts = Counter(int(r[0]) for r in records[split])
         if len(counts) != len(CLASSES):
             absent = [c for i, c in enumerate(CLASSES) if i not in counts]

@@ -131,7 +131,17 @@ def _spread_figure(records, arms, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # no full epoch recorded (or no step records): say so instead of an empty plot
+            ax.text(
+                0.5,
+                0.5,
+                "no complete epoch of step records",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
     fig.suptitle("Spread of the batch losses within each epoch (median over seeds) — claim C2")
     return _save(fig, path)
 

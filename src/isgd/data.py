@@ -341,8 +341,8 @@ def load_cifar10(directory: str | os.PathLike[str]) -> DataSplit:
                 )
     raise DataError(
         f"CIFAR-10 not found in {directory}: expected {', '.join(CIFAR_PY_FILES)} (python format) "
-        "or the same names with .bin; fetch it with `isgd data fetch cifar10` (or `--from FILE` "
-        "for a copy downloaded elsewhere)"
+        "or the same names with .bin; fetch it with `isgd data fetch cifar10` (downloads "
+        "cifar-10-python.tar.gz; `--from FILE` takes a copy downloaded elsewhere)"
     )
 
 
