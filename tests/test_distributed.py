@@ -258,9 +258,13 @@ def test_uneven_shares_give_the_result_of_even_shares(two_ranks):
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
     assert _decisions(_steps(two_ranks / "uneven")) == _decisions(_steps(two_ranks / "even"))
-    _assert_close_weights(
-        torch.load(two_ranks / "uneven" / "model.pt"), torch.load(two_ranks / "even" / "model.pt")
-    )
+    # 12 + 4 samples sum in another order than 8 + 8: rounding, amplified over 400 steps with
+    # extra iterations, leaves the weights ≈ 1e-7 apart on some CPUs and ≈ 4e-4 (relative) on
+    # others (AVX-512 EPYC); a wrong weighting of the shares would be off by O(1)
+    uneven, even = (torch.load(two_ranks / n / "model.pt") for n in ("uneven", "even"))
+    assert uneven.keys() == even.keys()
+    for key in even:
+        assert float((uneven[key] - even[key]).norm() / even[key].norm()) < 5e-3, key
 
 
 def _child_with_rank(parent: int, rank: int) -> int | None:

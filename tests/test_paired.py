@@ -36,6 +36,7 @@ def test_paired_ratio_counts_missed_targets_and_needs_two_pairs():
     assert "too few for an interval" in effect_sentence("isgd", "sgd", one)
     equal = paired_ratio([100, 200, 300], [100, 200, 300])
     assert (equal["low"], equal["high"], equal["p_value"]) == (1.0, 1.0, 1.0)
+    assert "is 1.000 in every one of 3 paired seeds" in effect_sentence("sgd2", "sgd", equal)
     with pytest.raises(ValueError, match="needs pairs"):
         paired_ratio([1.0, 2.0], [1.0])
 

@@ -114,6 +114,11 @@ def effect_sentence(arm: str, base: str, result: Mapping[str, Any], what: str = 
             f"{arm} vs {base} ({what}): {n} paired seed(s) with both crossings{missed} — too few "
             "for an interval; this run cannot say whether they differ."
         )
+    if low == high:
+        return (
+            f"{arm} vs {base} ({what}): the ratio {base}/{arm} is {ratio:.3f} in every one of "
+            f"{n} paired seeds{missed} — the same computation, or a constant effect; no interval."
+        )
     head = (
         f"{arm} vs {base} ({what}): ratio {base}/{arm} = {ratio:.3f} [{low:.3f}–{high:.3f}], "
         f"{conf} interval over {n} paired seeds{missed}, p = {result['p_value']:.2g}."

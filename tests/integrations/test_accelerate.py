@@ -19,10 +19,11 @@ def run(tmp_path: Path, *flags: str, nproc: int = 1) -> list[dict]:
     out = tmp_path / "-".join(["run", *flags]).replace("--", "")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launch = [*launcher, f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    subprocess.run(
+    proc = subprocess.run(
         [*launch, str(EXAMPLE), "--out", str(out), *flags],
-        check=True, timeout=300, capture_output=True, env=ENV, cwd=tmp_path,
+        check=False, timeout=300, capture_output=True, text=True, env=ENV, cwd=tmp_path,
     )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
