@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, get_origin
 
-from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, ConfigError, TrainConfig
+from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, TrainConfig
+from isgd.errors import ConfigError, DataError, DistributedError, IsgdError, UsageError
 
 log = logging.getLogger("isgd")
 
@@ -56,10 +57,6 @@ HELP = {
     "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
     "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
 }
-
-
-class UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -493,24 +490,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from isgd.data import DataError
-    from isgd.runio import RunError
-
-    errors: list[type[BaseException]] = [UsageError, ConfigError, DataError, RunError]
-    try:
-        from isgd.plots import PlotError
-
-        errors.append(PlotError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _training_stops() -> tuple[type[BaseException], ...]:
-    """The trainer's stop exceptions, when a command has imported it (usage errors do not)."""
+def _training_interrupted() -> tuple[type[BaseException], ...]:
+    """The trainer's stop on a signal, when a command has imported it (usage errors do not)."""
     train = sys.modules.get("isgd.train")
-    return (train.TrainingInterrupted, train.NonFiniteError) if train else ()
+    return (train.TrainingInterrupted,) if train else ()
 
 
 def _rank() -> int:
@@ -526,9 +509,6 @@ def _rank() -> int:
 def _report(err: BaseException, rank: int) -> None:
     """One line on stderr. Ranks other than 0 stay silent about what every rank hits alike
     (rank 0 reports it): only their own failures — process group, data, files — are theirs."""
-    from isgd.data import DataError
-    from isgd.distributed import DistributedError
-
     if rank == 0:
         print(f"isgd: error: {err}", file=sys.stderr)
         return
@@ -561,17 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with logging_redirect_tqdm(loggers=[root]):
             return command(args)
-    except _distributed_failures() as err:
+    except _training_interrupted() as err:  # logged "interrupted at ...; resume with: ..."
+        return 128 + err.signum  # 130 for SIGINT, 143 for SIGTERM
+    except IsgdError as err:  # errors.py: 2 bad input, 3 non-finite, 4 data parallel
         _report(err, rank)
-        return DIST_FAILED
-    except _training_stops() as err:
-        if hasattr(err, "signum"):  # the trainer logged "interrupted at ...; resume with: ..."
-            return 128 + err.signum  # 130 for SIGINT, 143 for SIGTERM
-        _report(err, rank)
-        return DIVERGED
-    except _known_errors() as err:
-        _report(err, rank)
-        return USAGE_ERROR
+        return err.exit_code
     except ValueError as err:  # bad model names, sizes and the like from the library
         _report(err, rank)
         return USAGE_ERROR
@@ -582,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(OSError(f"{where}{os_error_reason(err)}"), rank)
         return USAGE_ERROR
     except RuntimeError as err:  # a collective failed outside the training loop
-        from isgd.distributed import DistributedError, first_line, is_collective_failure
+        from isgd.distributed import first_line, is_collective_failure
 
         if _rank_count() == 1 or not is_collective_failure(err):
             raise
@@ -603,11 +577,6 @@ def _rank_count() -> int:
     from isgd.distributed import env_world_size
 
     return env_world_size()
-
-
-def _distributed_failures() -> tuple[type[BaseException], ...]:
-    dist = sys.modules.get("isgd.distributed")
-    return (dist.DistributedError,) if dist else ()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from isgd.errors import ConfigError
 from isgd.optim import INNER_SOLVERS
 
 if sys.version_info >= (3, 11):
@@ -34,10 +35,6 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "isgd", "nesterov", "isgd-nesterov", "adam", "isgd-adam")
 LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key."""
 
 
 @dataclasses.dataclass

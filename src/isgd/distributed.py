@@ -29,33 +29,29 @@ import pickle
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
-from isgd.runio import RunError
-from isgd.sampler import FixedCycleBatchSampler
+from isgd.errors import DistributedError, RunError
+from isgd.sampler import DistributedFixedCycleBatchSampler, rank_rows, split_sizes
 
-__all__ = [
+__all__ = [  # the sampler and the split live in the library (isgd.sampler), re-exported here
     "DistContext",
     "DistributedError",
     "DistributedFixedCycleBatchSampler",
     "init_from_env",
     "parse_shares",
+    "rank_rows",
     "split_sizes",
 ]
 
 log = logging.getLogger("isgd.distributed")
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
-
-
-class DistributedError(RunError):
-    """The process group failed: a rank died, stopped responding, or the ranks disagree."""
 
 
 # ---------------------------------------------------------------------- shares and the split
@@ -87,122 +83,6 @@ def parse_shares(text: str | Sequence[float] | None, world_size: int | None = No
             f"but the job has {world_size}"
         )
     return values
-
-
-def split_sizes(batch_size: int, shares: Sequence[float] | None, world_size: int) -> list[int]:
-    """Samples of a global batch per rank: proportional to ``shares`` (even when ``None``),
-    rounded by largest remainder (ties to the lower rank), summing to ``batch_size``. Every rank
-    needs at least one sample."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"Invalid world_size: {world_size!r} (must be an integer >= 1)")
-    weights = [1.0] * world_size if shares is None else [float(s) for s in shares]
-    if len(weights) != world_size:
-        raise ValueError(f"Invalid shares: {len(weights)} shares for {world_size} processes")
-    total = sum(weights)
-    ideal = [batch_size * w / total for w in weights]
-    sizes = [math.floor(x) for x in ideal]
-    order = sorted(range(world_size), key=lambda r: (-(ideal[r] - sizes[r]), r))
-    for r in order[: batch_size - sum(sizes)]:
-        sizes[r] += 1
-    if min(sizes) < 1:
-        empty = [r for r, n in enumerate(sizes) if n < 1]
-        raise ValueError(
-            f"Invalid shares: {_fmt(weights)} split a global batch of {batch_size} as "
-            f"{_fmt(sizes)}, leaving rank{'s' * (len(empty) > 1)} {_fmt(empty)} without a sample; "
-            "use a larger --batch-size or more even shares"
-        )
-    return sizes
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
-
-
-def rank_rows(sizes: Sequence[int], rank: int) -> slice:
-    """The rows of a global batch that ``rank`` takes."""
-    start = sum(sizes[:rank])
-    return slice(start, start + sizes[rank])
-
-
-class DistributedFixedCycleBatchSampler(Sampler[list[int]]):
-    """Rank ``rank``'s slice of every global fixed batch of :class:`FixedCycleBatchSampler`.
-
-    The global batches — their identity, content and order — are those of
-    ``FixedCycleBatchSampler(data_source, batch_size, seed=seed, reshuffle=reshuffle)`` whatever
-    ``num_replicas`` is; rank ``r`` takes ``sizes[r]`` consecutive samples of each, with
-    ``sizes = split_sizes(batch_size, shares, num_replicas)``. Incomplete batches are always
-    dropped (every rank needs its share of every batch).
-
-    Args:
-        data_source: the data set (anything with ``len``) or its size.
-        batch_size: the *global* batch size ``B``.
-        num_replicas, rank: the number of processes and this one's rank (default: from the
-            initialised process group), as for ``torch.utils.data.DistributedSampler``.
-        shares: relative speeds, one per rank (``[3, 1]``: rank 0 takes three quarters), or
-            ``None`` for an even split.
-        seed, reshuffle: as for :class:`FixedCycleBatchSampler`.
-
-    Example:
-        >>> s0 = DistributedFixedCycleBatchSampler(12, 4, num_replicas=2, rank=0, shares=[3, 1])
-        >>> s1 = DistributedFixedCycleBatchSampler(12, 4, num_replicas=2, rank=1, shares=[3, 1])
-        >>> whole = FixedCycleBatchSampler(12, 4)
-        >>> [a + b for a, b in zip(s0, s1)] == list(whole)
-        True
-    """
-
-    def __init__(
-        self,
-        data_source: Sized | int,
-        batch_size: int,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shares: Sequence[float] | None = None,
-        seed: int = 0,
-        reshuffle: bool = False,
-    ) -> None:
-        if num_replicas is None or rank is None:
-            if not dist.is_available() or not dist.is_initialized():
-                raise RuntimeError(
-                    "DistributedFixedCycleBatchSampler needs num_replicas and rank, or an "
-                    "initialised process group"
-                )
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"Invalid rank: {rank!r} (must be in [0, {num_replicas}))")
-        self.global_sampler = FixedCycleBatchSampler(
-            data_source, batch_size, seed=seed, drop_last=True, reshuffle=reshuffle
-        )
-        self.num_replicas, self.rank = num_replicas, rank
-        self.sizes = split_sizes(batch_size, shares, num_replicas)
-        self.rows = rank_rows(self.sizes, rank)
-        self.batch_size = batch_size  # global
-        self.local_batch_size = self.sizes[rank]
-
-    def __len__(self) -> int:
-        """Batches per epoch, ``n_b`` — the same on every rank."""
-        return len(self.global_sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.global_sampler.set_epoch(epoch)
-
-    def epoch_batches(self, epoch: int | None = None) -> torch.Tensor:
-        """This rank's rows of every batch of an epoch, ``n_b × sizes[rank]``."""
-        return self.global_sampler.epoch_batches(epoch)[:, self.rows]
-
-    def batch(self, batch_id: int, epoch: int | None = None) -> list[int]:
-        return self.global_sampler.batch(batch_id, epoch)[self.rows]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for indices in self.global_sampler:
-            yield indices[self.rows]
-
-    def __repr__(self) -> str:
-        return (
-            f"DistributedFixedCycleBatchSampler(rank={self.rank}/{self.num_replicas}, "
-            f"sizes={self.sizes}, global={self.global_sampler!r})"
-        )
 
 
 # ---------------------------------------------------------------------- the process group
@@ -390,10 +270,11 @@ def check_identical(ctx: DistContext, fingerprint: str, what: str) -> None:
     """Raise :class:`DistributedError` on every rank unless all ranks hold ``fingerprint``."""
     fingerprints = all_gather_object(ctx, fingerprint)
     differ = disagreeing_ranks(fingerprints)
+    ranks = ",".join(map(str, differ))
     if differ:
         raise DistributedError(
             f"the ranks disagree on {what}: rank{'s' * (len(differ) > 1)} "
-            f"{_fmt(differ)} differ{'s' * (len(differ) == 1)} from rank 0 (fingerprints "
+            f"{ranks} differ{'s' * (len(differ) == 1)} from rank 0 (fingerprints "
             f"{', '.join(fingerprints)}); the data-parallel run is no longer one run — "
             "please report this with the command line"
         )

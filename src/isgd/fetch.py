@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from isgd.errors import DataError
+
 __all__ = [
     "MARKER",
     "SOURCES",
@@ -48,10 +50,6 @@ logger = logging.getLogger(__name__)
 MARKER = ".isgd-verified.json"
 _GZIP_MAGIC = b"\x1f\x8b"
 _SUBPROCESS_TIMEOUT_S = 900
-
-
-class DataError(Exception):
-    """A data set is missing, corrupt or cannot be fetched. The message is one line."""
 
 
 def default_data_dir() -> Path:

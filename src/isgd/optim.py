@@ -540,8 +540,14 @@ class ISGD(Optimizer):
             )
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
-        self.chart.load_state_dict(state_dict["chart"])
+        self.chart.load_state_dict(state_dict["chart"])  # window and sigma_factor with it
         self.stats.load_state_dict(state_dict["stats"])
+        # the saved hyper-parameters win, as param_groups' do in torch.optim (older files lack some)
+        saved = state_dict.get("isgd", {})
+        self.max_extra_iters = int(saved.get("max_extra_iters", self.max_extra_iters))
+        self.eps = float(saved.get("eps", self.eps))
+        self.inner_solver = str(saved.get("inner_solver", self.inner_solver))
+        self.freeze_bn_stats = bool(saved.get("freeze_bn_stats", self.freeze_bn_stats))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__

@@ -30,16 +30,14 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
+from isgd.errors import PlotError
+
 __all__ = ["PlotError", "Run", "Steps", "load_run", "plot_runs", "spearman", "summarize_claims"]
 
 log = logging.getLogger(__name__)
 
 DPI = 120
 MAX_LINE_POINTS = 4000  # longer series are min/max-decimated (spikes survive) or strided
-
-
-class PlotError(Exception):
-    """A directory is not a run directory, or one of its files is malformed."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from isgd.errors import RunError, WriteError
+
 __all__ = [
     "JsonlWriter",
     "RunError",
@@ -39,15 +41,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
-
-
-class RunError(Exception):
-    """A problem with a run directory or checkpoint, reported as one line."""
-
-
-class WriteError(RunError):
-    """A file of the run could not be written (full disk, permissions, ...); what was written
-    before is intact."""
 
 
 _WRITE_REASONS = {

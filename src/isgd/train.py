@@ -41,9 +41,9 @@ from isgd import distributed, runio
 from isgd.config import ConfigError, TrainConfig, dump_toml, load_toml, lr_factor, resolve_config
 from isgd.data import DataError, DataSplit, Preprocess, load_dataset
 from isgd.distributed import DistContext, DistributedError
+from isgd.errors import NonFiniteError, RunError
 from isgd.models import build_model
 from isgd.optim import ISGD, frozen_batchnorm_stats
-from isgd.runio import RunError
 from isgd.sampler import FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 
@@ -74,11 +74,6 @@ def resume_hint(run_dir: Path, nproc: int = 1) -> str:
     if nproc > 1:
         return f"isgd train --nproc {nproc} --resume {run_dir} (or the same under torchrun)"
     return f"isgd train --resume {run_dir}"
-
-
-class NonFiniteError(RunError):
-    """The loss or the weights stopped being finite; the run stopped, its last good checkpoint
-    kept (nothing non-finite is ever written to a checkpoint or ``model.pt``)."""
 
 
 class _NonFiniteLoss(Exception):
@@ -210,9 +205,25 @@ class Trainer:
     ``dist`` (a process group of several ranks) makes it one rank of a data-parallel run:
     ``shares`` (``None``, a list of relative speeds, or ``"auto"``) or ``sizes`` (samples per
     rank, e.g. from a checkpoint) split each global batch of ``config.batch_size`` samples.
+
+    torch's thread count is ``config.threads`` from construction to the end of :meth:`run` (or
+    a failed construction), then back to what it was.
     """
 
-    def __init__(
+    def __init__(self, config: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            self._setup(config, *args, **kwargs)
+        except BaseException:
+            self.restore_threads()
+            raise
+
+    def restore_threads(self) -> None:
+        """Give the process back the thread count it had before this trainer."""
+        torch.set_num_threads(self._threads_before)
+
+    def _setup(
         self,
         config: TrainConfig,
         run_dir: Path,
@@ -228,7 +239,6 @@ class Trainer:
         self.dist = dist if dist is not None and dist.world_size > 1 else None
         self.is_main = self.dist is None or self.dist.is_main
         self.world_size = 1 if self.dist is None else self.dist.world_size
-        torch.set_num_threads(config.threads)
         self.device = _device(config, self.dist)
         self.data = data if data is not None else _load_data(config.dataset, data_dir)
         height, width = self.data.x_train.shape[2:]
@@ -514,6 +524,7 @@ class Trainer:
             raise self._distributed_error(err) from None
         finally:
             self._stop = None
+            self.restore_threads()
             if bar is not None:
                 bar.close()
             for w in writers.values():
