@@ -52,3 +52,41 @@ def test_library_modules_import_only_torch_the_standard_library_and_each_other()
                 top = module.split(".")[0]
                 ok = top in sys.stdlib_module_names or top == "torch" or module in LIBRARY
                 assert ok, f"{path.name} imports {module}"
+
+
+def _run_blocked(blocked: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where the modules ``blocked`` cannot be imported."""
+    prelude = f"import sys, torch\nfor m in {blocked!r}.split(): sys.modules.setdefault(m, None)\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_library_works_without_the_application_dependencies():
+    from isgd.console import APP_MODULES
+
+    code = (
+        "import isgd\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "opt = isgd.ISGD(model.parameters(), lr=0.1, window=2)\n"
+        "x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])\n"
+        "def closure():\n"
+        "    opt.zero_grad()\n"
+        "    loss = torch.nn.functional.cross_entropy(model(x), y)\n"
+        "    loss.backward()\n"
+        "    return loss\n"
+        "for _ in range(4): opt.step(closure)\n"
+        "print(opt.stats.steps)\n"
+    )
+    out = _run_blocked(" ".join(sorted(APP_MODULES)), code)
+    assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
+
+
+def test_the_command_line_says_what_to_install_when_the_app_extra_is_missing(tmp_path):
+    for blocked, argv in (("tomli_w", "['--help']"), ("matplotlib", f"['plot', '{tmp_path}']")):
+        code = f"from isgd.console import main\nsys.exit(main({argv}))\n"
+        out = _run_blocked(blocked, code)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"({blocked} is not installed)" in lines[0], lines
+        assert "pip install 'isgd[app]'" in lines[0]

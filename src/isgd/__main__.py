@@ -1,7 +1,7 @@
 import os
 import sys
 
-from isgd.cli import main
+from isgd.console import main
 from isgd.distributed import env_world_size
 
 code = main()

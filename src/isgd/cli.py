@@ -571,6 +571,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("isgd: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:  # a command's lazily imported dependency
+        from isgd.console import missing_app_dependency
+
+        message = missing_app_dependency(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return USAGE_ERROR
 
 
 def _rank_count() -> int:
