@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint typecheck demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 
-test: $(STAMP) lint
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
+
+# the fast subset (under a minute on 2 cores): everything not marked slow
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 # The main job: real MNIST, Caffe LeNet solver, SGD then ISGD, figures and a table.
 DEMO_ITERS ?= 5000

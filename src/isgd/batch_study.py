@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ class StudyPlan:
     @classmethod
     def quick(cls, out: Path, **kwargs: Any) -> StudyPlan:
         """A reduced grid: a few minutes on two cores."""
-        grid = dict(
+        grid: dict[str, Any] = dict(
             batch_sizes=[16, 64, 256],
             allreduce_sizes=[10**4, 10**6],
             target_batches=[64, 256],
@@ -146,7 +147,7 @@ def _build(plan: StudyPlan, shape: dict[str, int], device: torch.device):
 
     torch.manual_seed(plan.seed)
     model = build_model(plan.model, shape["channels"], shape["classes"], shape["size"])
-    model = model.to(memory_format=torch.channels_last).to(device)
+    model = model.to(memory_format=torch.channels_last).to(device)  # type: ignore[call-overload]
     return model
 
 
@@ -569,7 +570,7 @@ def write_figures(plan: StudyPlan, result: dict[str, Any]) -> list[Path]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    def axes(title: str, xlabel: str, ylabel: str, xs: list[float], logy: bool = False):
+    def axes(title: str, xlabel: str, ylabel: str, xs: Sequence[float], logy: bool = False):
         fig = Figure(figsize=(6.4, 4.2))
         ax = fig.add_subplot()
         ax.set(xscale="log", yscale="log" if logy else "linear", title=title)

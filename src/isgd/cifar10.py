@@ -257,7 +257,7 @@ def _quality_tables() -> dict[tuple[tuple[int, ...], ...], int]:
             buffer = io.BytesIO()
             Image.new("RGB", (8, 8)).save(buffer, "JPEG", quality=q)
             with Image.open(buffer) as image:
-                _QUALITY_CACHE[_table_key(image.quantization)] = q  # type: ignore[attr-defined]
+                _QUALITY_CACHE[_table_key(image.quantization)] = q
     return _QUALITY_CACHE
 
 
@@ -284,7 +284,7 @@ def _write_image_folder(
                     )
                 formats[str(image.format)] += 1
                 if image.format == "JPEG":
-                    qualities[jpeg_quality(image.quantization)] += 1  # type: ignore[attr-defined]
+                    qualities[jpeg_quality(image.quantization)] += 1
                 pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise DataError(f"{where}: not a readable image ({e})") from None

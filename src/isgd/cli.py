@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm(loggers=[root]):
             return command(args)
     except _training_interrupted() as err:  # logged "interrupted at ...; resume with: ..."
-        return 128 + err.signum  # 130 for SIGINT, 143 for SIGTERM
+        return 128 + int(getattr(err, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM
     except IsgdError as err:  # errors.py: 2 bad input, 3 non-finite, 4 data parallel
         _report(err, rank)
         return err.exit_code

@@ -324,7 +324,7 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
     arms = result["arms"]
     base = result["baseline"]
     config = result["config"]
-    provenance = {}
+    provenance: dict[str, Any] = {}
     if records:
         prov = Path(records[0]["run_dir"]) / "provenance.json"
         provenance = json.loads(prov.read_text()) if prov.is_file() else {}

@@ -21,7 +21,7 @@ from isgd.optim import INNER_SOLVERS
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = [
     "LR_POLICIES",
@@ -231,7 +231,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return [_check_type(key, v, inner) for v in value]
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
     if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
-        return float(value) if hint is float else value
+        return float(value) if hint is float and isinstance(value, int | float) else value
     raise ConfigError(f"invalid {key}: {value!r} (expected {hint.__name__})")
 
 

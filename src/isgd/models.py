@@ -128,7 +128,8 @@ class CifarQuick(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
         for m, std in zip(layers, (1e-4, 0.01, 0.01, 0.1, 0.1), strict=True):
             nn.init.normal_(m.weight, 0.0, std)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

@@ -200,7 +200,7 @@ class ISGD(Optimizer):
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.stats = ISGDStats()
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
-        self._v: list[Tensor] | None = None  # inner_solver="momentum": φ's own velocity
+        self._v: list[list[Tensor]] | None = None  # inner_solver="momentum": φ's own velocity
         self._ratios: list[float] = []  # momentum ratios of the step in progress
         self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
         self._psi: float | None = None  # the last extra-iteration loss reported
@@ -253,7 +253,8 @@ class ISGD(Optimizer):
                 iteration ends the extra iterations. Call ``grad_scaler.update()`` after.
         """
         if closure is None:
-            return self._closure_free_step(grad_scaler)
+            self._closure_free_step(grad_scaler)
+            return None
         if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
             raise RuntimeError(
                 "ISGD.step(closure) was called by a GradScaler that does not hand itself over "
@@ -437,9 +438,9 @@ class ISGD(Optimizer):
         if self._limit is None or self._psi is None:
             raise RuntimeError("subproblem_grad_() needs a loss reported by above_limit() first")
         params = [p for p in self._params() if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]
         torch._foreach_mul_(grads, self._psi - self._limit)
-        if self.eps > 0:
+        if self.eps > 0 and self._w_prev is not None:
             prev = [w for p, w in zip(self._params(), self._w_prev) if p.grad is not None]
             torch._foreach_add_(grads, torch._foreach_sub(params, prev), alpha=self.eps / self.n_w)
         self._psi = None
@@ -458,7 +459,7 @@ class ISGD(Optimizer):
         velocity = self._velocity() if self.inner_solver == "momentum" else None
         for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            direction = [p.grad for p in params]
+            direction = [p.grad for p in params if p.grad is not None]
             if velocity is not None:
                 v = [velocity[i][j] for j, p in enumerate(group["params"]) if p.grad is not None]
                 torch._foreach_mul_(v, float(group.get("momentum", 0.0)))
@@ -467,7 +468,7 @@ class ISGD(Optimizer):
             lr = group["lr"]
             torch._foreach_add_(params, direction, alpha=-float(lr))
 
-    def _velocity(self) -> list[list[Tensor]]:
+    def _velocity(self) -> list[list[Tensor]]:  # per group, per parameter
         if self._v is None:
             self._v = [[torch.zeros_like(p) for p in g["params"]] for g in self.param_groups]
         return self._v
@@ -515,7 +516,7 @@ class ISGD(Optimizer):
         torch._foreach_copy_(self._w_prev, [p.detach() for p in params])
 
     # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """Base optimizer state, the chart and the counters: enough to resume bit-identically."""
         return {
             "base": self.base_optimizer.state_dict(),
@@ -531,7 +532,7 @@ class ISGD(Optimizer):
             },
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"base", "chart", "stats"} - set(state_dict)
         if missing:
             raise ValueError(

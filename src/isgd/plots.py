@@ -28,7 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from isgd.errors import PlotError
 
@@ -132,8 +132,16 @@ def _parse_steps(path: Path) -> Steps:
     if (keep := _keep_last(cols[:, 0])) is not None:
         log.info("%s: %d repeated iterations, keeping the last", path, len(cols) - len(keep))
         cols = cols[keep]
-    ints = [cols[:, i].astype(np.int64) for i in (0, 1, 2)]
-    return Steps(*ints, cols[:, 3], cols[:, 4], cols[:, 5] > 0, cols[:, 6].astype(np.int64))
+    iteration, epoch, batch_id = (cols[:, i].astype(np.int64) for i in (0, 1, 2))
+    return Steps(
+        iteration,
+        epoch,
+        batch_id,
+        cols[:, 3],
+        cols[:, 4],
+        cols[:, 5] > 0,
+        cols[:, 6].astype(np.int64),
+    )
 
 
 def load_run(run_dir: str | PathLike) -> Run:
@@ -304,6 +312,15 @@ def _log_ticks(ax: Axes, scale: bool = True, subs: tuple[float, ...] = (1.0, 2.0
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _per(n: float) -> Any:
+    """``x / n`` over arrays (a secondary axis' forward function)."""
+    return lambda x: np.asarray(x, dtype=np.float64) / n
+
+
+def _times(n: float) -> Any:
+    return lambda x: np.asarray(x, dtype=np.float64) * n
+
+
 def _spans_decades(values: np.ndarray, ratio: float = 30.0) -> bool:
     v = values[np.isfinite(values)]
     return len(v) > 0 and v.min() > 0 and v.max() / v.min() > ratio
@@ -325,7 +342,7 @@ def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> P
     scale, unit = 1.0, ""
     if x_key == "time/train_seconds":
         scale, unit = _time_unit(max((s[2].max() for s in series if len(s[2])), default=0.0))
-    zoom = []
+    zoom: list[float] = []
     for run, color, x, acc, after_first in series:
         if len(x) == 0:
             continue
@@ -335,10 +352,11 @@ def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> P
         error = 100 - acc
         ax_err.plot(x / scale, np.where(error > 0, error, np.nan), label=run.name, **style)
         zoom.extend(acc[after_first if after_first.any() else slice(None)])
-    zoom = np.array(zoom)[np.isfinite(zoom)]
-    if len(zoom):  # the plateau, not the climb: the top 3/4 of the evaluations, ≥ 2 points
-        high = zoom.max()
-        low = min(np.percentile(zoom, 25), high - 2.0)
+    points = np.array(zoom, dtype=np.float64)
+    points = points[np.isfinite(points)]
+    if len(points):  # the plateau, not the climb: the top 3/4 of the evaluations, ≥ 2 points
+        high = points.max()
+        low = min(np.percentile(points, 25), high - 2.0)
         margin = 0.06 * (high - low)
         ax_acc.set_ylim(max(low - margin, 0.0), min(high + margin, 100.0))
         ax_acc.legend(loc="lower right", fontsize=9)
@@ -412,7 +430,7 @@ def _batch_loss_figure(run: Run, color: Any, path: Path) -> Path:
         ax.vlines(starts, 0, 1, transform=transform, colors="0.35", lw=0.6, ls=":", alpha=0.6)
     ax.grid(False, axis="x")  # vertical lines are the epoch boundaries
     if n_b > 0:
-        top = ax.secondary_xaxis("top", functions=(lambda i: i / n_b, lambda e: e * n_b))
+        top = ax.secondary_xaxis("top", functions=(_per(n_b), _times(n_b)))
         top.set_xlabel("epoch (dotted lines: epoch boundaries)")
     log_y = _spans_decades(s.loss)
     if log_y:
@@ -448,7 +466,7 @@ def _heatmap_figure(run: Run, path: Path) -> Path:
     for ax, data, nrm, cmap, label in panels:
         image = ax.imshow(data[order], aspect="auto", norm=nrm, cmap=cmap, extent=extent)
         bar = fig.colorbar(image, ax=ax, label=label, fraction=0.06, pad=0.02)
-        if isinstance(nrm, LogNorm):
+        if isinstance(nrm, LogNorm) and nrm.vmax is not None and nrm.vmin is not None:
             _log_ticks(bar.ax, False, (1.0, 2.0, 5.0) if nrm.vmax / nrm.vmin < 1e3 else (1.0,))
         ax.grid(False)
         ax.set_xticks(ticks, labels=[str(table.epochs[t]) for t in ticks])
@@ -497,7 +515,7 @@ def _spread_figure(runs: list[Run], colors: list, path: Path) -> Path:
         _log_ticks(ax_std)
     ax_cv.legend(fontsize=9)
     for ax in (ax_std, ax_cv):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
     ax_std.set(ylabel="σ of batch losses", title="Spread within each epoch: standard deviation")
     ax_cv.set(ylabel="CV = σ / mean", title="Spread relative to the mean: coefficient of variation")

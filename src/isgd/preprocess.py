@@ -152,7 +152,7 @@ class Preprocess:
             self._scale = None if self._scale is None else self._scale.to(x.device)
         if self._scale is not None:
             out.mul_(self._scale)
-        return self._layout(out.add_(self._shift))
+        return self._layout(out if self._shift is None else out.add_(self._shift))
 
     def _layout(self, out: Tensor) -> Tensor:
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out

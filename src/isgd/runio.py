@@ -55,7 +55,8 @@ _WRITE_REASONS = {
 
 def os_error_reason(err: OSError) -> str:
     """What went wrong, in words (``no space left on device (the disk is full)``)."""
-    return _WRITE_REASONS.get(err.errno) or err.strerror or type(err).__name__
+    reason = _WRITE_REASONS.get(err.errno) if err.errno is not None else None
+    return reason or err.strerror or type(err).__name__
 
 
 def write_error(path: Path, err: OSError) -> WriteError:

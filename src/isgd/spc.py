@@ -121,15 +121,17 @@ class LossControlChart:
     @property
     def limit(self) -> float | None:
         """``mean + sigma_factor · sigma``; None until the window is full."""
-        if not self.full:
+        mean, sigma = self.mean, self.sigma
+        if not self.full or mean is None or sigma is None:
             return None
-        return self.mean + self.sigma_factor * self.sigma
+        return mean + self.sigma_factor * sigma
 
     def statistics(self) -> tuple[float | None, float | None, float | None]:
         """``(mean, sigma, limit)`` in one call (what a step reads before its loss joins)."""
         mean, sigma = self.mean, self.sigma
-        limit = mean + self.sigma_factor * sigma if self.full else None
-        return mean, sigma, limit
+        if not self.full or mean is None or sigma is None:
+            return mean, sigma, None
+        return mean, sigma, mean + self.sigma_factor * sigma
 
     def above_limit(self, loss: float) -> bool:
         """True when the window is full, ``loss`` is finite and ``loss > limit``."""

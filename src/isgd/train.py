@@ -44,7 +44,7 @@ from isgd.distributed import DistContext, DistributedError
 from isgd.errors import NonFiniteError, RunError
 from isgd.models import build_model
 from isgd.optim import ISGD, frozen_batchnorm_stats
-from isgd.sampler import FixedCycleBatchSampler
+from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 
 Prepare = Callable[[Tensor], Tensor]  # a uint8 batch → the network's input on its device
@@ -117,6 +117,8 @@ class _StopSignals:
 def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer``; ``isgd-*`` wraps the matching base."""
     family = config.optimizer.removeprefix("isgd").lstrip("-") or "sgd"
+    base: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any]
     if family == "adam":
         base, kwargs = torch.optim.Adam, dict(lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -252,6 +254,8 @@ class Trainer:
                 f"invalid crop_size: {config.crop_size} (the {config.dataset} images are "
                 f"{height}×{width} pixels)"
             )
+        self.sampler: FixedCycleBatchSampler | DistributedFixedCycleBatchSampler
+        self._batches: Tensor | None = None  # this epoch's batches (indices), gathered lazily
         self.sampler = FixedCycleBatchSampler(
             len(self.data.x_train), config.batch_size, seed=config.seed, reshuffle=config.reshuffle
         )
@@ -292,7 +296,7 @@ class Trainer:
             config.crop_size or self.data.image_size,
         )
         if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model = self.model.to(self.device)
         self.net: nn.Module = self.model  # what the training passes call (DDP under dist)
         self.sizes = [config.batch_size]
@@ -314,7 +318,7 @@ class Trainer:
             self.optimizer, lambda t: lr_factor(config, t, self.total)
         )
         self.state = _Progress()
-        self._tb = None
+        self._tb: Any = None  # a TensorBoard SummaryWriter on rank 0
         self._checkpointed_at: int | None = None  # iteration of the last checkpoint on disk
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
         self._norm_buffers: list[Tensor] = []
@@ -328,7 +332,7 @@ class Trainer:
     def _setup_data_parallel(self, shares: Any, sizes: list[int] | None) -> None:
         """Split the global batch (even, by shares, or by measured speed), wrap the model in
         DistributedDataParallel and shard the test set."""
-        d, cfg = self.dist, self.config
+        d, cfg = self._ctx(), self.config
         if sizes is None:
             shares = distributed.parse_shares(shares, d.world_size)
             if shares == "auto":
@@ -339,7 +343,7 @@ class Trainer:
                 f"invalid batch split {sizes} for {d.world_size} processes and a global batch of "
                 f"{cfg.batch_size}"
             )
-        self.sampler = distributed.DistributedFixedCycleBatchSampler(
+        sampler = distributed.DistributedFixedCycleBatchSampler(
             len(self.data.x_train),
             cfg.batch_size,
             num_replicas=d.world_size,
@@ -348,7 +352,8 @@ class Trainer:
             seed=cfg.seed,
             reshuffle=cfg.reshuffle,
         )
-        self.sizes, self.rows = self.sampler.sizes, self.sampler.rows
+        self.sampler = sampler
+        self.sizes, self.rows = sampler.sizes, sampler.rows
         # DDP averages gradients over the W ranks: backward on (W/B)·Σ_local ℓ gives each rank
         # the full-batch mean gradient (1/B)·Σ_all ∇ℓ whatever the split.
         self._loss_scale = d.world_size / cfg.batch_size
@@ -365,10 +370,16 @@ class Trainer:
                 ",".join(map(str, self.sizes)),
             )
 
-    def _calibrate(self) -> list[float]:
+    def _ctx(self) -> DistContext:
+        """The process group of a data-parallel trainer (only called on that path)."""
+        if self.dist is None:
+            raise RuntimeError("not a data-parallel trainer")
+        return self.dist
+
+    def _calibrate(self) -> list[int]:
         """``shares = auto``: every rank times forward+backward passes on an even share of the
         first batch, leaving weights, gradients, BatchNorm statistics and RNG as they were."""
-        d, cfg = self.dist, self.config
+        d, cfg = self._ctx(), self.config
         even = distributed.split_sizes(cfg.batch_size, None, d.world_size)
         rows = distributed.rank_rows(even, d.rank)
         idx = self.sampler.epoch_batches(0)[0][rows]
@@ -615,7 +626,7 @@ class Trainer:
 
     def _distributed_error(self, err: BaseException) -> DistributedError:
         """One line for a failed collective: who, where, the cause, what is kept, what to do."""
-        d, st = self.dist, self.state
+        d, st = self._ctx(), self.state
         if self.is_main:
             last = self._last_checkpoint()
             kept = f"the last checkpoint is {last}" if last else "there is no checkpoint yet"
@@ -644,7 +655,7 @@ class Trainer:
     ) -> None:
         cfg, st = self.config, self.state
         if skipped:  # no update, no chart entry, no pass counted
-            rec = dict(triggered=False, extra_iters=0, loss_after=None)
+            rec: dict[str, Any] = dict(triggered=False, extra_iters=0, loss_after=None)
         elif isinstance(self.optimizer, ISGD):
             s = self.optimizer.stats
             st.passes = s.passes
@@ -804,7 +815,7 @@ class Trainer:
         self._ranks_checked += 1
 
     # ------------------------------------------------------------------ files
-    def _open_writers(self) -> dict[str, runio.JsonlWriter]:
+    def _open_writers(self) -> dict[str, Any]:  # JsonlWriter, or _NullWriter off rank 0
         if not self.is_main:
             return {"metrics": _NullWriter(), "steps": _NullWriter()}
         if self.config.tensorboard:

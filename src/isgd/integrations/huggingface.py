@@ -66,7 +66,7 @@ class ISGDTrainer(Trainer):
     @property
     def isgd(self) -> ISGD:
         """The ISGD optimizer under the Trainer's (accelerate's) wrapper."""
-        opt = self.optimizer
+        opt: Any = self.optimizer
         while not isinstance(opt, ISGD) and hasattr(opt, "optimizer"):
             opt = opt.optimizer
         if not isinstance(opt, ISGD):
@@ -115,7 +115,9 @@ class ISGDTrainer(Trainer):
         """After the base update, before the LR schedule: the extra iterations, if triggered."""
         opt, model = self.isgd, self._isgd_model
         micro, self._isgd_micro, self._isgd_loss = self._isgd_micro, [], None
-        if not opt.stats.last.triggered or self.accelerator.optimizer_step_was_skipped:
+        if model is None or not opt.stats.last.triggered:
+            return
+        if self.accelerator.optimizer_step_was_skipped:
             return
         scaler = self.accelerator.scaler
         for _ in range(opt.max_extra_iters):
@@ -128,7 +130,7 @@ class ISGDTrainer(Trainer):
             if self.args.max_grad_norm and self.args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
             opt.subproblem_grad_()
-            opt.base_optimizer.step()
+            opt.subproblem_step_()  # the base optimizer's step unless inner_solver says otherwise
 
     def _isgd_replay(self, model: torch.nn.Module, micro: list[tuple[Any, Any]]) -> torch.Tensor:
         """ψ′ and ∇ψ′: the step's micro-batches again, through the Trainer's training_step (DDP
@@ -143,6 +145,8 @@ class ISGDTrainer(Trainer):
                 total = loss if total is None else total + loss
         finally:
             self._isgd_replaying = False
+        if total is None:
+            raise ValueError("ISGDTrainer: a step without micro-batches cannot be replayed")
         return total
 
 
