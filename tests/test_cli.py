@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from isgd import runio
 from isgd.cli import main
 from isgd.data import default_data_dir
 from tests.conftest import TINY, tiny_train_argv
@@ -50,11 +51,11 @@ def test_train_writes_a_complete_run_directory(isgd_run):
     summary = json.loads((isgd_run / "summary.json").read_text())
     assert summary["iterations"] == 150 and summary["n_batches_per_epoch"] == N_TRAIN // BATCH
     assert summary["isgd/triggers"] > 0 and summary["passes"] > 150
-    metrics = [json.loads(line) for line in (isgd_run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [runio.loads(line) for line in (isgd_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 30, 60, 90, 120, 150]
     assert metrics[-1]["passes"] == summary["passes"]
     assert all(m["time/train_seconds"] >= 0 for m in metrics)
-    steps = [json.loads(line) for line in (isgd_run / "steps.jsonl").read_text().splitlines()]
+    steps = [runio.loads(line) for line in (isgd_run / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 150 and steps[-1]["passes"] == summary["passes"]
     assert any(s["triggered"] for s in steps)
     assert all(s["limit"] is None for s in steps[: N_TRAIN // BATCH])
@@ -97,8 +98,8 @@ def test_resume_ends_with_the_same_model(isgd_run, tmp_path, checkpoint_kept):
 def test_sgd_and_isgd_share_initialisation_and_batches(idx_dir, tmp_path, isgd_run):
     out = tmp_path / "sgd"
     assert main(base_args(idx_dir, out, "--optimizer", "sgd", "--iters", "20")) == 0
-    sgd_steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    isgd_steps = [json.loads(x) for x in (isgd_run / "steps.jsonl").read_text().splitlines()]
+    sgd_steps = [runio.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    isgd_steps = [runio.loads(x) for x in (isgd_run / "steps.jsonl").read_text().splitlines()]
     # no trigger is possible in the first epoch, so the first 15 steps coincide exactly
     assert [s["loss"] for s in sgd_steps[:15]] == [s["loss"] for s in isgd_steps[:15]]
     assert sgd_steps[-1]["passes"] == 20
@@ -205,7 +206,7 @@ def test_window_sets_the_charts_length(idx_dir, tmp_path, optimizer):
     step W on, for the acting chart (ISGD) and the monitoring one (SGD) alike."""
     out, window, k = tmp_path / optimizer, 4, 1.5
     assert main(base_args(idx_dir, out, "--optimizer", optimizer, "--window", str(window))) == 0
-    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    steps = [runio.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     assert all(s["limit"] is None for s in steps[:window])
     for t in range(window, len(steps)):
         last = torch.tensor([s["loss"] for s in steps[t - window : t]], dtype=torch.float64)
@@ -233,7 +234,7 @@ def test_lr_schedule_advances_once_per_regular_step_with_triggers(idx_dir, tmp_p
     out = tmp_path / "inv"
     schedule = ("--lr-policy", "inv", "--gamma", "0.01", "--power", "0.75")
     assert main(base_args(idx_dir, out, "--optimizer", "isgd", *schedule)) == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [runio.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     assert last["isgd/extra_iters"] > 0 and last["passes"] > last["iteration"]
     for r in records:

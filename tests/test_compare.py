@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from isgd import runio
 from isgd.cli import main
 from isgd.compare import aggregate, parse_arm, speedup, summarize, time_to_target
 from isgd.config import ConfigError
@@ -115,7 +116,7 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| sgd |" in report and "| isgd |" in report and "sgd@isgd-passes" in report
     assert "## How ISGD behaved" in report
-    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert [(r["arm"], r["seed"]) for r in records] == [
         ("sgd", 0),
         ("isgd", 0),
@@ -139,7 +140,7 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
     again = json.loads((out / "target-0.2" / "summary.json").read_text())
     assert again["target"] == 0.2 and list(again["arms"]) == list(summary["arms"])
     retargeted = [
-        json.loads(x) for x in (out / "target-0.2" / "runs.jsonl").read_text().splitlines()
+        runio.loads(x) for x in (out / "target-0.2" / "runs.jsonl").read_text().splitlines()
     ]
     assert any(math.isfinite(r["time_to_target"]) for r in retargeted)
     assert (out / "report.md").read_text() == report  # the original report is kept
@@ -165,7 +166,7 @@ def test_compare_reachable_target_and_tuning(tiny_idx_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tuned_lr"]) == {"sgd", "isgd"}
     assert summary["tuned_lr"] == {"sgd": 0.05, "isgd": 0.05}  # 0.001 barely moves in 60 steps
-    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["time_to_target"]) for r in records)
     assert len(list((out / "tune").iterdir())) == 4
 
@@ -216,7 +217,7 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
     import shutil
 
     def records(out):
-        rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+        rows = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
         drop = ("run_dir", "time_to_target", "time_to_target_grid", "train_seconds")
         return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
@@ -290,7 +291,7 @@ def test_compare_under_epochs_extends_the_control_and_keeps_the_tuning_budget(
     for arm in ("sgd", "isgd"):  # --tune-iters, not --epochs, sets the tuning runs' length
         tuned = json.loads((out / "tune" / f"{arm}-lr0.05" / "summary.json").read_text())
         assert tuned["iterations"] == 30
-    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     isgd = next(r for r in records if r["arm"] == "isgd")
     control = next(r for r in records if r["arm"] == "sgd@isgd-passes")
     assert isgd["iterations"] == 90 and isgd["passes"] > 90
@@ -331,6 +332,6 @@ def test_report_says_when_isgd_never_triggered(tiny_idx_dir, tmp_path):
     assert main(argv) == 0  # 12 iterations: less than the first epoch, which fills the chart
     report = (out / "report.md").read_text()
     assert "**isgd never triggered**" in report and "any difference above is noise" in report
-    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     by_arm = {(r["arm"], r["seed"]): r for r in records}
     assert all(by_arm["sgd", s]["passes"] == by_arm["isgd", s]["passes"] == 12 for s in (0, 1))

@@ -8,7 +8,6 @@ the split, the launcher's command line, augmentation under a split, bad flags. T
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from isgd import FixedCycleBatchSampler, distributed
+from isgd import FixedCycleBatchSampler, distributed, runio
 from isgd.cli import main
 from isgd.config import resolve_config
 from isgd.distributed import (
@@ -218,7 +217,7 @@ def one_process(tiny_idx_dir, tmp_path_factory) -> Path:
 
 
 def _steps(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return [runio.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
 def _decisions(steps: list[dict]) -> list[tuple]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from isgd import runio
 from isgd.cli import main
 from isgd.data import DataError, load_dataset
 from isgd.packed import load_packed, pack_image_folder
@@ -194,7 +195,7 @@ def test_train_on_packed_with_random_crops_and_resume(packed, tmp_path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == 9 and summary["n_batches_per_epoch"] == 4
     assert summary["isgd/triggers"] > 0  # the chart runs on the packed set too
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [runio.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 3, 6, 9]
     assert all(0 <= m["test/accuracy"] <= 1 for m in metrics)
     # resume from the checkpoint at 8: the same crops are drawn again, the same model comes out

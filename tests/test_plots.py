@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from isgd import runio
 from isgd.plots import PlotError, load_run, plot_runs, spearman, summarize_claims
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +137,7 @@ def monitored_sgd_run(path: Path) -> Path:
     run = write_run(path, synthetic_losses(5, 20, seed=1), optimizer="isgd")
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "optimizer": "sgd"}))
-    lines = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    lines = [runio.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     text = "".join(json.dumps({**r, "triggered": False, "extra_iters": 0}) + "\n" for r in lines)
     (run / "steps.jsonl").write_text(text)
     return run

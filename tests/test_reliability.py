@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from isgd import runio
 from isgd.cli import main
 from isgd.config import TrainConfig
 from isgd.train import NonFiniteError, Trainer, train
@@ -48,7 +49,7 @@ def reference(tiny_idx_dir, tmp_path_factory) -> Path:
 
 def records(path: Path) -> list[dict]:
     lines = path.read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
+    return [{k: v for k, v in runio.loads(x).items() if k not in TIMING} for x in lines]
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
@@ -263,7 +264,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert main(argv) == 3
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1].startswith("isgd: error: ") and "Traceback" not in "\n".join(errors)
-    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    steps = [runio.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     bad = steps[-1]["iteration"] + 1  # the failed step is not recorded
     last = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
     assert re.fullmatch(
@@ -280,7 +281,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     state = torch.load(last, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run / "model.pt").exists() and not (run / "summary.json").exists()
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [runio.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["iteration"] == (bad - 1) // 10 * 10  # flushed up to the last eval
 
 
@@ -328,7 +329,7 @@ def test_skip_nonfinite_batches(tiny_idx_dir, tmp_path, monkeypatch, model, opti
     for before, after in snapshots.values():  # no update at all, BatchNorm statistics included
         assert all(torch.equal(before[k], after[k]) for k in before)
     lines = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
-    steps = [json.loads(line) for line in lines]
+    steps = [runio.loads(line) for line in lines]
     skipped = [s for s in steps if s.get("skipped")]
     assert [(s["iteration"], s["batch_id"]) for s in skipped] == [(19, 3), (34, 3)]
     for s in skipped:

@@ -631,18 +631,6 @@ def write_figures(plan: StudyPlan, result: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, Any]:
     """Measure, combine, and write ``report.md``, ``batch_study.json`` and figures to
     ``plan.out`` (which must not exist or be empty)."""
@@ -669,7 +657,7 @@ def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, An
         wall_seconds=None,
     )
     result["wall_seconds"] = time.perf_counter() - started
-    runio.write_json(plan.out / "batch_study.json", _jsonable(result))
+    runio.write_json(plan.out / "batch_study.json", result)
     figures = write_figures(plan, result)
     write_report(plan, result, figures)
     return result
@@ -747,11 +735,9 @@ def _validate(plan: StudyPlan) -> None:
 
 def redraw(out: Path) -> Path:
     """Write ``report.md`` and the figures again from ``out/batch_study.json``."""
-    raw = json.loads((out / "batch_study.json").read_text())
+    raw = runio.read_json(out / "batch_study.json")
 
-    def back(obj: Any) -> Any:
-        if obj == "inf":
-            return math.inf
+    def back(obj: Any) -> Any:  # files written before the strings: NaN was null
         if obj is None:
             return math.nan
         if isinstance(obj, dict):

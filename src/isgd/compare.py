@@ -94,7 +94,7 @@ def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, A
     """The per-run record of a finished run directory: the target's crossing interpolated
     between evaluations (``*_to_target``) and at the first evaluation reaching it (``*_grid``)."""
     metrics = list(runio.read_jsonl(run_dir / "metrics.jsonl"))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = runio.read_json(run_dir / "summary.json")
     hit, grid = crossing(metrics, target), time_to_target(metrics, target)
     return {
         "arm": arm.name,
@@ -379,7 +379,7 @@ def run_comparison(
                 done[r["arm"], r["seed"]] = {**r, "run_dir": str(run_dir)}
         # rewritten whole: drops a line torn by a kill, so that appending goes on cleanly
         runio.atomic_write_text(
-            plan.out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in done.values())
+            plan.out / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in done.values())
         )
     else:
         check_new_run_dir(plan.out)
@@ -440,7 +440,7 @@ def run_comparison(
         raw.close()
     if resume:  # runs.jsonl in plan order, the seeds left out of the plan dropped
         runio.atomic_write_text(
-            plan.out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records)
+            plan.out / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in records)
         )
     names = [a.name for a in plan.arms] + sorted(
         {r["arm"] for r in records} - {a.name for a in plan.arms}
@@ -477,7 +477,7 @@ def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str])
     from isgd.compare_report import write_figures, write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    runio.write_json(out / "summary.json", _jsonable(result))
+    runio.write_json(out / "summary.json", result)
     figures = write_figures(out, records, names)
     write_report(out, result, records, figures)
 
@@ -489,7 +489,7 @@ def retarget(out: Path, target: float) -> Path:
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise RunError(f"{out} has no summary.json (the comparison did not finish)")
-    previous = json.loads(summary_path.read_text())
+    previous = runio.read_json(summary_path)
     names = list(previous["arms"])
     fresh = [run_record(Arm(r["arm"]), r["seed"], Path(r["run_dir"]), target) for r in records]
     result = summarize(fresh, names)
@@ -498,7 +498,7 @@ def retarget(out: Path, target: float) -> Path:
     destination = out / f"target-{target:g}"
     _write_outputs(destination, result, fresh, names)
     runio.atomic_write_text(
-        destination / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in fresh)
+        destination / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in fresh)
     )
     return destination
 
@@ -531,17 +531,6 @@ def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran:
         100 * record["final_accuracy"],
         f"ETA {eta:.0f} min" if eta is not None else "recorded earlier",
     )
-
-
-def _jsonable(obj: Any) -> Any:
-    """JSON has no inf/NaN: write them as strings "inf", "-inf", "nan"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from isgd.errors import PlotError
+from isgd import runio
+from isgd.errors import PlotError, RunError
 
 __all__ = ["PlotError", "Run", "Steps", "load_run", "plot_runs", "spearman", "summarize_claims"]
 
@@ -79,27 +80,11 @@ RunLike = str | PathLike | Run
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) pairs; a truncated last line (no final newline) is skipped."""
+    """(line number, object) pairs (:func:`isgd.runio.numbered_jsonl`), errors as PlotError."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlotError(f"{path}: cannot read ({e})") from None
-    lines = text.split("\n")
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):  # only non-empty when the file lacks its final newline
-                log.warning("%s:%d: ignoring a truncated last line", path, lineno)
-                break
-            raise PlotError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise PlotError(f"{path}:{lineno}: expected a JSON object, got {record!r:.40}")
-        rows.append((lineno, record))
-    return rows
+        return runio.numbered_jsonl(path)
+    except RunError as err:
+        raise PlotError(str(err)) from None
 
 
 def _keep_last(iterations: np.ndarray) -> np.ndarray | None:
@@ -163,7 +148,7 @@ def load_run(run_dir: str | PathLike) -> Run:
     summary: dict[str, Any] = {}
     if (summary_path := path / "summary.json").is_file():
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = runio.loads(summary_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise PlotError(f"{summary_path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(summary, dict):

@@ -10,6 +10,8 @@ import contextlib
 import errno
 import io
 import json
+import logging
+import math
 import os
 import pickle
 import platform
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 from isgd.errors import RunError, WriteError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "JsonlWriter",
@@ -113,14 +117,50 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+# ---------------------------------------------------------------------- JSON
+# One convention for every file isgd writes: strict JSON (RFC 8259 has no NaN or Infinity), with
+# the non-finite floats written as the strings "inf", "-inf" and "nan" — a missed target is
+# "inf" — and read back as floats. Files written before (bare NaN/Infinity) still read.
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def _json_default(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with non-finite floats as "inf"/"-inf"/"nan" and paths as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"not JSON serialisable: {obj!r}")
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (:func:`jsonable` first)."""
+    return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, str):
+        return _NONFINITE.get(value, value)
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def loads(text: str) -> Any:
+    """Parse JSON written by :func:`dumps` (or by older versions, with bare NaN/Infinity)."""
+    return json.loads(text, object_hook=lambda d: {k: _restore(v) for k, v in d.items()})
+
+
+def read_json(path: Path) -> Any:
+    return loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 class JsonlWriter:
@@ -135,7 +175,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         try:
-            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.write(dumps(record) + "\n")
         except OSError as err:
             raise write_error(self.path, err) from None
 
@@ -155,17 +195,36 @@ class JsonlWriter:
                     self._file.close()
 
 
+def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every line of a JSON-lines file — the one reader of isgd's
+    ``*.jsonl`` files. A torn last line (a crash mid-write: no final newline) is skipped; any
+    other line that is not a JSON object is a :class:`RunError` naming file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: cannot read ({err})") from None
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # only non-empty when the file lacks its final newline
+                log.warning("%s:%d: ignoring a truncated last line", path, number)
+                break
+            raise RunError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}:{number}: expected a JSON object, got {record!r:.40}")
+        rows.append((number, record))
+    return rows
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                if f.read(1) == "":  # a torn last line from a crash: ignore it
-                    return
-                raise RunError(f"{path}:{number}: not a JSON line") from None
+    """The objects of a JSON-lines file (:func:`numbered_jsonl` without the line numbers)."""
+    for _, record in numbered_jsonl(path):
+        yield record
 
 
 def truncate_jsonl(path: Path, max_iteration: int) -> None:
@@ -173,7 +232,7 @@ def truncate_jsonl(path: Path, max_iteration: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if r.get("iteration", 0) <= max_iteration]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
 
 
 # ---------------------------------------------------------------------- checkpoints
