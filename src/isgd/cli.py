@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, get_origin
 
+from isgd import datasets
 from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, TrainConfig
 from isgd.errors import ConfigError, DataError, DistributedError, IsgdError, UsageError
 
@@ -39,7 +40,7 @@ HELP = {
     "seed": "seed of the initialisation and of the fixed batch order",
     "threads": "torch CPU threads (per process when data parallel)",
     "device": "cpu or cuda (data parallel: GPU LOCAL_RANK, NCCL)",
-    "dataset": "mnist, fashion-mnist, cifar10, imagenet, idx:DIR or packed:DIR (isgd data pack)",
+    "dataset": datasets.describe(),
     "model": "lenet, lenet-bn, cifar10-quick, mlp, resnet20, alexnet",
     "lr_policy": "fixed, step, multistep, inv or cosine",
     "milestones": "multistep policy: comma-separated iterations",
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="fetch and verify data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     fetch = data_commands.add_parser("fetch", help="fetch a data set into the data directory")
-    fetch.add_argument("name", help="mnist, fashion-mnist or cifar10")
+    fetch.add_argument("name", choices=datasets.FETCHABLE, help=", ".join(datasets.FETCHABLE))
     fetch.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
     fetch.add_argument(
         "--from",

@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from isgd import datasets
 from isgd.errors import ConfigError
 from isgd.optim import INNER_SOLVERS
 
@@ -97,13 +98,7 @@ class TrainConfig:
 
         need(self.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
         need(self.model in MODELS, "model", "one of " + ", ".join(MODELS))
-        datasets = ("mnist", "fashion-mnist", "cifar10", "imagenet")
-        need(
-            self.dataset in datasets or self.dataset.startswith(("idx:", "packed:")),
-            "dataset",
-            "one of " + ", ".join(datasets) + ", idx:DIR (a directory of IDX files) or "
-            "packed:DIR (made by isgd data pack)",
-        )
+        need(datasets.is_known(self.dataset), "dataset", "one of " + datasets.describe())
         need(self.lr_policy in LR_POLICIES, "lr_policy", "one of " + ", ".join(LR_POLICIES))
         need(
             self.normalize in ("scale", "standardize", "mean_subtract"),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from isgd import datasets
 from isgd.fetch import (
     SOURCES,
     DataError,
@@ -346,9 +347,6 @@ def load_cifar10(directory: str | os.PathLike[str]) -> DataSplit:
     )
 
 
-KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet", "idx:DIR", "packed:DIR")
-
-
 def load_dataset(
     name: str, data_dir: str | os.PathLike[str] | None = None, *, download: bool = True
 ) -> DataSplit:
@@ -394,4 +392,4 @@ def load_dataset(
                 f"SRC {directory}`"
             )
         return load_packed(directory, name=name)
-    raise DataError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+    raise DataError(f"unknown data set {name!r}; known: {', '.join(datasets.KNOWN)}")

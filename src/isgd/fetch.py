@@ -271,7 +271,6 @@ SOURCES: dict[str, DataSource] = {
         "fashion-mnist", _FASHION_MD5, _fetch_deb_fashion, "Debian dataset-fashion-mnist"
     ),
 }
-KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "idx:DIR")
 
 
 def fetch(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -201,7 +201,9 @@ def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     other line that is not a JSON object is a :class:`RunError` naming file and line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise RunError(f"{path}: {os_error_reason(err)}") from None
+    except UnicodeDecodeError as err:
         raise RunError(f"{path}: cannot read ({err})") from None
     lines = text.split("\n")
     rows = []
