@@ -175,6 +175,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(idx_dir, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_real_mnist_lenet(tmp_path):
     if not (default_data_dir() / "mnist" / "train-images-idx3-ubyte").exists():

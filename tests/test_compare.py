@@ -104,6 +104,7 @@ def test_parse_arm():
             parse_arm(bad)
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = (
@@ -213,6 +214,7 @@ def test_mechanics_from_known_steps(tmp_path):
     assert m["limit_over_window_mean"] == pytest.approx(1.2)  # median of 0.75, 1.2, 3, 1.2
 
 
+@pytest.mark.slow
 def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, capsys):
     import shutil
 

@@ -33,6 +33,8 @@ from isgd.launch import worker_argv
 from isgd.preprocess import Preprocess
 from isgd.train import Trainer, prepare_run_dir
 
+pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
+
 ITERS = 400  # with lr 0.01 the run is not chaotic: float differences stay ~1e-7
 TRAIN = dict(
     model="mlp", batch_size=16, lr=0.01, lr_policy="fixed", sigma_factor=1.5, iters=ITERS,

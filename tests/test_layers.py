@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import isgd
 
 LIBRARY = {"isgd", "isgd.optim", "isgd.spc", "isgd.sampler", "isgd.collective", "isgd.errors"}
@@ -62,6 +64,7 @@ def _run_blocked(blocked: str, code: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_library_works_without_the_application_dependencies():
     from isgd.console import APP_MODULES
 
@@ -82,6 +85,7 @@ def test_the_library_works_without_the_application_dependencies():
     assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
 
 
+@pytest.mark.slow
 def test_the_command_line_says_what_to_install_when_the_app_extra_is_missing(tmp_path):
     for blocked, argv in (("tomli_w", "['--help']"), ("matplotlib", f"['plot', '{tmp_path}']")):
         code = f"from isgd.console import main\nsys.exit(main({argv}))\n"

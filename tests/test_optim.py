@@ -42,6 +42,7 @@ def params_equal(a, b) -> bool:
         (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-4)),
     ],
 )
+@pytest.mark.slow
 def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs):
     data = toy.batches()
     model_a, model_b = toy.small_cnn(), toy.small_cnn()

@@ -248,6 +248,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2])
 def test_user_ddp_loop_takes_the_same_decisions_on_every_rank(tmp_path, world):
     out = tmp_path / "result.pt"

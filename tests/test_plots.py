@@ -117,6 +117,7 @@ def check_pngs(paths: list[Path]) -> None:
         assert png_size(p) == FIGURE_SIZES[key], p.name
 
 
+@pytest.mark.slow
 def test_plot_runs_writes_every_figure(tmp_path: Path):
     isgd = write_run(tmp_path / "a", synthetic_losses(5, 20, seed=1), optimizer="isgd")
     sgd = write_run(tmp_path / "b", synthetic_losses(5, 20, seed=2), optimizer="sgd")
@@ -143,6 +144,7 @@ def monitored_sgd_run(path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_edge_cases_share_one_plot_call(tmp_path: Path):
     one = write_run(tmp_path / "one", synthetic_losses(1, 20), optimizer="sgd")  # one epoch
     cut = write_run(tmp_path / "cut", synthetic_losses(4, 20), n_steps=70, summary=False)

@@ -112,6 +112,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(
     tiny_idx_dir, reference, tmp_path
 ):

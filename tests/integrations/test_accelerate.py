@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 

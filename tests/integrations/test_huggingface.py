@@ -15,6 +15,8 @@ from isgd.integrations.huggingface import ISGDTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import huggingface_example as example
 
+pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
+
 
 class RecordISGD(TrainerCallback):
     def __init__(self) -> None:

@@ -22,6 +22,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.
 sys.path.insert(0, str(EXAMPLE.parent))
 import lightning_example  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
+
 
 def read_metrics(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as f:
