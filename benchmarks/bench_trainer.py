@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from isgd.config import lr_factor, resolve_config
 from isgd.data import Preprocess, load_dataset
 from isgd.models import build_model
 from isgd.sampler import FixedCycleBatchSampler
-from isgd.train import Trainer
+from isgd.training.config import lr_factor, resolve_config
+from isgd.training.train import Trainer
 
 
 def bare_loop(data, x_train, config, iters: int) -> float:

@@ -12,7 +12,7 @@ Mechanics, per arm (medians over seeds): trigger rate, extra iterations per trig
 triggers that got the batch down to the limit, the last
 complete epoch's CV (σ/mean) of the batch losses (claim C2), the Spearman ρ of the batch losses
 between consecutive epochs (claim C1), and the chart's limit over the epoch mean loss split into
-its trend and tail parts (``isgd.compare_report.mechanics``).
+its trend and tail parts (``isgd.reporting.compare_report.mechanics``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from isgd import runio
-from isgd.compare import aggregate, load_records, speedup, time_to_target
-from isgd.compare_report import mechanics
-from isgd.plots import summarize_claims
+from isgd.experiments.compare import aggregate, load_records, speedup, time_to_target
+from isgd.reporting.compare_report import mechanics
+from isgd.reporting.plots import summarize_claims
+from isgd.training import runio
 
 
 def spread(values: list[float], spec: str) -> str:

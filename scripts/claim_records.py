@@ -5,8 +5,8 @@ directories of ``isgd compare`` comparisons — small enough to commit, unlike t
 
 One JSON line per run: arm, seed, trigger rate, C1 (Spearman ρ of the fixed batches' losses
 between consecutive epochs, and first-to-last), C2 (σ and σ/mean of the batch losses per complete
-epoch), the mechanics of ``isgd.compare_report.mechanics`` (limit over the epoch mean split into
-trend × tail, triggers reaching the limit, extra iterations per trigger) and the median
+epoch), the mechanics of ``isgd.reporting.compare_report.mechanics`` (limit over the epoch mean
+split into trend × tail, triggers reaching the limit, extra iterations per trigger) and the median
 momentum-to-∇φ ratio of the extra iterations. Non-finite values are written as null.
 """
 
@@ -17,9 +17,9 @@ import json
 import math
 from pathlib import Path
 
-from isgd.compare import load_records
-from isgd.compare_report import mechanics
-from isgd.plots import summarize_claims
+from isgd.experiments.compare import load_records
+from isgd.reporting.compare_report import mechanics
+from isgd.reporting.plots import summarize_claims
 
 
 def _finite(value):

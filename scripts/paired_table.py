@@ -6,10 +6,10 @@ the committed ``runs.jsonl`` files are enough (no run directories needed).
         [--key passes_to_target] [--pool isgd]
 
 Per comparison and arm: the geometric mean of the per-seed ratios ``baseline / arm`` of ``--key``
-with its Student-t 95 % interval over the seeds (``isgd.paired``), the p-value, and the sentence
-saying which effects the interval excludes. ``--pool ARM`` adds one row that pools the seeds of
-``ARM`` over all the comparisons given (each pair stays within its own comparison and seed).
-Records written before crossings were interpolated hold the first evaluation at or above the
+with its Student-t 95 % interval over the seeds (``isgd.experiments.paired``), the p-value, and the
+sentence saying which effects the interval excludes. ``--pool ARM`` adds one row that pools the
+seeds of ``ARM`` over all the comparisons given (each pair stays within its own comparison and
+seed). Records written before crossings were interpolated hold the first evaluation at or above the
 target; the table says which kind each comparison has.
 """
 
@@ -19,8 +19,8 @@ import argparse
 import math
 from pathlib import Path
 
-from isgd.compare import load_records
-from isgd.paired import effect_sentence, paired_ratio
+from isgd.experiments.compare import load_records
+from isgd.experiments.paired import effect_sentence, paired_ratio
 
 
 def pairs(records: list[dict], baseline: str, arm: str, key: str) -> list[tuple[float, float]]:

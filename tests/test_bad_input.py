@@ -20,13 +20,20 @@ import numpy as np
 import pytest
 import torch
 
-from isgd import FixedCycleBatchSampler, LossControlChart, runio
+from isgd import FixedCycleBatchSampler, LossControlChart
 from isgd.cli import main
-from isgd.config import ConfigError, resolve_config
 from isgd.data import DataError, DataSplit
 from isgd.optim import ISGD
-from isgd.runio import JsonlWriter, RunError, WriteError, atomic_write_bytes, load_checkpoint
-from isgd.train import Trainer, resume, train
+from isgd.training import runio
+from isgd.training.config import ConfigError, resolve_config
+from isgd.training.runio import (
+    JsonlWriter,
+    RunError,
+    WriteError,
+    atomic_write_bytes,
+    load_checkpoint,
+)
+from isgd.training.train import Trainer, resume, train
 from tests.conftest import tiny_train_argv
 from tests.fixtures import write_idx
 

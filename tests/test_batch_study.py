@@ -8,8 +8,14 @@ import math
 import re
 from pathlib import Path
 
-from isgd.batch_study import StudyPlan, _interpolate_loglog, combine, redraw, saturation_point
 from isgd.cli import main
+from isgd.experiments.batch_study import (
+    StudyPlan,
+    _interpolate_loglog,
+    combine,
+    redraw,
+    saturation_point,
+)
 
 
 def test_saturation_is_where_doubling_stops_paying():

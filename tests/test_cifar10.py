@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isgd import cifar10
 from isgd.cli import main
-from isgd.data import load_dataset
+from isgd.data import cifar10, load_dataset
 from tests.fixtures import cifar_like, md5, write_cifar_python
 
 SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from isgd import runio
 from isgd.cli import main
-from isgd.compare import aggregate, parse_arm, speedup, summarize, time_to_target
-from isgd.config import ConfigError
+from isgd.experiments.compare import aggregate, parse_arm, speedup, summarize, time_to_target
+from isgd.training import runio
+from isgd.training.config import ConfigError
 from tests.conftest import TINY
 
 INF = math.inf
@@ -192,7 +192,7 @@ def test_compare_bad_input(extra, message, tmp_path, capsys):
 
 
 def test_mechanics_from_known_steps(tmp_path):
-    from isgd.compare_report import mechanics
+    from isgd.reporting.compare_report import mechanics
 
     rows = [  # epoch 0: no limit; epoch 1: mean 1.0 (epoch 0: 2.0), limit 1.5
         dict(epoch=0, loss=2.0, limit=None, triggered=False, extra_iters=0, loss_after=None),
@@ -305,9 +305,9 @@ def test_compare_under_epochs_extends_the_control_and_keeps_the_tuning_budget(
 
 
 def test_tuning_budget_default_lets_isgd_act(tiny_idx_dir):
-    from isgd.compare import Arm, ComparisonPlan, tuning_budget
-    from isgd.config import TrainConfig
     from isgd.data import load_dataset
+    from isgd.experiments.compare import Arm, ComparisonPlan, tuning_budget
+    from isgd.training.config import TrainConfig
 
     data = load_dataset(f"idx:{tiny_idx_dir}")  # 240 training images, 200 after the hold-out
     config = TrainConfig(dataset=f"idx:{tiny_idx_dir}", batch_size=4)  # 50 batches per epoch

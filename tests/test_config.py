@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from isgd.config import (
+from isgd.training.config import (
     PRESETS,
     ConfigError,
     TrainConfig,
@@ -87,7 +87,7 @@ def test_toml_round_trip(tmp_path):
     ],
 )
 def test_unknown_keys_and_wrong_types_are_named(values, message):
-    from isgd.config import apply
+    from isgd.training.config import apply
 
     with pytest.raises(ConfigError) as info:
         apply(TrainConfig(), values, "test")

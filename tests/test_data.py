@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from isgd import fetch as fetching
 from isgd.data import (
     IDX_NAMES,
     DataError,
@@ -21,6 +20,7 @@ from isgd.data import (
     load_idx_dir,
     read_idx,
 )
+from isgd.data import sources as fetching
 from tests.fixtures import (
     cifar_like,
     idx_bytes,

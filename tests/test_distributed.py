@@ -19,19 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from isgd import FixedCycleBatchSampler, distributed, runio
+from isgd import FixedCycleBatchSampler
 from isgd.cli import main
-from isgd.config import resolve_config
-from isgd.distributed import (
+from isgd.data.preprocess import Preprocess
+from isgd.training import distributed, runio
+from isgd.training.config import resolve_config
+from isgd.training.distributed import (
     DistributedFixedCycleBatchSampler,
     disagreeing_ranks,
     parse_shares,
     sizes_from_speeds,
     split_sizes,
 )
-from isgd.launch import worker_argv
-from isgd.preprocess import Preprocess
-from isgd.train import Trainer, prepare_run_dir
+from isgd.training.launch import worker_argv
+from isgd.training.train import Trainer, prepare_run_dir
 
 pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
 

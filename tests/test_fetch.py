@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from isgd import fetch as fetching
 from isgd.data import IDX_NAMES, load_dataset
-from isgd.fetch import DataError, default_data_dir, fetch, verify_files
+from isgd.data import sources as fetching
+from isgd.data.sources import DataError, default_data_dir, fetch, verify_files
 from tests.fixtures import idx_bytes, md5, mnist_like, write_idx, write_idx_dir
 
 

@@ -94,3 +94,30 @@ def test_the_command_line_says_what_to_install_when_the_app_extra_is_missing(tmp
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and f"({blocked} is not installed)" in lines[0], lines
         assert "pip install 'isgd[app]'" in lines[0]
+
+
+# the application's layers, lowest first: a module may import its own layer and those below
+RANKS = {
+    "optim": 0, "spc": 0, "sampler": 0, "collective": 0, "errors": 0,
+    "integrations": 1, "data": 1, "models": 1,
+    "training": 2, "reporting": 3, "experiments": 4, "cli": 5, "console": 5, "__main__": 5,
+}  # fmt: skip
+
+
+def test_application_layers_import_downwards_only():
+    for path in sorted(SRC.rglob("*.py")):
+        part = path.relative_to(SRC).parts[0].removesuffix(".py")
+        if part == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                bits = name.split(".")
+                if bits[0] != "isgd" or len(bits) < 2 or bits[1] not in RANKS:
+                    continue
+                assert RANKS[bits[1]] <= RANKS[part], f"{path.relative_to(SRC)} imports {name}"

@@ -268,8 +268,8 @@ def test_user_ddp_loop_takes_the_same_decisions_on_every_rank(tmp_path, world):
 def test_isgd_train_hands_isgd_the_global_loss_and_opts_out_of_a_second_reduction(monkeypatch):
     """The trainer's ψ is already allreduce(Σℓ)/B (with the stop votes in the same message):
     ISGD must not reduce it again, even when a process group is up."""
-    from isgd.config import resolve_config
-    from isgd.train import build_optimizer
+    from isgd.training.config import resolve_config
+    from isgd.training.train import build_optimizer
 
     config = resolve_config(overrides={"optimizer": "isgd", "model": "mlp"})
     opt = build_optimizer(config, toy.small_cnn(), n_b=toy.N_BATCHES)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from isgd import runio
 from isgd.cli import main
 from isgd.data import DataError, load_dataset
-from isgd.packed import load_packed, pack_image_folder
-from isgd.preprocess import Preprocess
+from isgd.data.packed import load_packed, pack_image_folder
+from isgd.data.preprocess import Preprocess
+from isgd.training import runio
 
 CLASSES = ("cat", "dog", "fish")
 
@@ -212,7 +212,7 @@ def test_train_on_packed_with_random_crops_and_resume(packed, tmp_path) -> None:
 def test_imagenet_is_the_packed_set_in_the_data_directory(packed, tmp_path) -> None:
     import shutil
 
-    from isgd.config import resolve_config
+    from isgd.training.config import resolve_config
 
     with pytest.raises(DataError, match=r"isgd data pack SRC .*imagenet"):
         load_dataset("imagenet", tmp_path)

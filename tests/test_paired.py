@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from isgd.paired import crossing, effect_sentence, paired_ratio
+from isgd.experiments.paired import crossing, effect_sentence, paired_ratio
 
 T_975_DF4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom (tables)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isgd import runio
-from isgd.plots import PlotError, load_run, plot_runs, spearman, summarize_claims
+from isgd.reporting.plots import PlotError, load_run, plot_runs, spearman, summarize_claims
+from isgd.training import runio
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

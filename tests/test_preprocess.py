@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from isgd.data import DataSplit, load_idx_dir
-from isgd.preprocess import Preprocess
+from isgd.data.preprocess import Preprocess
 from tests.fixtures import mnist_like, write_idx_dir
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from isgd import runio
 from isgd.cli import main
-from isgd.config import TrainConfig
-from isgd.train import NonFiniteError, Trainer, train
+from isgd.training import runio
+from isgd.training.config import TrainConfig
+from isgd.training.train import NonFiniteError, Trainer, train
 from tests.conftest import tiny_train_argv
 
 ITERS, EVERY, N_B = 800, 25, 15  # 240 training images in batches of 16
@@ -97,7 +97,7 @@ elif event == "checkpoint":  # checkpoint written to its temporary file, not yet
         return replace(src, dst, *args, **kwargs)
     os.replace = patched
 elif event == "steps-line":  # half of a steps.jsonl line on disk
-    from isgd import runio
+    from isgd.training import runio
     write = runio.JsonlWriter.write
     def patched(self, record):
         if self.path.name == "steps.jsonl" and hit():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from isgd import runio
+from isgd.training import runio
 
 
 def _strict(text: str):

@@ -2,7 +2,7 @@ import os
 import sys
 
 from isgd.console import main
-from isgd.distributed import env_world_size
+from isgd.training.distributed import env_world_size
 
 code = main()
 if env_world_size() > 1:

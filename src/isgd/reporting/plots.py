@@ -30,8 +30,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from isgd import runio
 from isgd.errors import PlotError, RunError
+from isgd.training import runio
 
 __all__ = ["PlotError", "Run", "Steps", "load_run", "plot_runs", "spearman", "summarize_claims"]
 
@@ -80,7 +80,8 @@ RunLike = str | PathLike | Run
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) pairs (:func:`isgd.runio.numbered_jsonl`), errors as PlotError."""
+    """(line number, object) pairs (:func:`isgd.training.runio.numbered_jsonl`); errors as
+    PlotError."""
     try:
         return runio.numbered_jsonl(path)
     except RunError as err:

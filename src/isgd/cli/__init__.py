@@ -20,9 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, get_origin
 
-from isgd import datasets
-from isgd.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, TrainConfig
+from isgd.data import registry as datasets
 from isgd.errors import ConfigError, DataError, DistributedError, IsgdError, UsageError
+from isgd.training.config import FIELD_TYPES, FIELDS, OPTIMIZERS, PRESETS, TrainConfig
 
 log = logging.getLogger("isgd")
 
@@ -263,9 +263,9 @@ def _default_run_dir(overrides: dict[str, Any], preset: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     import math
 
-    from isgd import distributed
-    from isgd import train as training
-    from isgd.config import resolve_config
+    from isgd.training import distributed
+    from isgd.training import train as training
+    from isgd.training.config import resolve_config
 
     overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
     if args.resume:
@@ -325,10 +325,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """``--nproc N``: check what can be checked once, then run N workers under torchrun."""
-    from isgd import distributed
-    from isgd.config import load_toml, resolve_config
-    from isgd.launch import launch_local, worker_argv
-    from isgd.train import check_new_run_dir
+    from isgd.training import distributed
+    from isgd.training.config import load_toml, resolve_config
+    from isgd.training.launch import launch_local, worker_argv
+    from isgd.training.train import check_new_run_dir
 
     distributed.parse_shares(args.shares, args.nproc)
     if args.resume:
@@ -346,11 +346,11 @@ def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from isgd.compare import ComparisonPlan, parse_arm, run_comparison
-    from isgd.config import apply, resolve_config
+    from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison
+    from isgd.training.config import apply, resolve_config
 
     if args.retarget:
-        from isgd.compare import retarget
+        from isgd.experiments.compare import retarget
 
         if args.target is None or not 0 < args.target <= 1:
             raise UsageError(f"--retarget needs --target, a fraction in (0, 1], got {args.target}")
@@ -403,7 +403,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import dataclasses
 
-    from isgd.compare import load_plan, run_comparison
+    from isgd.experiments.compare import load_plan, run_comparison
 
     given = [f"--{k.replace('_', '-')}" for k in overrides] + [
         flag
@@ -440,7 +440,7 @@ def _show_report(out: Path) -> int:
 
 
 def cmd_batch_study(args: argparse.Namespace) -> int:
-    from isgd.batch_study import run_from_args
+    from isgd.experiments.batch_study import run_from_args
 
     return run_from_args(args)
 
@@ -449,7 +449,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from isgd.data import fetch
 
     if args.data_command == "pack":
-        from isgd.packed import pack_image_folder
+        from isgd.data.packed import pack_image_folder
 
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         out = pack_image_folder(
@@ -463,8 +463,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         log.info("packed %s into %s: train with --dataset packed:%s", args.source, out, out)
         return 0
     if args.name == "cifar10":
-        from isgd.cifar10 import fetch_cifar10
-        from isgd.fetch import default_data_dir
+        from isgd.data.cifar10 import fetch_cifar10
+        from isgd.data.sources import default_data_dir
 
         root = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
         fetch_cifar10(root / "cifar10", args.source)
@@ -477,9 +477,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from isgd.plots import plot_runs
-    from isgd.report import runs_table
-    from isgd.runio import atomic_write_text
+    from isgd.reporting.plots import plot_runs
+    from isgd.reporting.report import runs_table
+    from isgd.training.runio import atomic_write_text
 
     runs = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else runs[0] / "plots"
@@ -493,13 +493,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _training_interrupted() -> tuple[type[BaseException], ...]:
     """The trainer's stop on a signal, when a command has imported it (usage errors do not)."""
-    train = sys.modules.get("isgd.train")
+    train = sys.modules.get("isgd.training.train")
     return (train.TrainingInterrupted,) if train else ()
 
 
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
-    from isgd.distributed import env_world_size
+    from isgd.training.distributed import env_world_size
 
     try:
         return int(os.environ.get("RANK", "0")) if env_world_size() > 1 else 0
@@ -551,13 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(err, rank)
         return USAGE_ERROR
     except OSError as err:  # one the library did not turn into a message of its own
-        from isgd.runio import os_error_reason
+        from isgd.training.runio import os_error_reason
 
         where = f"{err.filename}: " if err.filename else ""
         _report(OSError(f"{where}{os_error_reason(err)}"), rank)
         return USAGE_ERROR
     except RuntimeError as err:  # a collective failed outside the training loop
-        from isgd.distributed import first_line, is_collective_failure
+        from isgd.training.distributed import first_line, is_collective_failure
 
         if _rank_count() == 1 or not is_collective_failure(err):
             raise
@@ -583,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rank_count() -> int:
-    from isgd.distributed import env_world_size
+    from isgd.training.distributed import env_world_size
 
     return env_world_size()
 

@@ -7,7 +7,7 @@ For one seed all arms share the model initialisation and the fixed batch order (
 seed), and runs are interleaved (seed 0: A B, seed 1: B A, ...) so that machine drift hits every
 arm alike. "X % faster" is reported both ways: ``T_base / T_arm`` and ``(T_base − T_arm) / T_base``.
 The crossing of the target is interpolated between evaluations, and every arm is compared with the
-baseline seed by seed, with a 95 % interval of the paired ratio (:mod:`isgd.paired`).
+baseline seed by seed, with a 95 % interval of the paired ratio (:mod:`isgd.experiments.paired`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isgd import runio
-from isgd.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.data import DataSplit, load_dataset
-from isgd.paired import crossing, effect_sentence, paired_ratio
-from isgd.runio import RunError
+from isgd.experiments.paired import crossing, effect_sentence, paired_ratio
+from isgd.training import runio
+from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
+from isgd.training.runio import RunError
 
 __all__ = [
     "Arm",
@@ -39,7 +39,7 @@ __all__ = [
     "time_to_target",
 ]
 
-log = logging.getLogger("isgd.compare")
+log = logging.getLogger("isgd.experiments.compare")
 INF = math.inf
 PLAN_FILE = "plan.json"  # what the comparison runs, written first: --resume reads it
 
@@ -58,7 +58,7 @@ def parse_arm(spec: str) -> Arm:
     >>> parse_arm("isgd-k2:optimizer=isgd,sigma_factor=2")
     Arm(name='isgd-k2', overrides={'optimizer': 'isgd', 'sigma_factor': 2})
     """
-    from isgd.config import OPTIMIZERS
+    from isgd.training.config import OPTIMIZERS
 
     name, _, rest = spec.partition(":")
     name = name.strip()
@@ -329,7 +329,7 @@ def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
 def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
     """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
     :func:`tuning_budget` iterations (same budget for every arm; first seed)."""
-    from isgd.train import train
+    from isgd.training.train import train
 
     held_out = _held_out(data)
     budget = tuning_budget(plan, data)
@@ -367,7 +367,7 @@ def run_comparison(
     """
     from tqdm.auto import tqdm
 
-    from isgd.train import TrainingInterrupted, check_new_run_dir
+    from isgd.training.train import TrainingInterrupted, check_new_run_dir
 
     done: dict[tuple[str, int], dict[str, Any]] = {}
     tuned: dict[str, float] | None = None
@@ -461,7 +461,7 @@ def _train_or_continue(
     plan: ComparisonPlan, arm: Arm, seed: int, lrs: dict[str, float], data: DataSplit
 ) -> None:
     """Train one run, or finish it if an earlier invocation left it with a checkpoint."""
-    from isgd.train import resume, train
+    from isgd.training.train import resume, train
 
     run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
     if (run_dir / "summary.json").is_file():
@@ -474,7 +474,7 @@ def _train_or_continue(
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
-    from isgd.compare_report import write_figures, write_report
+    from isgd.reporting.compare_report import write_figures, write_report
 
     out.mkdir(parents=True, exist_ok=True)
     runio.write_json(out / "summary.json", result)

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from isgd.fetch import DataError
+from isgd.data.sources import DataError
 
 __all__ = [
     "CLASSES",

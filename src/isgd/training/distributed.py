@@ -49,7 +49,7 @@ __all__ = [  # the sampler and the split live in the library (isgd.sampler), re-
     "split_sizes",
 ]
 
-log = logging.getLogger("isgd.distributed")
+log = logging.getLogger("isgd.training.distributed")
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
 

@@ -11,10 +11,11 @@ SIGINT and SIGTERM stop the loop at the next step boundary with a checkpoint
 that batch. A file that cannot be written raises :class:`runio.WriteError`; nothing written before
 is lost, and ``resume`` continues from the last checkpoint.
 
-Data parallel (``dist``, see :mod:`isgd.distributed`): each rank trains its share of every global
-batch under DistributedDataParallel; the loss, the stop requests and every decision that could
-differ between ranks (non-finite loss, weights no longer finite) are reduced across ranks, so all
-ranks step, stop and fail together. Evaluation is sharded across ranks; rank 0 alone writes files.
+Data parallel (``dist``, see :mod:`isgd.training.distributed`): each rank trains its share of every
+global batch under DistributedDataParallel; the loss, the stop requests and every decision that
+could differ between ranks (non-finite loss, weights no longer finite) are reduced across ranks, so
+all ranks step, stop and fail together. Evaluation is sharded across ranks; rank 0 alone writes
+files.
 """
 
 from __future__ import annotations
@@ -37,21 +38,28 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from isgd import distributed, runio
-from isgd.config import ConfigError, TrainConfig, dump_toml, load_toml, lr_factor, resolve_config
 from isgd.data import DataError, DataSplit, Preprocess, load_dataset
-from isgd.distributed import DistContext, DistributedError
 from isgd.errors import NonFiniteError, RunError
 from isgd.models import build_model
 from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
+from isgd.training import distributed, runio
+from isgd.training.config import (
+    ConfigError,
+    TrainConfig,
+    dump_toml,
+    load_toml,
+    lr_factor,
+    resolve_config,
+)
+from isgd.training.distributed import DistContext, DistributedError
 
 Prepare = Callable[[Tensor], Tensor]  # a uint8 batch → the network's input on its device
 
 __all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate", "resume", "train"]
 
-log = logging.getLogger("isgd.train")
+log = logging.getLogger("isgd.training.train")
 
 # configuration keys a checkpoint cannot be resumed under once changed
 _STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size", "crop_size", "window")

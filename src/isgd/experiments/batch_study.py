@@ -46,11 +46,11 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from isgd import runio
+from isgd.training import runio
 
 __all__ = ["StudyPlan", "combine", "run_study", "saturation_point"]
 
-log = logging.getLogger("isgd.batch_study")
+log = logging.getLogger("isgd.experiments.batch_study")
 
 
 @dataclasses.dataclass
@@ -282,7 +282,7 @@ def _spawn(plan: StudyPlan, shape: dict[str, int], k: int):
 # ---------------------------------------------------------------------- passes to target
 def _target_config(plan: StudyPlan, batch: int, n_train: int):
     """The preset with batch ``batch``: lr and the inv decay rate scaled by ``batch / b_0``."""
-    from isgd.config import apply, resolve_config
+    from isgd.training.config import apply, resolve_config
 
     base = resolve_config(plan.preset)
     scale = batch / base.batch_size
@@ -315,7 +315,7 @@ def _target_config(plan: StudyPlan, batch: int, n_train: int):
 def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
     """One training run per global batch size, each stopped at the target (∞ when missed)."""
     from isgd.data import load_dataset
-    from isgd.train import NonFiniteError, Trainer, prepare_run_dir
+    from isgd.training.train import NonFiniteError, Trainer, prepare_run_dir
 
     class _StopAtTarget(Trainer):
         def _evaluate_and_record(self, writers) -> None:
@@ -368,7 +368,7 @@ def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
 
 
 def _toml(config) -> str:
-    from isgd.config import dump_toml
+    from isgd.training.config import dump_toml
 
     return dump_toml(config)
 
@@ -634,8 +634,8 @@ def write_figures(plan: StudyPlan, result: dict[str, Any]) -> list[Path]:
 def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, Any]:
     """Measure, combine, and write ``report.md``, ``batch_study.json`` and figures to
     ``plan.out`` (which must not exist or be empty)."""
-    from isgd.config import resolve_config
-    from isgd.train import check_new_run_dir
+    from isgd.training.config import resolve_config
+    from isgd.training.train import check_new_run_dir
 
     preset = resolve_config(plan.preset)
     plan.dataset = plan.dataset or preset.dataset
@@ -711,7 +711,7 @@ def run_from_args(args) -> int:
 
 
 def _validate(plan: StudyPlan) -> None:
-    from isgd.config import ConfigError
+    from isgd.training.config import ConfigError
 
     def need(ok: bool, what: str) -> None:
         if not ok:

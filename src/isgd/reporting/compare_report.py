@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from isgd import runio
+from isgd.training import runio
 
 __all__ = ["write_figures", "write_report"]
 
@@ -112,7 +112,7 @@ def _time_to_target_figure(records, arms, path: Path) -> Path:
 
 
 def _spread_figure(records, arms, path: Path) -> Path:
-    from isgd.plots import summarize_claims
+    from isgd.reporting.plots import summarize_claims
 
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax_std, ax_cv = fig.subplots(1, 2)
@@ -279,8 +279,8 @@ def _paired_section(arms: dict[str, Any], base: str) -> list[str]:
         f"## Paired against {base}: ratio {base}/arm per seed, geometric mean and 95 % interval",
         "",
         "Same seed, same initialisation and batch order: the ratio is taken seed by seed, then "
-        "averaged on the log scale with a Student-t interval (`isgd.paired`). Above 1: the arm "
-        "needs less. Seconds come from a shared machine; passes are the figure to read.",
+        "averaged on the log scale with a Student-t interval (`isgd.experiments.paired`). Above 1: "
+        "the arm needs less. Seconds come from a shared machine; passes are the figure to read.",
         "",
         "| arm | passes ratio [95 % CI] | p | seconds ratio [95 % CI] | p | pairs |",
         "|---|---|---|---|---|---|",

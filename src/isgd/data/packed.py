@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isgd.fetch import DataError
+from isgd.data.sources import DataError
 
 __all__ = ["FORMAT", "load_packed", "pack_image_folder"]
 
@@ -180,8 +180,6 @@ def pack_image_folder(
     """
     from tqdm.auto import tqdm
 
-    from isgd.runio import atomic_write_text
-
     source, destination = Path(source), Path(destination)
     if size < 8:
         raise DataError(f"invalid size: {size} (must be >= 8 pixels)")
@@ -228,5 +226,7 @@ def pack_image_folder(
         "source": str(source.resolve()),
         "resize": "bilinear warp to size×size (Caffe create_imagenet.sh)",
     }
-    atomic_write_text(destination / "meta.json", json.dumps(meta, indent=1) + "\n")
+    partial = destination / ".meta.json.partial"  # renamed into place: meta.json whole or absent
+    partial.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(partial, destination / "meta.json")
     return destination

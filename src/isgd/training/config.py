@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from isgd import datasets
+from isgd.data import registry as datasets
 from isgd.errors import ConfigError
 from isgd.optim import INNER_SOLVERS
 

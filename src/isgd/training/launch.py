@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from isgd import runio
+from isgd.training import runio
 
 __all__ = ["launch_local", "worker_argv"]
 
-log = logging.getLogger("isgd.launch")
+log = logging.getLogger("isgd.training.launch")
 
 DIST_FAILED = 4  # exit code: a rank died, hung or disconnected
 # exit codes of a worker that printed the cause itself: bad input, non-finite, interrupted
@@ -78,7 +78,7 @@ def launch_local(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
     except SignalException as err:  # Ctrl-C or SIGTERM to the launcher: the workers got it too
         return 128 + int(err.sigval)
     except Exception as err:  # the launcher itself failed: rendezvous, ports, spawning
-        from isgd.distributed import first_line
+        from isgd.training.distributed import first_line
 
         print(
             f"isgd: error: could not run {nproc} processes under torchrun "

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from isgd.runio import RunError
+from isgd.training.runio import RunError
 
 __all__ = ["load_summary", "runs_table"]
 

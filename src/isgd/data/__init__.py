@@ -1,7 +1,9 @@
 """Image data sets held in memory as uint8 tensors.
 
 IDX and CIFAR-10 readers and :func:`load_dataset`, which fetches MNIST/Fashion-MNIST when missing
-(:mod:`isgd.fetch`: data directory, md5 checks, fetch). Preprocessing is in :mod:`isgd.preprocess`.
+(:mod:`isgd.data.sources`: data directory, md5 checks, fetch). Preprocessing is in
+:mod:`isgd.data.preprocess`, CIFAR-10's fetch in :mod:`isgd.data.cifar10`, memory-mapped sets in
+:mod:`isgd.data.packed`, the list of data sets in :mod:`isgd.data.registry`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from isgd import datasets
-from isgd.fetch import (
+from isgd.data import registry as datasets
+from isgd.data.preprocess import Preprocess
+from isgd.data.sources import (
     SOURCES,
     DataError,
     DataSource,
@@ -30,7 +33,6 @@ from isgd.fetch import (
     fetch,
     verify_files,
 )
-from isgd.preprocess import Preprocess
 
 __all__ = [
     "IDX_NAMES",
@@ -138,7 +140,7 @@ class DataSplit:
     mean: tuple[float, ...] = dataclasses.field(init=False)
     std: tuple[float, ...] = dataclasses.field(init=False)
     _mean_image: Tensor | None = dataclasses.field(default=None, init=False, repr=False)
-    # what results call the data: "CIFAR-10 (JPEG q75)" for a re-encoded copy (isgd.cifar10)
+    # what results call the data: "CIFAR-10 (JPEG q75)" for a re-encoded copy (isgd.data.cifar10)
     variant: str = dataclasses.field(default="", init=False)
     # precomputed statistics (a packed set on disk): skips the pass over the training images
     channel_stats: dataclasses.InitVar[tuple[tuple[float, ...], tuple[float, ...]] | None] = None
@@ -352,14 +354,14 @@ def load_dataset(
 ) -> DataSplit:
     """Load ``mnist``, ``fashion-mnist``, ``cifar10``, ``imagenet`` (packed, in the data
     directory), ``idx:DIR`` (any IDX folder) or ``packed:DIR`` (memory-mapped arrays made by
-    ``isgd data pack``, :mod:`isgd.packed`).
+    ``isgd data pack``, :mod:`isgd.data.packed`).
 
     With ``download`` a missing or corrupt MNIST/Fashion-MNIST is fetched first.
     """
     if name.startswith("idx:"):
         return load_idx_dir(Path(name[4:]).expanduser(), name=name)
     if name.startswith("packed:"):
-        from isgd.packed import load_packed
+        from isgd.data.packed import load_packed
 
         return load_packed(Path(name[7:]).expanduser(), name=name)
     root = _resolve(data_dir)
@@ -376,13 +378,13 @@ def load_dataset(
             )
         return load_idx_dir(directory, name=name, num_classes=10)
     if name == "cifar10":
-        from isgd.cifar10 import read_source
+        from isgd.data.cifar10 import read_source
 
         data = load_cifar10(root / "cifar10")
         data.variant = read_source(root / "cifar10")["variant"]
         return data
     if name == "imagenet":
-        from isgd.packed import load_packed
+        from isgd.data.packed import load_packed
 
         directory = root / "imagenet"
         if not (directory / "meta.json").is_file():

@@ -1,0 +1,2 @@
+"""Experiments over runs: ``isgd compare`` (arms × seeds, paired statistics) and
+``isgd batch-study``."""

@@ -1,0 +1,2 @@
+"""Training runs: configuration, the trainer and its run directory, data-parallel runtime
+and launch."""
