@@ -2,7 +2,10 @@
 # The reproduction of docs/results.md: ISGD against SGD on MNIST and Fashion-MNIST, and the
 # ablations. Long (hours on 2 CPU cores): run it in the background and read the reports.
 #
-#   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|all]   (default: all)
+#   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|solver|cifar10|all] (default: all)
+#
+# cifar10 needs CIFAR-10 in the data directory: `isgd data fetch cifar10` (the official tarball) or
+# `isgd data fetch cifar10 --from ../shared/data/cifar10-jpeg.tar.gz` (the JPEG q75 copy we ran).
 #
 # Every comparison writes runs/repro-*/report.md, summary.json, runs.jsonl and figures/.
 # THREADS=1 by default so two comparisons can share a 2-core machine; SEEDS=5 for recorded results.
@@ -48,4 +51,23 @@ if [[ $what == bn || $what == all ]]; then  # BatchNorm statistics frozen or not
   $ISGD compare "${COMMON[@]}" --model lenet-bn --seeds "$ABLATION_SEEDS" --target 0.99 \
     --out runs/abl-bn --arm sgd --arm isgd \
     --arm isgd-bn-unfrozen:optimizer=isgd,freeze_bn_stats=false
+fi
+if [[ $what == solver || $what == all ]]; then  # the inner solver of the extra iterations, MNIST
+  $ISGD compare "${COMMON[@]}" --seeds "$SEEDS" --target 0.99 --out runs/mnist-solver \
+    --arm sgd --arm isgd \
+    --arm isgd-gd:optimizer=isgd,inner_solver=gd \
+    --arm isgd-mom:optimizer=isgd,inner_solver=momentum
+fi
+if [[ $what == cifar10 || $what == all ]]; then  # claim C3 on CIFAR-10: Caffe's quick solver
+  $ISGD compare --preset cifar10-quick --threads "$THREADS" --eval-every 200 --no-progress \
+    --seeds "$SEEDS" --target 0.70 --equal-compute --out runs/cifar-quick
+  # a modern baseline: ResNet-20, augmentation, cosine decay to 0 over 4 epochs (what 2 cores afford)
+  $ISGD compare --dataset cifar10 --model resnet20 --batch-size 128 --augment \
+    --normalize standardize --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --lr-policy cosine \
+    --iters 1560 --eval-every 195 --checkpoint-every 390 --threads "$THREADS" --no-progress \
+    --seeds 3 --target 0.60 --out runs/resnet20
+  # the inner solver on CIFAR-10 quick
+  $ISGD compare --preset cifar10-quick --threads "$THREADS" --eval-every 200 --no-progress \
+    --seeds "$SEEDS" --target 0.70 --arm isgd --arm isgd-gd:optimizer=isgd,inner_solver=gd \
+    --out runs/cifar-solver
 fi

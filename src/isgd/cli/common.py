@@ -1,0 +1,93 @@
+"""What every subcommand shares: the parser class that turns usage errors into one line, exit
+codes, and the flags of the training configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, NoReturn, get_origin
+
+from isgd.data import registry as datasets
+from isgd.errors import UsageError
+from isgd.training.config import FIELD_TYPES, FIELDS, OPTIMIZERS, TrainConfig
+
+__all__ = ["HELP", "USAGE_ERROR", "Parser", "UsageError", "add_config_flags", "int_list"]
+
+log = logging.getLogger("isgd")
+
+USAGE_ERROR = 2  # bad input of any kind: flags, config, data, run directory, checkpoint, disk
+DIVERGED = 3  # the loss (or the weights) became non-finite; the last good checkpoint is kept
+DIST_FAILED = 4  # data parallel: a rank died, hung or disconnected; the last checkpoint is kept
+
+# flags shown first in --help with a short description; every other TrainConfig field follows
+HELP = {
+    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "iters": "training iterations (regular steps)",
+    "epochs": "train this many epochs instead of --iters",
+    "eval_every": "evaluate on the test split every N iterations (untimed)",
+    "checkpoint_every": "write a checkpoint every N iterations",
+    "seed": "seed of the initialisation and of the fixed batch order",
+    "threads": "torch CPU threads (per process when data parallel)",
+    "device": "cpu or cuda (data parallel: GPU LOCAL_RANK, NCCL)",
+    "dataset": datasets.describe(),
+    "model": "lenet, lenet-bn, cifar10-quick, mlp, resnet20, alexnet",
+    "lr_policy": "fixed, step, multistep, inv or cosine",
+    "milestones": "multistep policy: comma-separated iterations",
+    "sigma_factor": "ISGD: k in limit = mean + k*sigma",
+    "max_extra_iters": "ISGD: extra iterations at most on a triggered batch",
+    "eps": "ISGD: conservative weight epsilon",
+    "inner_solver": "ISGD: update of the extra iterations: base (the base optimizer's step, "
+    "shared momentum), gd (w -= lr*grad phi) or momentum (a fresh velocity per trigger)",
+    "freeze_bn_stats": "ISGD: keep BatchNorm statistics unchanged by extra passes",
+    "window": "ISGD: control chart window in batches, 0 = one epoch (a variant when not 0)",
+    "normalize": "scale (x/256), standardize or mean_subtract",
+    "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
+    "augment": "random crop (padding 4, or --crop-size) and horizontal flip of training images",
+    "crop_size": "train on SxS crops (random with --augment), evaluate on the centre crop",
+    "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
+    "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    ordered = [k for k in HELP if k in FIELDS] + [k for k in FIELDS if k not in HELP]
+    group = parser.add_argument_group("training configuration (override preset and --config)")
+    for name in ordered:
+        if name == "preset":
+            continue
+        flag = "--" + name.replace("_", "-")
+        hint = FIELD_TYPES[name]
+        default = getattr(defaults, name)
+        help_text = f"{HELP.get(name, '')} (default {default!r})".strip()
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif get_origin(hint) is list:
+            group.add_argument(flag, type=int_list, metavar="N,N,...", **kwargs)
+        else:
+            group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kwargs)
+
+
+def add_data_and_progress_flags(parser: argparse.ArgumentParser, progress: str) -> None:
+    parser.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"{progress} (default: when the output is a terminal)",
+    )

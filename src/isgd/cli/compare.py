@@ -1,0 +1,166 @@
+"""``isgd compare``: arms × seeds, ``--resume`` and ``--retarget``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from isgd.cli.common import (
+    UsageError,
+    add_config_flags,
+    add_data_and_progress_flags,
+    int_list,
+)
+from isgd.training.config import FIELDS, PRESETS
+
+log = logging.getLogger("isgd")
+
+
+def add_parser(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare", help="arms x seeds: time and passes to a target accuracy, with a report"
+    )
+    compare.add_argument("--preset", choices=sorted(PRESETS), help="base configuration")
+    compare.add_argument("--config", metavar="FILE.toml", help="base configuration keys")
+    compare.add_argument(
+        "--arm",
+        action="append",
+        dest="arms",
+        metavar="NAME[:key=value,...]",
+        help="an arm; the first is the baseline (default: sgd, isgd)",
+    )
+    compare.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5)")
+    compare.add_argument("--seed-list", type=int_list, metavar="S,S,...", help="explicit seeds")
+    compare.add_argument(
+        "--target",
+        type=float,
+        metavar="ACC",
+        help="target test accuracy, a fraction (default: the preset's)",
+    )
+    compare.add_argument(
+        "--tune-lrs",
+        metavar="LR,LR,...",
+        help="tune each arm's learning rate over these first (equal budget)",
+    )
+    compare.add_argument(
+        "--tune-iters",
+        type=int,
+        help="iterations per tuning trial (default: 3 epochs of the tuning split, so that "
+        "ISGD acts; a budget inside ISGD's first window is refused)",
+    )
+    compare.add_argument(
+        "--equal-compute",
+        action="store_true",
+        help="also train the baseline for as many iterations as ISGD used passes",
+    )
+    compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
+    compare.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted comparison DIR (its plan; --seeds/--seed-list may change "
+        "the seeds: more add runs, fewer summarise the first ones)",
+    )
+    compare.add_argument(
+        "--retarget",
+        metavar="DIR",
+        help="summarise a finished comparison DIR again for --target (no training)",
+    )
+    add_data_and_progress_flags(compare, "progress bar over all runs")
+    add_config_flags(compare)
+
+
+def run(args: argparse.Namespace) -> int:
+    from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison
+    from isgd.training.config import apply, resolve_config
+
+    if args.retarget:
+        from isgd.experiments.compare import retarget
+
+        if args.target is None or not 0 < args.target <= 1:
+            raise UsageError(f"--retarget needs --target, a fraction in (0, 1], got {args.target}")
+        destination = retarget(Path(args.retarget), args.target)
+        print((destination / "report.md").read_text().split("\n## Runs")[0])
+        log.info("report and figures for target %g in %s", args.target, destination)
+        return 0
+    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    if args.resume:
+        return _resume_comparison(args, overrides)
+    base = resolve_config(args.preset, args.config, overrides)
+    arms = [parse_arm(spec) for spec in (args.arms or ["sgd", "isgd"])]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise UsageError(f"arm names must differ: {', '.join(names)}")
+    for arm in arms:  # every arm's configuration must be valid before anything runs
+        apply(base, arm.overrides, f"arm {arm.name}").validate()
+    n_seeds = 5 if args.seeds is None else args.seeds
+    seeds = args.seed_list if args.seed_list else list(range(n_seeds))
+    if not seeds or n_seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {n_seeds}")
+    target = args.target if args.target is not None else base.target_accuracy
+    if not 0 < target <= 1:
+        raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
+    tune_lrs, tune_iters = [], 0 if args.tune_iters is None else args.tune_iters
+    if args.tune_lrs:
+        try:
+            tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--tune-lrs: not a list of numbers: {args.tune_lrs!r}") from None
+        if not tune_lrs or min(tune_lrs) <= 0 or (args.tune_iters is not None and tune_iters < 1):
+            raise UsageError("--tune-lrs needs positive rates and --tune-iters >= 1")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"
+    plan = ComparisonPlan(
+        base,
+        arms,
+        seeds,
+        target,
+        out,
+        args.equal_compute,
+        tune_lrs,
+        tune_iters,
+        args.data_dir,
+    )
+    run_comparison(plan, progress=args.progress)
+    return _show_report(out)
+
+
+def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import dataclasses
+
+    from isgd.experiments.compare import load_plan, run_comparison
+
+    given = [f"--{k.replace('_', '-')}" for k in overrides] + [
+        flag
+        for flag, value in (
+            ("--preset", args.preset),
+            ("--config", args.config),
+            ("--arm", args.arms),
+            ("--target", args.target),
+            ("--out", args.out),
+            ("--tune-lrs", args.tune_lrs),
+            ("--tune-iters", args.tune_iters),
+            ("--equal-compute", args.equal_compute),
+        )
+        if value is not None and value is not False
+    ]
+    if given:
+        raise UsageError(
+            f"--resume continues the saved plan; drop {', '.join(given)} (only --seeds or "
+            "--seed-list may change)"
+        )
+    plan, _ = load_plan(Path(args.resume))
+    seeds = args.seed_list or (plan.seeds if args.seeds is None else list(range(args.seeds)))
+    if not seeds:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    plan = dataclasses.replace(plan, seeds=seeds, data_dir=args.data_dir or plan.data_dir)
+    run_comparison(plan, progress=args.progress, resume=True)
+    return _show_report(plan.out)
+
+
+def _show_report(out: Path) -> int:
+    print((out / "report.md").read_text().split("\n## Runs")[0])
+    log.info("report, figures and raw records in %s", out)
+    return 0
