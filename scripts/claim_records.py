@@ -32,6 +32,8 @@ def _finite(value):
 
 def compact(record: dict, comparison: Path) -> dict:
     run_dir = comparison / "runs" / f"{record['arm']}-seed{record['seed']}"
+    if not run_dir.is_dir():  # a --retarget directory: its records point at the runs
+        run_dir = Path(record["run_dir"])
     claims = next(iter(summarize_claims([run_dir]).values()))
     row = {
         "comparison": comparison.name,
