@@ -479,30 +479,33 @@ class ISGD(Optimizer):
         return self._v
 
     def _record_momentum_ratio(self) -> None:
-        """‖momentum term‖ / ‖∇φ‖ of the update about to be applied, kept for the step record."""
-        grads, momenta = [], []
+        """‖momentum term‖ / ‖∇φ‖ of the update about to be applied, kept for the step record.
+        Only in extra iterations; norms only (no copies) and one host sync."""
+        if self.inner_solver == "base" and not isinstance(self.base_optimizer, torch.optim.SGD):
+            return  # no velocity to compare with (Adam's moments are not one)
+        grads, momentum_norms = [], []
         for i, group in enumerate(self.param_groups):
             mu = float(group.get("momentum", 0.0) or 0.0)
+            buffers = []
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 grads.append(p.grad)
-                if self.inner_solver == "gd" or mu == 0:
-                    continue
-                if self.inner_solver == "momentum":
-                    buf = None if self._v is None else self._v[i][j]
-                else:
+                if self.inner_solver == "momentum" and self._v is not None:
+                    buffers.append(self._v[i][j])
+                elif self.inner_solver == "base":
                     buf = self.base_optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    momenta.append(buf * mu)
-        if not grads or (
-            self.inner_solver == "base" and not isinstance(self.base_optimizer, torch.optim.SGD)
-        ):
+                    if buf is not None:
+                        buffers.append(buf)
+            if buffers and mu:  # ‖μ·v‖ = μ‖v‖; "gd" has none
+                momentum_norms.append(mu * torch.stack(torch._foreach_norm(buffers)).norm())
+        if not grads:
             return
         g = torch.stack(torch._foreach_norm(grads)).norm()
-        m = torch.stack(torch._foreach_norm(momenta)).norm() if momenta else g.new_zeros(())
-        if float(g) > 0:
-            self._ratios.append(float(m / g))
+        m = torch.stack(momentum_norms).norm() if momentum_norms else g.new_zeros(())
+        ratio = float(m / g)  # the one host sync; ∇φ = 0 gives inf/NaN, not recorded
+        if math.isfinite(ratio):
+            self._ratios.append(ratio)
             self.stats.last.momentum_ratio = sum(self._ratios) / len(self._ratios)
 
     def _snapshot_w_prev(self) -> None:

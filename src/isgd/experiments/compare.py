@@ -310,11 +310,8 @@ def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
     An explicit budget in which an ISGD arm cannot act is refused."""
     n_train = len(data.x_train) - min(5000, len(data.x_train) // 6)
     n_b = n_train // plan.base.batch_size
-    isgd_windows = [
-        _arm_config(plan, a, plan.seeds[0]).chart_window(n_b)
-        for a in plan.arms
-        if _arm_config(plan, a, plan.seeds[0]).uses_isgd
-    ]
+    configs = [_arm_config(plan, a, plan.seeds[0]) for a in plan.arms]
+    isgd_windows = [c.chart_window(n_b) for c in configs if c.uses_isgd]
     if not plan.tune_iters:
         return max([1000, 3 * n_b, *(w + 2 * n_b for w in isgd_windows)])
     if isgd_windows and plan.tune_iters <= max(isgd_windows):
