@@ -13,6 +13,10 @@ operation order as ``torch.optim.SGD``). Nothing here is shared with ``src/isgd`
                 w ← base_step(w, (ψ' − limit)∇ψ' + (ε/n_w)(w − w_prev))
         push ψ into the window
 
+The variant ``lower_quantile`` = q > 0 (not the paper's): when the window is full, not
+triggered, and ψ is below the q-quantile of the window (the ⌈q·n⌉-th smallest loss), the step
+is forward-only: no base_step, no extra iterations; ψ still joins the window.
+
 ``inner_solver`` replaces base_step in the extra iterations: "gd" is w ← w − lr·∇φ; "momentum"
 is v ← μ·v + ∇φ, w ← w − lr·v with v = 0 at the start of every triggered step.
 """
@@ -32,6 +36,7 @@ class Decision:
     limit: float | None
     triggered: bool
     extra_iters: int
+    forward_only: bool = False
 
 
 class ReferenceISGD:
@@ -48,8 +53,10 @@ class ReferenceISGD:
         stop: int = 5,
         eps: float = 0.1,
         inner_solver: str = "base",
+        lower_quantile: float = 0.0,
     ) -> None:
         self.inner_solver = inner_solver
+        self.q = lower_quantile
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay, self.nesterov = (
             lr,
@@ -102,9 +109,14 @@ class ReferenceISGD:
     def step(self, closure: Callable[[], torch.Tensor]) -> Decision:
         w_prev = [p.detach().clone() for p in self.params]
         psi = closure().item()
-        self.base_step([p.grad for p in self.params])
         limit = self.limit()
         decision = Decision(psi, limit, limit is not None and psi > limit, 0)
+        if self.q > 0 and len(self.window) == self.n_b and not decision.triggered:
+            ordered = sorted(self.window)
+            lower = ordered[max(math.ceil(self.q * len(ordered)) - 1, 0)]
+            decision.forward_only = psi < lower
+        if not decision.forward_only:
+            self.base_step([p.grad for p in self.params])
         if decision.triggered:
             velocity = [torch.zeros_like(p) for p in self.params]
             for _ in range(self.stop):

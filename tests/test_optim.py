@@ -60,14 +60,26 @@ def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs):
 
 # ------------------------------------------------------------------ lockstep with the reference
 @pytest.mark.parametrize(
-    "nesterov, inner_solver",
-    [(False, "base"), (True, "base"), (False, "gd"), (False, "momentum")],
+    "nesterov, inner_solver, lower_quantile",
+    [
+        (False, "base", 0.0),
+        (True, "base", 0.0),
+        (False, "gd", 0.0),
+        (False, "momentum", 0.0),
+        (False, "base", 0.3),  # the forward-only variant
+    ],
 )
-def test_lockstep_with_reference(nesterov, inner_solver):
+def test_lockstep_with_reference(nesterov, inner_solver, lower_quantile):
     data = toy.batches()
     model, ref_model = toy.small_cnn(), toy.small_cnn()
     kw = dict(SGD_KW, nesterov=nesterov)
-    opt = ISGD(model.parameters(), **kw, **ISGD_KW, inner_solver=inner_solver)
+    opt = ISGD(
+        model.parameters(),
+        **kw,
+        **ISGD_KW,
+        inner_solver=inner_solver,
+        lower_quantile=lower_quantile,
+    )
     ref = ReferenceISGD(
         list(ref_model.parameters()),
         **kw,
@@ -76,8 +88,9 @@ def test_lockstep_with_reference(nesterov, inner_solver):
         stop=ISGD_KW["max_extra_iters"],
         eps=ISGD_KW["eps"],
         inner_solver=inner_solver,
+        lower_quantile=lower_quantile,
     )
-    early_stops = full_runs = 0
+    early_stops = full_runs = forward_only = 0
     for t in range(10 * toy.N_BATCHES):
         x, y = data[t % len(data)]
         opt.step(toy.make_closure(model, x, y, opt.zero_grad))
@@ -87,7 +100,12 @@ def test_lockstep_with_reference(nesterov, inner_solver):
 
         d = ref.step(toy.make_closure(ref_model, x, y, ref_zero_grad))
         last = opt.stats.last
-        assert (last.triggered, last.extra_iters) == (d.triggered, d.extra_iters), f"step {t}"
+        assert (last.triggered, last.extra_iters, last.forward_only) == (
+            d.triggered,
+            d.extra_iters,
+            d.forward_only,
+        ), f"step {t}"
+        forward_only += d.forward_only
         if d.limit is not None:
             # the fresh velocity's float rounding (foreach vs per tensor) reaches the losses
             assert last.limit == pytest.approx(
@@ -100,8 +118,10 @@ def test_lockstep_with_reference(nesterov, inner_solver):
             full_runs += d.extra_iters == ISGD_KW["max_extra_iters"]
     # the test is only meaningful if both kinds of triggered step happened (with lr 0.01 the
     # momentum-free solvers' small steps never reach the limit: full runs only)
-    assert opt.stats.triggers >= 3 and full_runs >= 1
+    assert opt.stats.triggers >= 3 and (full_runs >= 1 or lower_quantile > 0)
     assert early_stops >= 1 or inner_solver != "base"
+    assert opt.stats.forward_only == forward_only
+    assert (forward_only >= 5) == (lower_quantile > 0)
 
 
 # ------------------------------------------------------------------ the extra iterations

@@ -7,7 +7,13 @@ import statistics
 
 import pytest
 
-from isgd.experiments.paired import crossing, effect_sentence, paired_ratio
+from isgd.experiments.paired import (
+    crossing,
+    difference_sentence,
+    effect_sentence,
+    paired_difference,
+    paired_ratio,
+)
 
 T_975_DF4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom (tables)
 
@@ -73,3 +79,21 @@ def test_crossing_interpolates_between_the_evaluations_around_the_target():
         "passes": math.inf,
         "seconds": math.inf,
     }
+
+
+def test_paired_difference_is_the_t_interval_of_the_differences():
+    # differences 0.01, 0.02, 0.03: mean 0.02, sd 0.01, t(0.975, 2) = 4.3027 -> ±0.02484
+    r = paired_difference([0.5, 0.5, 0.5, math.nan], [0.51, 0.52, 0.53, 0.9])
+    assert (r["n"], r["censored"]) == (3, 1)
+    assert r["difference"] == pytest.approx(0.02)
+    assert (r["low"], r["high"]) == pytest.approx((-0.0048414, 0.0448414), abs=1e-7)
+    assert r["p_value"] == pytest.approx(0.07418, abs=1e-5)
+    sentence = difference_sentence("isgd", "sgd", r, "final accuracy")
+    assert "+2.00 pp [-0.48 pp – +4.48 pp]" in sentence and "No difference detected" in sentence
+    higher = paired_difference([0.5, 0.5, 0.5], [0.52, 0.53, 0.54])
+    assert "isgd is higher, by between" in difference_sentence("isgd", "sgd", higher)
+    lower = paired_difference([0.5, 0.5, 0.5], [0.48, 0.47, 0.46])
+    assert "isgd is lower, by between 0.52 pp and 5.48 pp" in difference_sentence(
+        "isgd", "sgd", lower
+    )
+    assert "too few" in difference_sentence("isgd", "sgd", paired_difference([0.5], [0.6]))

@@ -133,3 +133,17 @@ def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         LossControlChart(**kwargs)
     assert str(info.value) == message
+
+
+def test_quantile_is_the_nearest_rank_of_a_full_window():
+    chart = LossControlChart(window=5)
+    for loss in (5.0, 1.0, 4.0, 2.0):
+        chart.update(loss)
+    assert chart.quantile(0.2) is None  # not full yet
+    chart.update(3.0)
+    # sorted 1, 2, 3, 4, 5: the ⌈q·5⌉-th smallest
+    assert [chart.quantile(q) for q in (0.0, 0.2, 0.21, 0.5, 0.8, 1.0)] == [1, 1, 2, 3, 4, 5]
+    chart.update(0.5)  # FIFO: 5.0 leaves
+    assert chart.quantile(1.0) == 4.0 and chart.quantile(0.2) == 0.5
+    with pytest.raises(ValueError, match="q"):
+        chart.quantile(1.5)

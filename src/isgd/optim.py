@@ -65,6 +65,10 @@ class StepRecord:
     # ‖momentum term‖ / ‖∇φ‖ in the subproblem updates (mean over them; None: none, or no
     # momentum-SGD base): how much of an extra iteration is the velocity, how much the chase
     momentum_ratio: float | None = None
+    # the variant's lower limit (lower_quantile of the window) and whether ψ fell below it:
+    # a forward-only step, no backward wanted and no update applied
+    lower_limit: float | None = None
+    forward_only: bool = False
 
 
 @dataclass
@@ -76,7 +80,13 @@ class ISGDStats:
     triggers: int = 0
     extra_iters: int = 0
     passes: int = 0
+    forward_only: int = 0  # steps below the lower limit (variant): passes without a backward
     last: StepRecord = field(default_factory=StepRecord)
+
+    @property
+    def backward_passes(self) -> int:
+        """Passes that wanted a backward: all but the forward-only steps'."""
+        return self.passes - self.forward_only
 
     @property
     def trigger_rate(self) -> float:
@@ -88,6 +98,7 @@ class ISGDStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("steps", "triggers", "extra_iters", "passes"):
             setattr(self, name, int(state[name]))
+        self.forward_only = int(state.get("forward_only", 0))  # absent before the variant
         self.last = StepRecord(**state["last"])
 
 
@@ -103,6 +114,13 @@ class ISGD(Optimizer):
             ψ' ← closure();  if ψ' ≤ limit: break
             w ← inner_step(w, (ψ' − limit)·∇ψ' + (ε/n_w)·(w − w_{t−1}))   # base_step by default
         chart ← chart + ψ
+
+    **Variant, not the paper's method** (``lower_quantile`` = q > 0): the patent's abstract (US
+    10,572,800 B2) also promises fewer iterations for well-trained batches. With q > 0, a step
+    whose ψ is below the lower limit — the q-quantile of the window, read before ψ joins — is
+    *forward-only*: ψ joins the chart, no update is applied, and :meth:`well_trained` tells the
+    loop beforehand so that it can skip ``backward()`` (the compute saved). The paper's ISGD is
+    q = 0, the default.
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
@@ -121,6 +139,7 @@ class ISGD(Optimizer):
             gradient descent on φ with step ζ). ``"momentum"``: ``v ← μ·v + ∇φ; w ← w − lr·v``
             with the group's ``momentum`` μ and ``v`` zeroed at each triggered step. The paper
             does not say which; ``docs/algorithm.md`` has the measurement.
+        lower_quantile: q of the variant above (0: off, the paper's method; else in (0, 1)).
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (the regular pass still updates them). Works by watching module calls while the
             extra iterations run, so no model needs to be passed.
@@ -142,6 +161,11 @@ class ISGD(Optimizer):
     closure)``, with a closure that back-propagates ``scaler.scale(loss)``. For loops that own
     ``backward()`` use :meth:`observe`, then a bare :meth:`step`, then :meth:`above_limit` and
     :meth:`subproblem_grad_` for the extra iterations; see ``docs/integrations.md``.
+
+    With ``lower_quantile`` the closure may ask ``opt.well_trained(loss)`` after its forward
+    pass and return the loss without ``backward()`` when it is True; ISGD then applies no update.
+    The forward pass of such a step has already updated BatchNorm running statistics; a loop
+    that wants them untouched restores them (the trainer does).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -165,6 +189,7 @@ class ISGD(Optimizer):
         max_extra_iters: int = 5,
         eps: float = 0.1,
         inner_solver: str = "base",
+        lower_quantile: float = 0.0,
         freeze_bn_stats: bool = True,
         process_group: Any = None,
         sync_loss: bool | None = None,
@@ -190,6 +215,10 @@ class ISGD(Optimizer):
             raise ValueError(
                 f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
             )
+        if not _is_real(lower_quantile) or not 0 <= lower_quantile < 1:
+            raise ValueError(
+                f"Invalid lower_quantile: {lower_quantile!r} (0: off, else a fraction in (0, 1))"
+            )
         self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
         self.sync = LossSync(process_group, sync_loss)
 
@@ -202,6 +231,7 @@ class ISGD(Optimizer):
         self.max_extra_iters = max_extra_iters
         self.eps = float(eps)
         self.inner_solver = inner_solver
+        self.lower_quantile = float(lower_quantile)
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.stats = ISGDStats()
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
@@ -211,6 +241,7 @@ class ISGD(Optimizer):
         self._psi: float | None = None  # the last extra-iteration loss reported
         self._weight: float | None = None  # this rank's weight in the mean loss of the step
         self._observed = False  # observe() ran and the step's update is still to come
+        self._judged: tuple[object, float] | None = None  # (loss, ψ) of well_trained()
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
         self.in_extra_iteration = False
         self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
@@ -274,7 +305,7 @@ class ISGD(Optimizer):
         found_inf = _unscale_once(grad_scaler, self)
         n_extra = self.observe(loss, weight=weight, found_inf=found_inf)
         self._observed = False
-        if not self.stats.last.skipped:
+        if not (self.stats.last.skipped or self.stats.last.forward_only):
             self.base_optimizer.step()
         for _ in range(n_extra):
             with self.extra_pass(), torch.enable_grad():
@@ -304,6 +335,8 @@ class ISGD(Optimizer):
                 "see isgd.integrations)"
             )
         self._observed = False
+        if self.stats.last.forward_only:
+            return None  # no update; gradients, if the loop computed them anyway, are ignored
         if grad_scaler is not None:  # GradScaler.step(opt) handed itself over
             found_inf = _unscale_once(grad_scaler, self)
         else:  # GradScaler's attribute protocol (found_inf / grad_scale set on the optimizer)
@@ -336,22 +369,18 @@ class ISGD(Optimizer):
         in the same all-reduce, and inf on any rank makes the step a skipped one everywhere.
         Reads the loss once (one host-device sync).
         """
-        psi, any_inf = self.sync(loss, weight, found_inf)
+        if self._judged is not None and self._judged[0] is loss and found_inf is None:
+            psi, any_inf = self._judged[1], False  # well_trained() synced this loss already
+        else:
+            psi, any_inf = self.sync(loss, weight, found_inf)
+        self._judged = None
         self._weight = weight
-        chart = self.chart
-        mean, sigma, limit = chart.statistics()
-        triggered = (
-            not any_inf
-            and self.max_extra_iters > 0
-            and limit is not None
-            and math.isfinite(psi)
-            and psi > limit
-        )
-        record = StepRecord(psi, mean, sigma, limit, triggered, skipped=any_inf)
-        chart.update(psi)
+        record = self._judge(psi, any_inf)
+        self.chart.update(psi)
 
         self.stats.steps += 1
         self.stats.passes += 1
+        self.stats.forward_only += record.forward_only
         self.stats.last = record
         self._psi = None
         self._observed = True
@@ -364,6 +393,31 @@ class ISGD(Optimizer):
         if self.eps > 0:
             self._snapshot_w_prev()
         return self.max_extra_iters
+
+    def _judge(self, psi: float, any_inf: bool) -> StepRecord:
+        """The decision on ψ against the chart as it stands (before ψ joins it)."""
+        mean, sigma, limit = self.chart.statistics()
+        finite = not any_inf and math.isfinite(psi)
+        triggered = finite and self.max_extra_iters > 0 and limit is not None and psi > limit
+        lower = self.chart.quantile(self.lower_quantile) if self.lower_quantile > 0 else None
+        forward_only = finite and not triggered and lower is not None and psi < lower
+        return StepRecord(
+            psi, mean, sigma, limit, triggered, skipped=any_inf, lower_limit=lower,
+            forward_only=forward_only,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def well_trained(self, loss: Tensor | float, *, weight: float | None = None) -> bool:
+        """True when the regular loss ψ is below the variant's lower limit (``lower_quantile``
+        of the window): the step about to be observed will be forward-only, so the loop can
+        skip ``backward()``. Always False with ``lower_quantile`` = 0 (no sync, no host read).
+        Call it with the loss that :meth:`observe` (or the closure's return) will report; under
+        data parallelism every rank must call it (one all-reduce, reused by :meth:`observe`)."""
+        if self.lower_quantile <= 0:
+            return False
+        psi, any_inf = self.sync(loss, weight, None)
+        self._judged = (loss, psi)
+        return self._judge(psi, any_inf).forward_only
 
     def above_limit(self, loss: Tensor | float, *, found_inf: Tensor | None = None) -> bool:
         """Report the loss ψ' of an extra iteration; True while it is still above the limit.
@@ -536,6 +590,7 @@ class ISGD(Optimizer):
                 "max_extra_iters": self.max_extra_iters,
                 "eps": self.eps,
                 "inner_solver": self.inner_solver,
+                "lower_quantile": self.lower_quantile,
                 "freeze_bn_stats": self.freeze_bn_stats,
             },
         }
@@ -556,6 +611,7 @@ class ISGD(Optimizer):
         self.max_extra_iters = int(saved.get("max_extra_iters", self.max_extra_iters))
         self.eps = float(saved.get("eps", self.eps))
         self.inner_solver = str(saved.get("inner_solver", self.inner_solver))
+        self.lower_quantile = float(saved.get("lower_quantile", self.lower_quantile))
         self.freeze_bn_stats = bool(saved.get("freeze_bn_stats", self.freeze_bn_stats))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -570,6 +626,7 @@ class ISGD(Optimizer):
             f"ISGD(base={type(self.base_optimizer).__name__}, window={self.window}, "
             f"sigma_factor={self.sigma_factor}, max_extra_iters={self.max_extra_iters}, "
             f"eps={self.eps}, inner_solver={self.inner_solver!r}, "
+            f"lower_quantile={self.lower_quantile}, "
             f"freeze_bn_stats={self.freeze_bn_stats}, "
             f"groups={self.base_optimizer.param_groups!r})"
         )

@@ -133,6 +133,16 @@ class LossControlChart:
             return mean, sigma, None
         return mean, sigma, mean + self.sigma_factor * sigma
 
+    def quantile(self, q: float) -> float | None:
+        """The ``q``-quantile of the window (nearest rank: the ⌈q·n⌉-th smallest loss, the
+        smallest for ``q`` = 0); None until the window is full. O(n log n): a sort per call."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"Invalid q: {q!r} (a fraction in [0, 1])")
+        if not self.full:
+            return None
+        losses = sorted(self._losses)
+        return losses[max(math.ceil(q * len(losses)) - 1, 0)]
+
     def above_limit(self, loss: float) -> bool:
         """True when the window is full, ``loss`` is finite and ``loss > limit``."""
         limit = self.limit

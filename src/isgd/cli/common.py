@@ -46,6 +46,12 @@ HELP = {
     "crop_size": "train on SxS crops (random with --augment), evaluate on the centre crop",
     "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
     "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
+    "imbalance": "long-tailed training set: n_max/n_min of an exponential profile, e.g. 100 "
+    "(seeded by --seed; 1 = as it is)",
+    "label_noise": "fraction of training labels flipped to another class (seeded by --seed)",
+    "class_weights": "none or balanced (w_c = N/(K n_c)): the usual remedy for imbalance",
+    "lower_quantile": "VARIANT, not the paper's ISGD: a batch whose loss is below this quantile "
+    "of the window gets a forward pass only (no backward, no update); 0 = off",
 }
 
 

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from isgd.data import DataSplit, load_dataset
-from isgd.experiments.paired import crossing, effect_sentence, paired_ratio
+from isgd.experiments.paired import (
+    crossing,
+    difference_sentence,
+    effect_sentence,
+    paired_difference,
+    paired_ratio,
+)
 from isgd.training import runio
 from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.training.runio import RunError
@@ -107,11 +113,15 @@ def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, A
         "time_to_target_grid": grid["seconds"],
         "passes_to_target_grid": grid["passes"],
         "final_accuracy": summary["final/test_accuracy"],
+        "final_balanced_accuracy": summary.get("final/test_balanced_accuracy", math.nan),
         "best_accuracy": summary["best/test_accuracy"],
         "train_seconds": summary["time/train_seconds"],
         "iterations": summary["iterations"],
         "passes": summary["passes"],
         "extra_passes": summary["passes"] - summary["iterations"],
+        "forward_only": summary.get("isgd/forward_only", 0),
+        "backward_passes": summary.get("backward_passes", summary["passes"]),
+        "backward_passes_to_target": hit.get("backward_passes", hit["passes"]),
         "trigger_rate": summary["isgd/trigger_rate"],
         "triggers": summary["isgd/triggers"],
         "momentum_ratio": _median_momentum_ratio(run_dir),
@@ -131,8 +141,9 @@ def _median_momentum_ratio(run_dir: Path) -> float | None:
 
 # ---------------------------------------------------------------------- aggregation
 def aggregate(values: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, min and max over seeds; ``inf`` (missed target) sorts last."""
-    xs = sorted(values)
+    """Median, quartiles, min and max over seeds; ``inf`` (missed target) sorts last, NaN (not
+    recorded) is left out."""
+    xs = sorted(v for v in values if not math.isnan(v))
     if not xs:
         return {
             "median": math.nan,
@@ -192,12 +203,14 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[st
     for name in arms:
         rs = [r for r in records if r["arm"] == name]
         per_arm[name] = {
-            key: aggregate([r[key] for r in rs])
+            key: aggregate([r.get(key, math.nan) for r in rs])  # older records lack some
             for key in (
                 "time_to_target",
                 "passes_to_target",
                 "final_accuracy",
+                "final_balanced_accuracy",
                 "trigger_rate",
+                "forward_only",
                 "extra_passes",
                 "train_seconds",
             )
@@ -233,6 +246,14 @@ def _paired(records: Sequence[dict[str, Any]], base: str, name: str) -> dict[str
         result = paired_ratio([b[key] for b, _ in pairs], [a[key] for _, a in pairs])
         result["sentence"] = effect_sentence(name, base, result, what)
         out[what] = result
+    for what, key in (
+        ("final accuracy", "final_accuracy"),
+        ("final balanced accuracy", "final_balanced_accuracy"),
+    ):
+        values = [(b.get(key, math.nan), a.get(key, math.nan)) for b, a in pairs]
+        diff = paired_difference([b for b, _ in values], [a for _, a in values])
+        diff["sentence"] = difference_sentence(name, base, diff, what)
+        out[key] = diff
     return out
 
 

@@ -26,7 +26,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["crossing", "effect_sentence", "paired_ratio"]
+__all__ = [
+    "crossing",
+    "difference_sentence",
+    "effect_sentence",
+    "paired_difference",
+    "paired_ratio",
+]
 
 CONFIDENCE = 0.95
 
@@ -36,6 +42,8 @@ def crossing(metrics: Sequence[Mapping[str, Any]], target: float) -> dict[str, f
     between the two evaluations around it; ``inf`` if it never does. A first evaluation already
     at the target gives that evaluation's values (there is nothing below it to interpolate)."""
     keys = {"seconds": "time/train_seconds", "passes": "passes", "iteration": "iteration"}
+    if metrics and "backward_passes" in metrics[0]:  # passes that ran a backward (variant)
+        keys["backward_passes"] = "backward_passes"
     previous: Mapping[str, Any] | None = None
     for record in metrics:
         accuracy = record["test/accuracy"]
@@ -51,6 +59,29 @@ def crossing(metrics: Sequence[Mapping[str, Any]], target: float) -> dict[str, f
     return {k: math.inf for k in keys}
 
 
+def _t_interval(values: Sequence[float], confidence: float) -> tuple[float, float, float, float]:
+    """Mean, Student-t interval and two-sided p-value (mean = 0) of ``values``; the interval
+    and p are NaN with fewer than 2 values."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    else:
+        p = 0.0 if mean != 0 else 1.0
+    return mean, mean - half, mean + half, p
+
+
+def _check_pairs(what: str, base: Sequence[float], arm: Sequence[float]) -> None:
+    if len(base) != len(arm):
+        raise ValueError(f"{what} needs pairs: {len(base)} base values, {len(arm)} arm values")
+
+
 def paired_ratio(
     base: Sequence[float], arm: Sequence[float], confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
@@ -60,40 +91,67 @@ def paired_ratio(
     both arms missed), ``ratio`` (geometric mean), ``low``/``high`` (the interval; NaN with
     fewer than 2 pairs), ``p_value`` and the per-seed ``ratios``.
     """
-    from scipy import stats
-
-    if len(base) != len(arm):
-        raise ValueError(
-            f"paired_ratio needs pairs: {len(base)} base values, {len(arm)} arm values"
-        )
-    logs, censored, ratios = [], 0, []
-    for b, a in zip(base, arm):
-        if math.isfinite(b) and math.isfinite(a) and b > 0 and a > 0:
-            logs.append(math.log(b / a))
-            ratios.append(b / a)
-        else:
-            censored += 1
-    n = len(logs)
-    out: dict[str, Any] = {
-        "n": n,
-        "censored": censored,
+    _check_pairs("paired_ratio", base, arm)
+    ratios = [
+        b / a
+        for b, a in zip(base, arm)
+        if math.isfinite(b) and math.isfinite(a) and b > 0 and a > 0
+    ]
+    mean, low, high, p = _t_interval([math.log(r) for r in ratios], confidence)
+    return {
+        "n": len(ratios),
+        "censored": len(base) - len(ratios),
         "ratios": ratios,
-        "ratio": math.exp(sum(logs) / n) if n else math.nan,
-        "low": math.nan,
-        "high": math.nan,
-        "p_value": math.nan,
+        "ratio": math.exp(mean),
+        "low": math.exp(low),
+        "high": math.exp(high),
+        "p_value": p,
         "confidence": confidence,
     }
-    if n >= 2:
-        mean = sum(logs) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
-        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-        out["low"], out["high"] = math.exp(mean - half), math.exp(mean + half)
-        if sd > 0:
-            out["p_value"] = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-        else:
-            out["p_value"] = 0.0 if mean != 0 else 1.0
-    return out
+
+
+def paired_difference(
+    base: Sequence[float], arm: Sequence[float], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """Mean paired difference ``arm − base`` (e.g. of final accuracy) with its Student-t
+    interval and two-sided p-value; pairs with a non-finite value are left out (``censored``)."""
+    _check_pairs("paired_difference", base, arm)
+    diffs = [a - b for b, a in zip(base, arm) if math.isfinite(a) and math.isfinite(b)]
+    mean, low, high, p = _t_interval(diffs, confidence)
+    return {
+        "n": len(diffs),
+        "censored": len(base) - len(diffs),
+        "differences": diffs,
+        "difference": mean,
+        "low": low,
+        "high": high,
+        "p_value": p,
+        "confidence": confidence,
+    }
+
+
+def difference_sentence(
+    arm: str, base: str, result: Mapping[str, Any], what: str = "final accuracy"
+) -> str:
+    """What the interval of ``arm − base`` (a fraction, from :func:`paired_difference`) can and
+    cannot exclude, in percentage points."""
+    n, low, high, d = result["n"], result["low"], result["high"], result["difference"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{arm} vs {base} ({what}): {n} paired seed(s) — too few for an interval."
+    pp = lambda x: f"{100 * x:+.2f} pp"  # noqa: E731
+    head = (
+        f"{arm} vs {base} ({what}): {arm} − {base} = {pp(d)} [{pp(low)} – {pp(high)}], "
+        f"{100 * result['confidence']:g} % interval over {n} paired seeds, "
+        f"p = {result['p_value']:.2g}."
+    )
+    if low > 0:
+        return f"{head} {arm} is higher, by between {pp(low)} and {pp(high)}."
+    if high < 0:
+        return f"{head} {arm} is lower, by between {pp(-high)[1:]} and {pp(-low)[1:]}."
+    return (
+        f"{head} No difference detected: the run excludes a gain above {pp(high)} and a loss "
+        f"beyond {pp(low)}, and cannot tell smaller ones from seed-to-seed noise."
+    )
 
 
 def _pct(x: float) -> str:

@@ -298,6 +298,37 @@ def _paired_section(arms: dict[str, Any], base: str) -> list[str]:
         )
     lines.append("")
     lines += [f"- {p['passes']['sentence']}" for p in paired.values()]
+    lines += [
+        "",
+        f"### Final accuracy, paired: arm − {base} in percentage points, 95 % interval",
+        "",
+        "On a fixed budget the question is how good the model ends, not how fast it gets there. "
+        "Balanced accuracy is the mean of the per-class recalls on the test set (the plain "
+        "accuracy when the test set is balanced).",
+        "",
+        "| arm | final accuracy, arm − base [95 % CI] | p | balanced accuracy, arm − base "
+        "[95 % CI] | p |",
+        "|---|---|---|---|---|",
+    ]
+
+    def diff_cell(r: dict[str, Any]) -> str:
+        f = lambda x: _num(100 * x if math.isfinite(x) else x, "+.2f")  # noqa: E731
+        return f"{f(r['difference'])} [{f(r['low'])} – {f(r['high'])}]"
+
+    for name, p in paired.items():
+        if "final_accuracy" not in p:  # a summary from before the paired differences
+            continue
+        fa, fb = p["final_accuracy"], p["final_balanced_accuracy"]
+        lines.append(
+            f"| {name} | {diff_cell(fa)} | {_num(fa['p_value'], '.2g')} | {diff_cell(fb)} "
+            f"| {_num(fb['p_value'], '.2g')} |"
+        )
+    lines.append("")
+    lines += [
+        f"- {p['final_balanced_accuracy']['sentence']}"
+        for p in paired.values()
+        if "final_balanced_accuracy" in p
+    ]
     return lines
 
 
@@ -375,9 +406,9 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
         "Crossings interpolated between evaluations; in brackets, the first evaluation at or "
         "above the target.",
         "",
-        "| arm | seed | time to target (s) | passes to target | final acc (%) | triggers "
-        "| extra passes | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | seed | time to target (s) | passes to target | final acc (%) | balanced acc "
+        "(%) | triggers | extra passes | forward-only steps | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         grid = r.get("passes_to_target_grid")
@@ -386,7 +417,9 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             f"| {_num(r['passes_to_target'], '.0f')}"
             + (f" [{_num(grid, '.0f')}]" if grid is not None else "")
             + f" | {100 * r['final_accuracy']:.2f} "
-            f"| {r['triggers']} | {r['extra_passes']} | {r['train_seconds']:.1f} |"
+            f"| {_num(100 * r.get('final_balanced_accuracy', math.nan), '.2f')} "
+            f"| {r['triggers']} | {r['extra_passes']} | {r.get('forward_only', 0)} "
+            f"| {r['train_seconds']:.1f} |"
         )
     lines += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
     path = out / "report.md"

@@ -63,11 +63,18 @@ class TrainConfig:
     inner_solver: str = "base"  # extra iterations: base optimizer's step | gd | momentum (fresh)
     freeze_bn_stats: bool = True
     window: int = 0  # control chart window in batches; 0: one epoch, n_b (the paper)
+    # variant, not the paper's method: a batch whose loss is below this quantile of the window
+    # gets its forward pass only (no backward, no update); 0: off
+    lower_quantile: float = 0.0
     # data
     normalize: str = "scale"  # scale (Caffe LeNet, x/256) | standardize | mean_subtract
     augment: bool = False  # random crop (padding 4, or crop_size) and horizontal flip
     crop_size: int = 0  # > 0: train on crop_size² crops (random with augment), test on the centre
     reshuffle: bool = False  # per-epoch reshuffling instead of the fixed cycle (ablation)
+    # harder data (isgd.data.variants), seeded by `seed`; the test split stays untouched
+    imbalance: float = 1.0  # long tail: n_max/n_min of an exponential profile; 1: as it is
+    label_noise: float = 0.0  # fraction of training labels flipped to another class
+    class_weights: str = "none"  # none | balanced (w_c = N/(K·n_c), the remedy for imbalance)
     # budget and bookkeeping
     iters: int = 10_000
     epochs: float = 0.0  # when > 0, overrides iters: epochs × batches per epoch
@@ -126,6 +133,20 @@ class TrainConfig:
         )
         need(self.window == 0 or self.window >= 2, "window", "0 (one epoch) or >= 2 batches")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
+        need(
+            math.isfinite(self.imbalance) and self.imbalance >= 1,
+            "imbalance",
+            "a ratio >= 1 (1: the data as it is)",
+        )
+        need(0 <= self.label_noise < 1, "label_noise", "a fraction in [0, 1)")
+        need(self.class_weights in ("none", "balanced"), "class_weights", "one of none, balanced")
+        need(
+            0 <= self.lower_quantile < 1,
+            "lower_quantile",
+            "0 (off), or a fraction in (0, 1)",
+        )
+        if self.lower_quantile > 0:
+            need(self.uses_isgd, "lower_quantile", "a variant of ISGD: needs an isgd optimizer")
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
         need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
         need(all(m >= 1 for m in self.milestones), "milestones", "iterations >= 1")

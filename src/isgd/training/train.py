@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from isgd.data import DataError, DataSplit, Preprocess, load_dataset
+from isgd.data.variants import class_weights, make_variant
 from isgd.errors import NonFiniteError, RunError
 from isgd.models import build_model
 from isgd.optim import ISGD, frozen_batchnorm_stats
@@ -147,38 +148,76 @@ def build_optimizer(config: TrainConfig, model: nn.Module, n_b: int) -> torch.op
         max_extra_iters=config.max_extra_iters,
         eps=config.eps,
         inner_solver=config.inner_solver,
+        lower_quantile=config.lower_quantile,
         freeze_bn_stats=config.freeze_bn_stats,
         sync_loss=False,  # the trainer hands ISGD the global ψ (distributed.global_mean_loss)
         **kwargs,
     )
 
 
+@dataclass
+class Evaluation:
+    """Test loss, accuracy and balanced accuracy (the mean of the per-class recalls, over the
+    classes present in the test set)."""
+
+    loss: float
+    accuracy: float
+    balanced_accuracy: float
+
+    @classmethod
+    def from_sums(cls, loss_sum: float, correct: Tensor, count: Tensor) -> Evaluation:
+        """From the summed loss and per-class correct/total counts (:func:`evaluate_sums`)."""
+        n = int(count.sum())
+        present = count > 0
+        recall = correct[present].double() / count[present].double()
+        return cls(
+            loss_sum / max(n, 1),
+            int(correct.sum()) / max(n, 1),
+            float(recall.mean()) if len(recall) else math.nan,
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, batch_size: int, prepare: Prepare | None = None
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``x`` (eval mode); ``prepare`` turns each
-    batch of ``x`` into the network's input (default: ``x`` already is)."""
-    loss_sum, correct = evaluate_sums(model, x, y, batch_size, prepare)
-    return loss_sum / len(x), correct / len(x)
+) -> Evaluation:
+    """Mean cross-entropy, accuracy and balanced accuracy of ``model`` on ``x`` (eval mode);
+    ``prepare`` turns each batch of ``x`` into the network's input (default: ``x`` already is)."""
+    return Evaluation.from_sums(*evaluate_sums(model, x, y, batch_size, prepare))
 
 
 @torch.no_grad()
 def evaluate_sums(
-    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, prepare: Prepare | None = None
-) -> tuple[float, int]:
-    """Summed cross-entropy and number of correct predictions on ``x`` (eval mode)."""
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    prepare: Prepare | None = None,
+    num_classes: int | None = None,
+) -> tuple[float, Tensor, Tensor]:
+    """Summed cross-entropy and, per class, correct predictions and samples on ``x`` (eval
+    mode; int64 tensors of ``num_classes``, default the model's output width)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = 0.0
+    correct = count = None
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
         logits = model(batch if prepare is None else prepare(batch))
         target = y[start : start + batch_size]
+        k = num_classes or logits.shape[1]
+        if correct is None or count is None:
+            correct = torch.zeros(k, dtype=torch.int64)
+            count = torch.zeros(k, dtype=torch.int64)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
+        hit = (logits.argmax(1) == target).cpu()
+        count += torch.bincount(target.cpu(), minlength=k)
+        correct += torch.bincount(target.cpu()[hit], minlength=k)
     model.train(was_training)
-    return loss_sum, correct
+    if correct is None or count is None:
+        k = num_classes or 0
+        correct, count = torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.int64)
+    return loss_sum, correct, count
 
 
 @dataclass
@@ -250,7 +289,12 @@ class Trainer:
         self.is_main = self.dist is None or self.dist.is_main
         self.world_size = 1 if self.dist is None else self.dist.world_size
         self.device = _device(config, self.dist)
-        self.data = data if data is not None else _load_data(config.dataset, data_dir)
+        self.data = make_variant(
+            data if data is not None else _load_data(config.dataset, data_dir),
+            imbalance=config.imbalance,
+            label_noise=config.label_noise,
+            seed=config.seed,
+        )
         height, width = self.data.x_train.shape[2:]
         if height != width:
             raise DataError(
@@ -293,6 +337,11 @@ class Trainer:
         per_batch = config.augment or self.data.x_train.numel() * 4 > PREPARE_ONCE_MAX_BYTES
         self.x_train = None if per_batch else self.pre(self.data.x_train).to(self.device)
         self.y_train = self.data.y_train.to(self.device)
+        self.class_weight = (
+            class_weights(self.data.y_train, self.data.num_classes).to(self.device)
+            if config.class_weights == "balanced"
+            else None
+        )
         self.x_test = self.data.x_test  # uint8; evaluation prepares it batch by batch
         self.y_test = self.data.y_test.to(self.device)
 
@@ -329,8 +378,9 @@ class Trainer:
         self._tb: Any = None  # a TensorBoard SummaryWriter on rank 0
         self._checkpointed_at: int | None = None  # iteration of the last checkpoint on disk
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
+        # and neither may a forward-only step of the lower_quantile variant
         self._norm_buffers: list[Tensor] = []
-        if config.on_nonfinite == "skip":
+        if config.on_nonfinite == "skip" or config.lower_quantile > 0:
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._NormBase):
                     buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
@@ -341,6 +391,12 @@ class Trainer:
         """Split the global batch (even, by shares, or by measured speed), wrap the model in
         DistributedDataParallel and shard the test set."""
         d, cfg = self._ctx(), self.config
+        if cfg.lower_quantile > 0:
+            raise ConfigError(
+                "invalid lower_quantile: the forward-only variant runs in one process only "
+                "(a DDP forward without its backward is not supported here); drop --nproc or "
+                "set lower_quantile = 0"
+            )
         if sizes is None:
             shares = distributed.parse_shares(shares, d.world_size)
             if shares == "auto":
@@ -427,7 +483,11 @@ class Trainer:
     def step(self, x: Tensor, y: Tensor) -> float:
         """One training step on ``(x, y)``; returns the regular loss. A non-finite regular loss
         raises :class:`_NonFiniteLoss` before ``backward`` and before any update is applied (for
-        ISGD the closure's first call, which runs before the base step)."""
+        ISGD the closure's first call, which runs before the base step). A forward-only step of
+        the ``lower_quantile`` variant changes nothing: no backward, no update, and the BatchNorm
+        statistics its forward pass moved are put back."""
+        if self._norm_buffers:  # what a skipped or forward-only step must leave as it was
+            torch._foreach_copy_(self._norm_saved, self._norm_buffers)
         if self.dist is not None:
             return self._dist_step(x, y)
         model, opt = self.model, self.optimizer
@@ -437,25 +497,37 @@ class Trainer:
             def closure() -> Tensor:
                 nonlocal regular
                 opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
+                loss = self.loss(model(x), y)
                 if regular:  # the extra iterations' losses are judged by ISGD (NaN stops them)
                     regular = False
                     value = loss.item()
                     if not math.isfinite(value):
                         raise _NonFiniteLoss(value)
+                    if opt.well_trained(loss):  # the variant's forward-only step
+                        return loss
                 loss.backward()
                 return loss
 
             opt.step(closure)
+            if opt.stats.last.forward_only and self._norm_buffers:
+                torch._foreach_copy_(self._norm_buffers, self._norm_saved)
             return opt.stats.last.loss
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+        loss = self.loss(model(x), y)
         value = loss.item()
         if not math.isfinite(value):
             raise _NonFiniteLoss(value)
         loss.backward()
         opt.step()
         return value
+
+    def loss(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        """The training loss: cross-entropy, or with ``class_weights = "balanced"``
+        ``(1/B) Σ_i w_{y_i} ℓ_i`` (weights average 1 over the training set; "sum" drops 1/B)."""
+        if self.class_weight is None:
+            return F.cross_entropy(logits, y, reduction=reduction)
+        total = F.cross_entropy(logits, y, weight=self.class_weight, reduction="sum")
+        return total if reduction == "sum" else total / len(y)
 
     def _dist_step(self, x: Tensor, y: Tensor) -> float:
         """One data-parallel step: every pass (the regular one and each extra iteration) is a
@@ -465,7 +537,7 @@ class Trainer:
 
         def loss_pass(regular: bool) -> Tensor:
             opt.zero_grad()
-            loss_sum = F.cross_entropy(net(x), y, reduction="sum")
+            loss_sum = self.loss(net(x), y, reduction="sum")
             psi = self._global_loss(loss_sum, regular)  # may raise _NonFiniteLoss: no backward
             (loss_sum * self._loss_scale).backward()  # DDP all-reduces (averages) the gradients
             return psi
@@ -558,8 +630,6 @@ class Trainer:
         start = time.perf_counter()
         epoch, batch_id, x, y = self.batch(t)
         limit = self.chart.limit  # before this loss joins (SGD runs: monitoring only)
-        if self._norm_buffers:
-            torch._foreach_copy_(self._norm_saved, self._norm_buffers)
         skipped = False
         try:
             loss = self.step(x, y)
@@ -672,6 +742,8 @@ class Trainer:
                 extra_iters=s.last.extra_iters,
                 loss_after=s.last.loss_after,
             )
+            if s.last.forward_only:
+                rec["forward_only"] = True
             if s.last.momentum_ratio is not None:
                 rec["momentum_ratio"] = s.last.momentum_ratio
         else:
@@ -734,7 +806,8 @@ class Trainer:
 
     def _evaluate_and_record(self, writers) -> None:
         cfg, st = self.config, self.state
-        test_loss, accuracy = self._evaluate()
+        result = self._evaluate()
+        test_loss, accuracy = result.loss, result.accuracy
         stats = getattr(self.optimizer, "stats", None)
         record = {
             "iteration": st.iteration,
@@ -744,9 +817,11 @@ class Trainer:
             "train/loss": (st.interval_loss_sum / st.interval_steps) if st.interval_steps else None,
             "test/loss": test_loss,
             "test/accuracy": accuracy,
+            "test/balanced_accuracy": result.balanced_accuracy,
             "lr": self.optimizer.param_groups[0]["lr"],
             "isgd/triggers": stats.triggers if stats else 0,
             "isgd/extra_iters": stats.extra_iters if stats else 0,
+            "backward_passes": st.passes - (stats.forward_only if stats else 0),
             "images_per_second": st.iteration * cfg.batch_size / st.train_seconds
             if st.train_seconds
             else None,
@@ -777,10 +852,10 @@ class Trainer:
                 st.train_seconds,
             )
 
-    def _evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy; under ``dist`` each rank evaluates its shard of the test set
-        with rank 0's BatchNorm statistics, and the sums are all-reduced."""
-        cfg = self.config
+    def _evaluate(self) -> Evaluation:
+        """Test loss, accuracy and balanced accuracy; under ``dist`` each rank evaluates its shard
+        of the test set with rank 0's BatchNorm statistics, and the sums are all-reduced."""
+        cfg, k = self.config, self.data.num_classes
         if self.dist is None:
             return evaluate(
                 self.model, self.x_test, self.y_test, cfg.eval_batch_size, self._prepare_test
@@ -788,16 +863,16 @@ class Trainer:
         for buffer in self.model.buffers():  # DDP syncs them at forward start, not after
             torch.distributed.broadcast(buffer, 0)
         x, y = self._test_shard
-        loss_sum, correct = (
-            evaluate_sums(self.model, x, y, cfg.eval_batch_size, self._prepare_test)
-            if len(x)
-            else (0.0, 0)
+        loss_sum, correct, count = evaluate_sums(
+            self.model, x, y, cfg.eval_batch_size, self._prepare_test, num_classes=k
         )
-        sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=self.device)
+        sums = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), correct, count])
+        sums = sums.to(dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(sums)
-        n = len(self.x_test)
-        loss_sum, correct = sums.tolist()
-        return loss_sum / n, round(correct) / n
+        sums = sums.cpu()
+        return Evaluation.from_sums(
+            float(sums[0]), sums[1 : 1 + k].round().long(), sums[1 + k :].round().long()
+        )
 
     def _prepare_test(self, x: Tensor) -> Tensor:
         return self.pre(x).to(self.device)
@@ -937,11 +1012,14 @@ class Trainer:
             "time/train_seconds": st.train_seconds,
             "images_per_second": st.iteration * cfg.batch_size / max(st.train_seconds, 1e-9),
             "final/test_accuracy": last["test/accuracy"],
+            "final/test_balanced_accuracy": last.get("test/balanced_accuracy"),
             "final/test_loss": last["test/loss"],
             "best/test_accuracy": st.best_accuracy,
             "isgd/triggers": stats.triggers if stats else 0,
             "isgd/extra_iters": stats.extra_iters if stats else 0,
             "isgd/trigger_rate": stats.trigger_rate if stats else 0.0,
+            "isgd/forward_only": stats.forward_only if stats else 0,
+            "backward_passes": st.passes - (stats.forward_only if stats else 0),
             "nonfinite/skipped": st.skipped,
             "target/accuracy": cfg.target_accuracy or None,
             "target/iteration": st.target.get("iteration"),
