@@ -182,7 +182,8 @@ def test_a_run_killed_while_being_created_can_be_started_again(tiny_idx_dir, tmp
     (run / ".write-test").write_bytes(b"")  # what a kill during the set-up leaves at most
     (run / ".config.toml.a1b2.tmp").write_text("dataset = ")
     assert main(train_argv(tiny_idx_dir, run, "--iters", "5")) == 0
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    # the debris is gone; .lock stays (removing a lock file while others may open it races)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]
 
 
 # ----------------------------------------------------------------------- SIGINT / SIGTERM
@@ -279,7 +280,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
         errors[-1],
     ), errors[-1]
     assert 25 < bad <= 60 and last.name == f"ckpt-{(bad - 1) // 10 * 10:08d}.pt"
-    state = torch.load(last, weights_only=True)
+    state = runio.load_checkpoint(last)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run / "model.pt").exists() and not (run / "summary.json").exists()
     metrics = [runio.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -337,9 +338,7 @@ def test_skip_nonfinite_batches(tiny_idx_dir, tmp_path, monkeypatch, model, opti
         assert s["loss"] != s["loss"] and not s["triggered"] and s["extra_iters"] == 0
         assert steps[s["iteration"] - 1]["passes"] == steps[s["iteration"] - 2]["passes"]
     assert all(s["limit"] is None or s["limit"] == s["limit"] for s in steps)  # chart clean
-    checkpoint = torch.load(
-        tmp_path / "run" / "checkpoints" / "ckpt-00000020.pt", weights_only=True
-    )
+    checkpoint = runio.load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000020.pt")
     chart = checkpoint["optimizer"]["chart"] if optimizer == "isgd" else checkpoint["chart"]
     assert chart["nonfinite"] == 0  # the skipped loss never reached the chart
     if optimizer == "isgd":
@@ -373,3 +372,154 @@ def test_nonfinite_weights_are_never_checkpointed(tiny_idx_dir, tmp_path, monkey
         train(config, tmp_path / "run", progress=False)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["ckpt-00000010.pt"]
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _interrupted_copy(reference: Path, tmp_path: Path) -> Path:
+    """The reference run as a crash after its last checkpoint (775 of 800) leaves it."""
+    run = Path(shutil.copytree(reference, tmp_path / "run"))
+    (run / "model.pt").unlink()
+    (run / "summary.json").unlink()
+    return run
+
+
+def _flip_low_bits(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + 256):
+        data[i] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _from_another_run(path: Path) -> None:
+    state = runio.load_checkpoint(path)
+    state["run_id"] = "0" * 32  # the same configuration, trained by another run
+    runio.save_checkpoint(path.parent, state["iteration"], state, keep=99)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_flip_low_bits, "its SHA-256 digest does not match its contents"),
+        (_truncate, "its SHA-256 digest does not match its contents"),
+        (_from_another_run, "belongs to another run"),
+        (
+            lambda path: torch.save({"format": 1, "x": _Payload(path.parent / "marker")}, path),
+            "could run code (it names",
+        ),
+        (lambda path: path.write_bytes(b"\x80\x02}q\x00."), "not an isgd checkpoint (no header)"),
+    ],
+    ids=["bit-flips", "truncated", "another-run", "unsafe-pickle", "not-a-checkpoint"],
+)
+def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes_bit_identical(
+    reference, tmp_path, capsys, damage, reason
+):
+    run = _interrupted_copy(reference, tmp_path)
+    newest = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert newest.name == "ckpt-00000775.pt"
+    damage(newest)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "ckpt-00000775.pt" in line]
+    assert len(said) == 1 and reason in said[0], err
+    assert "falling back to ckpt-00000750.pt" in said[0], said[0]
+    assert "resuming" in err and "from iteration 750" in err
+    assert (run / "checkpoints" / "ckpt-00000775.pt.damaged").is_file()  # kept for inspection
+    assert not (run / "checkpoints" / "marker").exists()  # nothing in the file ran
+    assert (run / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    assert (run / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()
+    assert records(run / "metrics.jsonl") == records(reference / "metrics.jsonl")
+
+
+def test_no_intact_checkpoint_is_refused_in_one_line(reference, tmp_path, capsys):
+    run = _interrupted_copy(reference, tmp_path)
+    for path in (run / "checkpoints").glob("ckpt-*.pt"):
+        _flip_low_bits(path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("isgd: error:")]
+    assert len(errors) == 1 and "no intact checkpoint in" in errors[0], errors
+    assert "resume again to restart the run from the beginning" in errors[0]
+
+
+def test_missing_records_are_reported_before_resuming(reference, tmp_path, capsys):
+    run = _interrupted_copy(reference, tmp_path)
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "metrics.jsonl is missing from" in err and "before iteration 775 are lost" in err
+    assert (run / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+
+
+# ------------------------------------------------------------------ one process per directory
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from isgd.training.runio import DirectoryLock
+lock = DirectoryLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_locked_directory_stops_at_once_naming_the_holder(
+    reference, tmp_path, capsys
+):
+    run = _interrupted_copy(reference, tmp_path)
+    compare_dir = tmp_path / "comparison"
+    compare_dir.mkdir()
+    (compare_dir / "summary.json").write_text("{}")
+    for directory, argv in (
+        (run, ["train", "--resume", str(run), "--no-progress"]),
+        (compare_dir, ["compare", "--retarget", str(compare_dir), "--target", "0.5"]),
+    ):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+            capsys.readouterr()
+            started = time.monotonic()
+            assert main(argv) == 2
+            assert time.monotonic() - started < 10  # at once, not after a wait
+            errors = [
+                x for x in capsys.readouterr().err.splitlines() if x.startswith("isgd: error:")
+            ]
+            assert len(errors) == 1, errors
+            assert f"is in use by process {holder.pid} on " in errors[0], errors[0]
+            assert "wait for it to end or stop it" in errors[0]
+            after = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+            assert after == before  # nothing touched
+        finally:
+            holder.kill()
+            holder.wait()
+    # the kernel released the killed holder's lock: the run resumes
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+
+def test_two_new_runs_on_one_directory_cannot_both_proceed(tiny_idx_dir, tmp_path):
+    from isgd.training.train import prepare_run_dir
+
+    run = tmp_path / "run"
+    first = prepare_run_dir(run)
+    try:
+        with pytest.raises(runio.RunError, match="is in use by process"):
+            prepare_run_dir(run)  # a second process between its checks and its first write
+    finally:
+        first.release()

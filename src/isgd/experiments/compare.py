@@ -381,8 +381,19 @@ def run_comparison(
     ``resume``: ``plan.out`` holds a comparison started before (see :func:`load_plan`); its
     recorded runs are kept, an interrupted run continues from its checkpoint, the rest run. The
     plan's seeds may differ from the first invocation's: more seeds add runs, fewer summarise
-    the first ones only.
+    the first ones only. The directory is locked while this runs (:class:`runio.DirectoryLock`):
+    a second process on it stops at once, naming this one.
     """
+    lock = runio.DirectoryLock(plan.out, "comparison directory")
+    try:
+        return _run_comparison(plan, progress, resume, lock)
+    finally:
+        lock.release()
+
+
+def _run_comparison(
+    plan: ComparisonPlan, progress: bool | None, resume: bool, lock: runio.DirectoryLock
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from isgd.training.train import TrainingInterrupted, check_new_run_dir
@@ -390,6 +401,7 @@ def run_comparison(
     done: dict[tuple[str, int], dict[str, Any]] = {}
     tuned: dict[str, float] | None = None
     if resume:
+        lock.acquire()
         _, tuned = load_plan(plan.out)
         if (plan.out / "runs.jsonl").is_file():  # run_dir as the runs lie now (moved or not)
             for r in load_records(plan.out):
@@ -405,6 +417,9 @@ def run_comparison(
     if plan.tune_lrs and tuned is None:
         tuning_budget(plan, data)  # refuses a budget ISGD cannot act in, before any file
     plan.out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        lock.acquire()
+        check_new_run_dir(plan.out)  # another process may have finished a comparison here
     save_plan(plan, tuned)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
     n_isgd = sum(_arm_config(plan, a, plan.seeds[0]).uses_isgd for a in plan.arms)
@@ -503,10 +518,15 @@ def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str])
 def retarget(out: Path, target: float) -> Path:
     """Summarise a finished comparison again for another target accuracy, from its raw runs,
     into ``out/target-<target>/`` (the original report stays as it was)."""
-    records = load_records(out)
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise RunError(f"{out} has no summary.json (the comparison did not finish)")
+    with runio.DirectoryLock(out, "comparison directory"):
+        return _retarget(out, target, summary_path)
+
+
+def _retarget(out: Path, target: float, summary_path: Path) -> Path:
+    records = load_records(out)
     previous = runio.read_json(summary_path)
     names = list(previous["arms"])
     fresh = [run_record(Arm(r["arm"]), r["seed"], Path(r["run_dir"]), target) for r in records]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -33,18 +35,29 @@ from isgd.errors import RunError, WriteError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CorruptCheckpoint",
+    "DirectoryLock",
     "JsonlWriter",
     "RunError",
     "WriteError",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "provenance",
     "read_jsonl",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = 1
+# A checkpoint file is this header, the SHA-256 of the rest, then torch.save's bytes: written in
+# one atomic write, so the digest always travels with the bytes it covers. (Files written before
+# the digest — a bare torch.save zip — still load, unverified.)
+CHECKPOINT_MAGIC = b"isgd-checkpoint\x00sha256\x00"
+
+
+class CorruptCheckpoint(RunError):
+    """A checkpoint that fails its integrity check, cannot be read, or belongs to another run."""
 
 
 _WRITE_REASONS = {
@@ -115,6 +128,64 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+# ---------------------------------------------------------------------- lock
+class DirectoryLock:
+    """An exclusive lock on a run or comparison directory while one process works in it.
+
+    ``flock`` on ``DIR/.lock``: the kernel releases it when the process ends, however it ends
+    (SIGKILL included), so a stale lock never blocks a resume. The holder writes who it is into
+    the file; a second process fails at once with one line naming it.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path, what: str = "run directory") -> None:
+        self.directory = Path(directory)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        path = self.directory / self.NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunError(
+                f"cannot lock the {self.what} {self.directory}: {os_error_reason(err)}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(
+                f"the {self.what} {self.directory} is in use by {holder}; wait for it to end "
+                "or stop it, then run this command again"
+            ) from None
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        note = f"process {os.getpid()} on {socket.gethostname()} ({command}, since {since})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note.encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        """Release the lock; ``remove`` also deletes the lock file first (only where no other
+        process can be waiting for it: a directory whose creation failed)."""
+        if self._fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    (self.directory / self.NAME).unlink()
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------- JSON
@@ -246,8 +317,9 @@ def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep
         raise write_error(directory, err) from None
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "iteration": iteration, **state}, buffer)
+    payload = buffer.getvalue()
     path = directory / f"ckpt-{iteration:08d}.pt"
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
     for old in sorted(directory.glob("ckpt-*.pt"))[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
@@ -259,20 +331,39 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without executing code (``weights_only=True``: tensors, numbers,
-    strings and containers only; a pickle that names any other callable is refused unrun).
+def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint after checking its digest, without executing code (``weights_only``:
+    tensors, numbers, strings and containers only; a pickle naming any other callable is refused
+    unrun). With ``run_id``, a checkpoint that records another run's id is refused.
 
-    A file that cannot be loaded, or is not an isgd checkpoint of the current format, raises
-    :class:`RunError` naming it and what to do. Resuming does not fall back to an older
-    checkpoint by itself: a bad newest checkpoint may be a tampered file, and the user decides.
+    A damaged file (digest mismatch, truncated, unreadable, unsafe, another run's) raises
+    :class:`CorruptCheckpoint`; one of another format raises :class:`RunError`; both name the
+    file and what to do. :func:`load_latest_checkpoint` falls back past damaged ones.
     """
     path = Path(path)
     fallback = _fallback_hint(path)
     try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CorruptCheckpoint(
+            f"cannot read checkpoint {path}: {os_error_reason(err)}; {fallback}"
+        ) from None
+    header = len(CHECKPOINT_MAGIC)
+    if raw.startswith(CHECKPOINT_MAGIC):
+        digest, payload = raw[header : header + 32], raw[header + 32 :]
+        if hashlib.sha256(payload).digest() != digest:
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is damaged: its SHA-256 digest does not match its contents "
+                f"(a flipped bit, a truncated or edited file); {fallback}"
+            )
+    elif raw.startswith(b"PK"):  # written before the digest: a bare torch.save zip
+        payload = raw
+    else:
+        raise CorruptCheckpoint(f"{path} is not an isgd checkpoint (no header); {fallback}")
+    try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line only
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # the weights-only unpickler refused something
         found = re.search(r"GLOBAL (\S+)", str(err))
         other = re.search(r"^\s*(Unsupported[^\n]*)", str(err), re.MULTILINE)
@@ -283,23 +374,65 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             if other
             else "the safe loader refused it"
         )
-        raise RunError(
+        raise CorruptCheckpoint(
             f"refusing to load checkpoint {path}: not a valid isgd checkpoint, and loading it "
             f"could run code ({what}); nothing from it was executed; {fallback}"
         ) from None
     except Exception as err:  # a truncated or corrupt file raises almost anything
-        raise RunError(
+        raise CorruptCheckpoint(
             f"cannot load checkpoint {path}: the file is truncated or corrupt "
             f"({type(err).__name__}: {_first_line(err)}); {fallback}"
         ) from None
     if not isinstance(state, dict) or "format" not in state:
-        raise RunError(f"{path} is not an isgd checkpoint (no format field); {fallback}")
+        raise CorruptCheckpoint(f"{path} is not an isgd checkpoint (no format field); {fallback}")
     if state["format"] != CHECKPOINT_FORMAT:
         raise RunError(
             f"{path} is a checkpoint of format {state['format']!r}, this isgd reads format "
             f"{CHECKPOINT_FORMAT}: resume with the isgd version that wrote it, or {fallback}"
         )
+    saved_id = state.get("run_id")
+    if run_id is not None and saved_id is not None and saved_id != run_id:
+        raise CorruptCheckpoint(
+            f"checkpoint {path} belongs to another run (run id {saved_id}, this run is "
+            f"{run_id}: copied here from elsewhere?); {fallback}"
+        )
     return state
+
+
+def load_latest_checkpoint(
+    directory: Path, run_id: str | None = None
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The newest intact checkpoint of ``directory`` and its path, ``(None, None)`` if there is
+    none at all. A damaged one (:class:`CorruptCheckpoint`) is renamed ``*.pt.damaged`` — kept
+    for inspection, never picked again — and the previous one is tried, saying so in one line.
+    Raises :class:`CorruptCheckpoint` when checkpoints exist but none is intact."""
+    found = sorted(Path(directory).glob("ckpt-*.pt"))
+    problems = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, run_id)
+        except CorruptCheckpoint as err:
+            problems.append(str(err).split("; ")[0])
+            aside = path.with_name(path.name + ".damaged")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            older = [p for p in found if p.name < path.name]
+            log.warning(
+                "%s; %s",
+                problems[-1],
+                f"moved aside to {aside.name}, falling back to {older[-1].name}"
+                if older
+                else f"moved aside to {aside.name}",
+            )
+            continue
+        return state, path
+    if problems:
+        raise CorruptCheckpoint(
+            f"no intact checkpoint in {directory} ({len(problems)} damaged, moved aside as "
+            "*.pt.damaged); resume again to restart the run from the beginning, or start a "
+            "new run with --out"
+        )
+    return None, None
 
 
 def _fallback_hint(path: Path) -> str:

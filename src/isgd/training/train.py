@@ -28,6 +28,7 @@ import struct
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,6 +378,7 @@ class Trainer:
         self.state = _Progress()
         self._tb: Any = None  # a TensorBoard SummaryWriter on rank 0
         self._checkpointed_at: int | None = None  # iteration of the last checkpoint on disk
+        self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
         # and neither may a forward-only step of the lower_quantile variant
         self._norm_buffers: list[Tensor] = []
@@ -943,6 +945,7 @@ class Trainer:
                 "batch_id": self.state.iteration % self.n_b,
             },
             "progress": vars(self.state).copy(),
+            "run_id": self.run_id,
         }
         if self.dist is not None:  # resuming with as many processes reuses the split and RNGs
             state["distributed"] = {
@@ -1106,7 +1109,9 @@ def _make_bar(total: int, initial: int, progress: bool | None):
 def _is_debris(path: Path) -> bool:
     """What a process killed while creating a run leaves: the write probe, half-written files."""
     name = path.name
-    return name == ".write-test" or (name.startswith(".") and name.endswith(runio.TMP_SUFFIX))
+    return name in (".write-test", runio.DirectoryLock.NAME) or (
+        name.startswith(".") and name.endswith(runio.TMP_SUFFIX)
+    )
 
 
 def check_new_run_dir(run_dir: Path) -> None:
@@ -1119,7 +1124,8 @@ def check_new_run_dir(run_dir: Path) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path) -> None:
+def prepare_run_dir(run_dir: Path) -> runio.DirectoryLock:
+    """Create ``run_dir`` and lock it; the caller releases the lock when the run ends."""
     check_new_run_dir(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1131,7 +1137,14 @@ def prepare_run_dir(run_dir: Path) -> None:
             f"cannot create the run directory {run_dir}: {runio.os_error_reason(err)}; "
             "choose another --out"
         ) from None
+    lock = runio.DirectoryLock(run_dir).acquire()
+    try:
+        check_new_run_dir(run_dir)  # another process may have finished a run here meanwhile
+    except RunError:
+        lock.release()
+        raise
     runio.remove_stale_temporaries(run_dir)
+    return lock
 
 
 def train(
@@ -1156,12 +1169,15 @@ def train(
     # fail fast, before loading anything (under dist: rank 0 checks, every rank raises)
     distributed.on_main(ctx, lambda: check_new_run_dir(run_dir))
     trainer = Trainer(config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares)
+    held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
 
-    def create() -> None:
-        prepare_run_dir(run_dir)  # created only once data and model are known to be good
+    def create() -> str:
+        held.append(prepare_run_dir(run_dir))  # created once data and model are known good
+        run_id = uuid.uuid4().hex  # checkpoints carry it: one copied from another run is refused
         try:
             runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
             record = runio.provenance(config.threads)
+            record["run_id"] = run_id
             record["data"] = trainer.data.variant or trainer.data.name
             if ctx is not None:
                 record["distributed"] = {
@@ -1177,21 +1193,24 @@ def train(
                 else "run the same command again"
             )
             raise runio.WriteError(f"{err}; once that is fixed, {todo}") from None
+        return run_id
 
-    distributed.on_main(ctx, create)
-    log.info(
-        "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
-        config.model,
-        config.optimizer,
-        config.dataset,
-        trainer.total,
-        trainer.n_b,
-        run_dir,
-    )
     try:
+        trainer.run_id = distributed.on_main(ctx, create)
+        log.info(
+            "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
+            config.model,
+            config.optimizer,
+            config.dataset,
+            trainer.total,
+            trainer.n_b,
+            run_dir,
+        )
         return trainer.run(progress)
     finally:
         trainer.net = trainer.model  # let DDP (and its hold on the process group) go
+        for lock in held:  # a run that could not be created leaves no lock file either
+            lock.release(remove=not (run_dir / "config.toml").is_file())
 
 
 def resume(
@@ -1213,40 +1232,66 @@ def resume(
     run_dir = Path(run_dir)
     ctx = dist if dist is not None and dist.world_size > 1 else None
 
-    def load() -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
+
+    def load() -> tuple[TrainConfig, dict[str, Any] | None, Path | None, str | None]:
         if not (run_dir / "config.toml").is_file():
+            if run_dir.is_dir() and all(_is_debris(p) for p in run_dir.iterdir()):
+                raise RunError(
+                    f"{run_dir} holds no run: it was stopped while being created, before "
+                    "anything was trained; run the original command again (with the same --out: "
+                    "the directory is reused)"
+                )
             raise RunError(f"{run_dir} is not a run directory (no config.toml); nothing to resume")
+        held.append(runio.DirectoryLock(run_dir).acquire())
         if (run_dir / "summary.json").is_file():
             raise RunError(f"{run_dir} has finished (summary.json is there); nothing to resume")
         config = resolve_config(config_file=run_dir / "config.toml")
         config.preset = load_toml(run_dir / "config.toml").get("preset", "")
         for directory in (run_dir, run_dir / "checkpoints"):  # left by a kill during a write
             runio.remove_stale_temporaries(directory)
-        checkpoint_path = runio.latest_checkpoint(run_dir / "checkpoints")
-        # loaded before the data, so that a bad checkpoint fails fast; never falls back by itself
-        checkpoint = runio.load_checkpoint(checkpoint_path) if checkpoint_path else None
+        prov = run_dir / "provenance.json"
+        run_id = runio.read_json(prov).get("run_id") if prov.is_file() else None
+        # loaded before the data, so that a bad checkpoint fails fast; a damaged one is moved
+        # aside and the previous one used, saying so
+        checkpoint, checkpoint_path = runio.load_latest_checkpoint(run_dir / "checkpoints", run_id)
         if checkpoint is not None:
             where = f"checkpoint {checkpoint_path}"
             check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
-        return config, checkpoint, checkpoint_path
+            names = ["metrics.jsonl"] + (["steps.jsonl"] if config.step_records else [])
+            for name in names:
+                if not (run_dir / name).is_file():
+                    log.warning(
+                        "%s is missing from %s: its records before iteration %d are lost; the "
+                        "run continues and records from there",
+                        name,
+                        run_dir,
+                        checkpoint["iteration"],
+                    )
+        return config, checkpoint, checkpoint_path, run_id
 
-    config, checkpoint, checkpoint_path = distributed.on_main(ctx, load)
-    sizes = None
-    saved = (checkpoint or {}).get("distributed") or {}
-    if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
-        sizes = list(saved["batch_sizes"])
-    trainer = Trainer(
-        config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
-    )
-    if checkpoint is None:
-        log.info("no checkpoint in %s: starting it from the beginning", run_dir)
-        if trainer.is_main:
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                (run_dir / name).unlink(missing_ok=True)
-    else:
-        trainer.restore(checkpoint, checkpoint_path)
-        log.info("resuming %s from iteration %d", run_dir, trainer.state.iteration)
     try:
-        return trainer.run(progress)
+        config, checkpoint, checkpoint_path, run_id = distributed.on_main(ctx, load)
+        sizes = None
+        saved = (checkpoint or {}).get("distributed") or {}
+        if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
+            sizes = list(saved["batch_sizes"])
+        trainer = Trainer(
+            config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
+        )
+        trainer.run_id = run_id
+        if checkpoint is None:
+            log.info("no checkpoint in %s: starting it from the beginning", run_dir)
+            if trainer.is_main:
+                for name in ("metrics.jsonl", "steps.jsonl"):
+                    (run_dir / name).unlink(missing_ok=True)
+        else:
+            trainer.restore(checkpoint, checkpoint_path)
+            log.info("resuming %s from iteration %d", run_dir, trainer.state.iteration)
+        try:
+            return trainer.run(progress)
+        finally:
+            trainer.net = trainer.model  # let DDP (and its hold on the process group) go
     finally:
-        trainer.net = trainer.model  # let DDP (and its hold on the process group) go
+        for lock in held:
+            lock.release()
