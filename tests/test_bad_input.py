@@ -348,6 +348,79 @@ def c_resume_log_is_a_directory(c: Ctx):
     return c.resume(run)
 
 
+# ------------------------------------------- options that contradict each other or would be ignored
+def compare_argv(c: Ctx, *extra: str) -> list[str]:
+    return [
+        "compare",
+        *("--dataset", f"idx:{c.idx}", "--model", "mlp", "--iters", "30", "--batch-size", "16"),
+        *("--threads", "1", "--target", "0.5", "--out", str(c.tmp / "cmp"), "--no-progress"),
+        *extra,
+    ]
+
+
+def c_iters_and_epochs(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--epochs", "1")
+
+
+def c_iters_and_epochs_in_one_file(c: Ctx):
+    (c.tmp / "both.toml").write_text("iters = 20\nepochs = 1.0\n")
+    return tiny_train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "both.toml"))
+
+
+def c_preset_in_the_file_and_another_on_the_command_line(c: Ctx):
+    (c.tmp / "p.toml").write_text('preset = "cifar10-quick"\n')
+    return ["train", "--preset", "lenet-mnist", "--config", str(c.tmp / "p.toml")]
+
+
+def c_threads_beyond_the_machine(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--threads", "100000")
+
+
+def c_dist_timeout_in_one_process(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--dist-timeout", "60")
+
+
+def c_compare_with_an_optimizer(c: Ctx):
+    return compare_argv(c, "--optimizer", "adam")
+
+
+def c_compare_with_a_seed(c: Ctx):
+    return compare_argv(c, "--seed", "7")
+
+
+def c_compare_arm_with_a_seed(c: Ctx):
+    return compare_argv(c, "--arm", "sgd", "--arm", "isgd:optimizer=isgd,seed=5")
+
+
+def c_compare_seeds_and_seed_list(c: Ctx):
+    return compare_argv(c, "--seeds", "2", "--seed-list", "3,4")
+
+
+def c_compare_repeated_seed(c: Ctx):
+    return compare_argv(c, "--seed-list", "1,1")
+
+
+def c_compare_resume_and_retarget(c: Ctx):
+    return ["compare", "--resume", str(c.tmp), "--retarget", str(c.tmp), "--target", "0.5"]
+
+
+def c_compare_retarget_with_arms(c: Ctx):
+    return ["compare", "--retarget", str(c.tmp), "--target", "0.5", "--arm", "sgd"]
+
+
+def c_compare_tune_iters_without_rates(c: Ctx):
+    return compare_argv(c, "--tune-iters", "100")
+
+
+def c_compare_equal_compute_without_isgd(c: Ctx):
+    return compare_argv(c, "--arm", "sgd", "--arm", "adam", "--equal-compute")
+
+
+def c_compare_optimizer_in_the_file(c: Ctx):
+    (c.tmp / "opt.toml").write_text('optimizer = "adam"\n')
+    return compare_argv(c, "--config", str(c.tmp / "opt.toml"))
+
+
 def no_marker(c: Ctx) -> None:
     assert not (c.tmp / "marker").exists()  # nothing from the payload ran
 
@@ -437,6 +510,29 @@ CLI_CASES = [  # (setup, what the error line must contain, further check)
         None,
     ),
     (c_resume_log_is_a_directory, "{tmp}/run/metrics.jsonl: Is a directory", None),
+]
+
+
+CLI_CASES += [  # every option acts or is refused
+    (c_iters_and_epochs, "the command line sets both iters (50) and epochs (1.0); give one", None),
+    (c_iters_and_epochs_in_one_file, "both.toml sets both iters (20) and epochs (1.0)", None),
+    (
+        c_preset_in_the_file_and_another_on_the_command_line,
+        "p.toml names preset 'cifar10-quick' but --preset is 'lenet-mnist'; choose one",
+        None,
+    ),
+    (c_threads_beyond_the_machine, "invalid threads: 100000 (this machine gives this", None),
+    (c_dist_timeout_in_one_process, "--dist-timeout applies to data-parallel runs", None),
+    (c_compare_with_an_optimizer, "--optimizer: each arm names its optimizer", None),
+    (c_compare_with_a_seed, "--seed: a comparison runs --seeds N", None),
+    (c_compare_arm_with_a_seed, "arm isgd sets seed: all arms share the seeds", None),
+    (c_compare_seeds_and_seed_list, "--seeds and --seed-list: give one", None),
+    (c_compare_repeated_seed, "--seed-list repeats a seed: [1, 1]", None),
+    (c_compare_resume_and_retarget, "--resume and --retarget: give one", None),
+    (c_compare_retarget_with_arms, "--retarget only re-reads finished runs for --target", None),
+    (c_compare_tune_iters_without_rates, "--tune-iters sets the budget of --tune-lrs", None),
+    (c_compare_equal_compute_without_isgd, "--equal-compute matches an ISGD arm's passes", None),
+    (c_compare_optimizer_in_the_file, "opt.toml sets optimizer, which isgd compare replaces", None),
 ]
 
 

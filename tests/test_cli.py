@@ -241,3 +241,29 @@ def test_lr_schedule_advances_once_per_regular_step_with_triggers(idx_dir, tmp_p
     for r in records:
         t = r["iteration"]
         assert r["lr"] == pytest.approx(0.05 * (1 + 0.01 * t) ** -0.75, rel=1e-12), t
+
+
+def test_version_and_help_for_every_training_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("isgd ")
+    from isgd.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    for action in train._actions:
+        if action.option_strings and action.dest != "help":
+            words = (action.help or "").replace("(default", "").strip(" )")
+            assert len(words.split()) >= 3, f"{action.option_strings[0]} has no help text"
+
+
+def test_run_files_get_the_mode_open_would_give_them(isgd_run):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {
+        p.relative_to(isgd_run): p.stat().st_mode & 0o777
+        for p in isgd_run.rglob("*")
+        if p.is_file() and "tb" not in p.parts
+    }
+    assert set(modes.values()) == {0o666 & ~umask}, modes

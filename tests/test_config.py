@@ -120,3 +120,23 @@ def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown preset: 'x'"):
         resolve_config("x")
     assert set(PRESETS) == {"lenet-mnist", "cifar10-quick", "alexnet-imagenet"}
+
+
+def test_a_preset_named_in_the_file_is_applied_beneath_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('preset = "cifar10-quick"\nlr = 0.002\n')
+    config = resolve_config(config_file=path)
+    assert (config.preset, config.model, config.dataset) == (
+        "cifar10-quick",
+        "cifar10-quick",
+        "cifar10",
+    )
+    assert config.lr == 0.002 and config.milestones == [4000]
+
+
+def test_iters_on_the_command_line_replaces_epochs_from_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("epochs = 2.0\n")
+    assert resolve_config(config_file=path).epochs == 2.0
+    config = resolve_config(config_file=path, overrides={"iters": 20})
+    assert (config.iters, config.epochs) == (20, 0.0)

@@ -400,13 +400,13 @@ def test_stats_count_every_pass_and_memory_is_one_copy():
 
 def test_nonfinite_loss_never_triggers_nor_enters_the_chart():
     model = toy.small_cnn()
-    opt = ISGD(model.parameters(), lr=0.1, window=3)
+    opt = ISGD(model.parameters(), lr=0.1, window=3, nonfinite="skip")
     for loss in (1.0, 1.1, 0.9):
         opt.chart.update(loss)
     before = opt.chart.state_dict()
     for bad in (float("nan"), float("inf")):
         assert opt.observe(torch.tensor(bad)) == 0
-    assert opt.chart.nonfinite == 2
+    assert opt.chart.nonfinite == 2 and opt.stats.nonfinite == 2
     assert opt.chart.losses() == before["losses"]
 
 

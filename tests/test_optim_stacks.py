@@ -3,6 +3,7 @@ the closure-free bare step, and a user-owned DDP loop (2 processes, gloo)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -145,6 +146,55 @@ def test_a_closure_must_return_a_scalar_loss():
     x, y = toy.batches()[0]
     with pytest.raises(TypeError, match=r"Invalid closure result: shape \(16,\)"):
         opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    with pytest.raises(TypeError, match=r"Invalid ISGD.observe\(loss\): NoneType"):
+        opt.observe(None)  # type: ignore[arg-type]
+
+
+def _nan_closure(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) * float("nan")
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_a_nonfinite_loss_raises_before_anything_changes():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, momentum=0.9, window=4)
+    x, y = toy.batches()[0]
+    opt.step(toy.make_closure(model, x, y, opt.zero_grad))  # a momentum buffer exists
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(FloatingPointError, match=r"the batch loss is nan at step 2; no update"):
+        opt.step(_nan_closure(model, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    after = opt.state_dict()
+    assert after["stats"] == state["stats"] and after["chart"] == state["chart"]
+    for i, buf in state["base"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], after["base"]["state"][i]["momentum_buffer"])
+    with pytest.raises(FloatingPointError):  # the closure-free form alike
+        opt.observe(torch.tensor(float("inf")))
+
+
+def test_nonfinite_skip_skips_the_step_and_counts_it():
+    model = toy.small_cnn()
+    opt = ISGD(model.parameters(), lr=0.1, momentum=0.9, window=4, nonfinite="skip")
+    x, y = toy.batches()[0]
+    opt.step(toy.make_closure(model, x, y, opt.zero_grad))
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step(_nan_closure(model, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert opt.stats.nonfinite == 1 and opt.stats.last.skipped and opt.chart.count == 1
+    opt.observe(torch.tensor(float("nan")))  # closure-free: the bare step applies nothing
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert opt.stats.nonfinite == 2
+    opt.step(toy.make_closure(model, x, y, opt.zero_grad))  # a finite loss trains again
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    with pytest.raises(ValueError, match="nonfinite"):
+        ISGD(model.parameters(), lr=0.1, window=4, nonfinite="ignore")
 
 
 # ------------------------------------------------------------------ torch.compile

@@ -44,10 +44,18 @@ from torch.optim import Optimizer
 from isgd.collective import LossSync
 from isgd.spc import LossControlChart
 
-__all__ = ["INNER_SOLVERS", "ISGD", "ISGDStats", "StepRecord", "frozen_batchnorm_stats"]
+__all__ = [
+    "INNER_SOLVERS",
+    "ISGD",
+    "NONFINITE",
+    "ISGDStats",
+    "StepRecord",
+    "frozen_batchnorm_stats",
+]
 
 LossClosure = Callable[[], Tensor]
 INNER_SOLVERS = ("base", "gd", "momentum")  # the update of the extra iterations (see ISGD)
+NONFINITE = ("raise", "skip")  # what a NaN/inf regular loss does (see ISGD)
 
 
 @dataclass
@@ -78,6 +86,7 @@ class ISGDStats:
 
     steps: int = 0
     triggers: int = 0
+    nonfinite: int = 0  # steps skipped for a NaN/inf loss (nonfinite="skip")
     extra_iters: int = 0
     passes: int = 0
     forward_only: int = 0  # steps below the lower limit (variant): passes without a backward
@@ -99,6 +108,7 @@ class ISGDStats:
         for name in ("steps", "triggers", "extra_iters", "passes"):
             setattr(self, name, int(state[name]))
         self.forward_only = int(state.get("forward_only", 0))  # absent before the variant
+        self.nonfinite = int(state.get("nonfinite", 0))
         self.last = StepRecord(**state["last"])
 
 
@@ -140,6 +150,11 @@ class ISGD(Optimizer):
             with the group's ``momentum`` μ and ``v`` zeroed at each triggered step. The paper
             does not say which; ``docs/algorithm.md`` has the measurement.
         lower_quantile: q of the variant above (0: off, the paper's method; else in (0, 1)).
+        nonfinite: a NaN or infinite regular loss (without a GradScaler, whose found-inf steps
+            are skipped as it would) — ``"raise"`` (default): ``FloatingPointError`` before any
+            update or state change; ``"skip"``: no update, the loss stays out of the chart, the
+            step is counted in ``stats.nonfinite`` and marked ``skipped`` (OLMo-core's
+            skip-step does the same for loss spikes).
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (the regular pass still updates them). Works by watching module calls while the
             extra iterations run, so no model needs to be passed.
@@ -190,6 +205,7 @@ class ISGD(Optimizer):
         eps: float = 0.1,
         inner_solver: str = "base",
         lower_quantile: float = 0.0,
+        nonfinite: str = "raise",
         freeze_bn_stats: bool = True,
         process_group: Any = None,
         sync_loss: bool | None = None,
@@ -219,6 +235,8 @@ class ISGD(Optimizer):
             raise ValueError(
                 f"Invalid lower_quantile: {lower_quantile!r} (0: off, else a fraction in (0, 1))"
             )
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE)})")
         self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
         self.sync = LossSync(process_group, sync_loss)
 
@@ -232,6 +250,7 @@ class ISGD(Optimizer):
         self.eps = float(eps)
         self.inner_solver = inner_solver
         self.lower_quantile = float(lower_quantile)
+        self.nonfinite = nonfinite
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.stats = ISGDStats()
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
@@ -335,7 +354,7 @@ class ISGD(Optimizer):
                 "see isgd.integrations)"
             )
         self._observed = False
-        if self.stats.last.forward_only:
+        if self.stats.last.forward_only or self.stats.last.skipped:
             return None  # no update; gradients, if the loop computed them anyway, are ignored
         if grad_scaler is not None:  # GradScaler.step(opt) handed itself over
             found_inf = _unscale_once(grad_scaler, self)
@@ -369,13 +388,23 @@ class ISGD(Optimizer):
         in the same all-reduce, and inf on any rank makes the step a skipped one everywhere.
         Reads the loss once (one host-device sync).
         """
+        _check_loss(loss, "ISGD.observe(loss)", allow_number=True)
         if self._judged is not None and self._judged[0] is loss and found_inf is None:
             psi, any_inf = self._judged[1], False  # well_trained() synced this loss already
         else:
             psi, any_inf = self.sync(loss, weight, found_inf)
         self._judged = None
+        if not math.isfinite(psi) and not any_inf and self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"ISGD: the batch loss is {psi} at step {self.stats.steps + 1}; no update was "
+                "applied and nothing changed. Lower the learning rate or check the batch; "
+                "ISGD(nonfinite='skip') skips such steps instead (counted in stats.nonfinite)"
+            )
         self._weight = weight
         record = self._judge(psi, any_inf)
+        if not math.isfinite(psi) and not any_inf:  # nonfinite="skip"
+            record.skipped = True
+            self.stats.nonfinite += 1
         self.chart.update(psi)
 
         self.stats.steps += 1
@@ -591,6 +620,7 @@ class ISGD(Optimizer):
                 "eps": self.eps,
                 "inner_solver": self.inner_solver,
                 "lower_quantile": self.lower_quantile,
+                "nonfinite": self.nonfinite,
                 "freeze_bn_stats": self.freeze_bn_stats,
             },
         }
@@ -612,6 +642,7 @@ class ISGD(Optimizer):
         self.eps = float(saved.get("eps", self.eps))
         self.inner_solver = str(saved.get("inner_solver", self.inner_solver))
         self.lower_quantile = float(saved.get("lower_quantile", self.lower_quantile))
+        self.nonfinite = str(saved.get("nonfinite", self.nonfinite))
         self.freeze_bn_stats = bool(saved.get("freeze_bn_stats", self.freeze_bn_stats))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -626,7 +657,7 @@ class ISGD(Optimizer):
             f"ISGD(base={type(self.base_optimizer).__name__}, window={self.window}, "
             f"sigma_factor={self.sigma_factor}, max_extra_iters={self.max_extra_iters}, "
             f"eps={self.eps}, inner_solver={self.inner_solver!r}, "
-            f"lower_quantile={self.lower_quantile}, "
+            f"lower_quantile={self.lower_quantile}, nonfinite={self.nonfinite!r}, "
             f"freeze_bn_stats={self.freeze_bn_stats}, "
             f"groups={self.base_optimizer.param_groups!r})"
         )
@@ -668,12 +699,15 @@ def frozen_batchnorm_stats() -> Iterator[None]:
                 buffer.copy_(copy)
 
 
-def _check_loss(loss: object) -> None:
+def _check_loss(loss: object, where: str = "closure result", allow_number: bool = False) -> None:
+    if allow_number and _is_real(loss):
+        return
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         what = type(loss).__name__ if not isinstance(loss, Tensor) else f"shape {tuple(loss.shape)}"
         raise TypeError(
-            f"Invalid closure result: {what} (the closure must return the batch loss, a "
-            "one-element tensor)"
+            f"Invalid {where}: {what} (the batch loss must be a one-element tensor"
+            + (" or a number" if allow_number else "")
+            + "; the closure computes it, calls backward() and returns it)"
         )
 
 

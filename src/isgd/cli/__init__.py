@@ -37,10 +37,20 @@ COMMANDS = {
 def build_parser() -> Parser:
     parser = Parser(prog="isgd", description="Inconsistent Stochastic Gradient Descent")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"isgd {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMANDS.values():
         module.add_parser(commands)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("isgd")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "(not installed)"
 
 
 def _training_interrupted() -> tuple[type[BaseException], ...]:

@@ -74,8 +74,10 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison
-    from isgd.training.config import apply, resolve_config
+    from isgd.training.config import apply, load_toml, resolve_config
 
+    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    _refuse_contradictions(args, overrides)
     if args.retarget:
         from isgd.experiments.compare import retarget
 
@@ -85,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         print((destination / "report.md").read_text().split("\n## Runs")[0])
         log.info("report and figures for target %g in %s", args.target, destination)
         return 0
-    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
     if args.resume:
         return _resume_comparison(args, overrides)
     base = resolve_config(args.preset, args.config, overrides)
@@ -93,8 +94,22 @@ def run(args: argparse.Namespace) -> int:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise UsageError(f"arm names must differ: {', '.join(names)}")
+    file_keys = load_toml(args.config) if args.config else {}
+    for key, instead in (("optimizer", "each --arm names its optimizer"), ("seed", "--seeds")):
+        if key in file_keys:
+            raise UsageError(
+                f"{args.config} sets {key}, which isgd compare replaces ({instead}); remove it "
+                "from the file"
+            )
     for arm in arms:  # every arm's configuration must be valid before anything runs
+        if "seed" in arm.overrides:
+            raise UsageError(
+                f"arm {arm.name} sets seed: all arms share the seeds (--seeds / --seed-list), "
+                "which is what pairs them"
+            )
         apply(base, arm.overrides, f"arm {arm.name}").validate()
+    if args.equal_compute and not any(apply(base, a.overrides, a.name).uses_isgd for a in arms):
+        raise UsageError("--equal-compute matches an ISGD arm's passes, but no arm uses ISGD")
     n_seeds = 5 if args.seeds is None else args.seeds
     seeds = args.seed_list if args.seed_list else list(range(n_seeds))
     if not seeds or n_seeds < 1:
@@ -127,25 +142,44 @@ def run(args: argparse.Namespace) -> int:
     return _show_report(out)
 
 
+def _given(args: argparse.Namespace, overrides: dict[str, Any], *more: str) -> list[str]:
+    """The flags on the command line that define a new comparison (and ``more``)."""
+    names = [*overrides, "preset", "config", "arms", "out", "tune_lrs", "equal_compute", *more]
+    return [
+        "--arm" if name == "arms" else f"--{name.replace('_', '-')}"
+        for name in names
+        if name in overrides or getattr(args, name, None) not in (None, False, [])
+    ]
+
+
+def _refuse_contradictions(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """Options that would be ignored, or that contradict each other, stop the command."""
+    if "optimizer" in overrides:
+        raise UsageError("--optimizer: each arm names its optimizer (--arm NAME:optimizer=...)")
+    if "seed" in overrides:
+        raise UsageError("--seed: a comparison runs --seeds N (0..N-1) or --seed-list S,S,...")
+    if args.seeds is not None and args.seed_list:
+        raise UsageError("--seeds and --seed-list: give one")
+    if args.seed_list and len(set(args.seed_list)) != len(args.seed_list):
+        raise UsageError(f"--seed-list repeats a seed: {args.seed_list}")
+    if args.resume and args.retarget:
+        raise UsageError("--resume and --retarget: give one (retarget a finished comparison)")
+    if args.tune_iters is not None and not args.tune_lrs:
+        raise UsageError("--tune-iters sets the budget of --tune-lrs, which is not given")
+    if args.retarget:
+        extra = _given(args, overrides, "seeds", "seed_list")
+        if extra:
+            raise UsageError(
+                f"--retarget only re-reads finished runs for --target; drop {', '.join(extra)}"
+            )
+
+
 def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import dataclasses
 
     from isgd.experiments.compare import load_plan, run_comparison
 
-    given = [f"--{k.replace('_', '-')}" for k in overrides] + [
-        flag
-        for flag, value in (
-            ("--preset", args.preset),
-            ("--config", args.config),
-            ("--arm", args.arms),
-            ("--target", args.target),
-            ("--out", args.out),
-            ("--tune-lrs", args.tune_lrs),
-            ("--tune-iters", args.tune_iters),
-            ("--equal-compute", args.equal_compute),
-        )
-        if value is not None and value is not False
-    ]
+    given = _given(args, overrides, "target", "tune_iters")
     if given:
         raise UsageError(
             f"--resume continues the saved plan; drop {', '.join(given)} (only --seeds or "

@@ -16,6 +16,7 @@ from isgd.cli.common import (
 from isgd.training.config import FIELDS, PRESETS
 
 log = logging.getLogger("isgd")
+DIST_TIMEOUT = 300.0  # seconds
 
 
 def add_parser(commands: Any) -> None:
@@ -41,9 +42,9 @@ def add_parser(commands: Any) -> None:
     dp.add_argument(
         "--dist-timeout",
         type=float,
-        default=300.0,
         metavar="SECONDS",
-        help="a collective waiting this long for another rank fails the job (default 300)",
+        help=f"a collective waiting this long for another rank fails the job (default "
+        f"{DIST_TIMEOUT:g})",
     )
     add_config_flags(train)
 
@@ -67,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"--resume continues the saved configuration; drop {flags}")
+    world_size = distributed.env_world_size()
+    if args.dist_timeout is None:
+        args.dist_timeout = DIST_TIMEOUT
+    elif world_size == 1 and (args.nproc or 1) == 1:
+        raise UsageError("--dist-timeout applies to data-parallel runs (--nproc N or torchrun)")
     if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
         raise UsageError(f"--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}")
-    world_size = distributed.env_world_size()
     if args.nproc is not None:
         if args.nproc < 1:
             raise UsageError(f"--nproc must be >= 1, got {args.nproc}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +116,13 @@ class TrainConfig:
         for key in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every", "threads"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+        cpus = available_cpus()
+        need(
+            self.threads <= cpus,
+            "threads",
+            f"this machine gives this process {cpus} CPU(s); more threads than that only slow "
+            "it down",
+        )
         need(self.crop_size >= 0, "crop_size", "must be >= 0 (0: no crop)")
         need(self.iters >= 1, "iters", "must be >= 1")
         need(self.step_size >= 1, "step_size", "must be >= 1")
@@ -288,22 +296,52 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 def resolve_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults ← ``preset`` ← ``config_file`` ← ``overrides``, validated."""
+    """Defaults ← ``preset`` ← ``config_file`` ← ``overrides``, validated.
+
+    A ``preset`` key in the file selects that preset beneath the file (a different ``preset``
+    argument is refused). ``iters`` and ``epochs`` in one layer are refused (``epochs`` would
+    silently win); ``iters`` in a later layer replaces an earlier layer's ``epochs``.
+    """
+    layers: list[tuple[Mapping[str, Any], str]] = []
+    if config_file is not None:
+        file_keys = dict(load_toml(config_file))
+        file_preset = file_keys.pop("preset", "") or ""
+        if file_preset and preset and file_preset != preset:
+            raise ConfigError(
+                f"{config_file} names preset {file_preset!r} but --preset is {preset!r}; choose one"
+            )
+        preset = preset or file_preset
+        layers.append((file_keys, str(config_file)))
+    if overrides:
+        layers.append((overrides, "the command line"))
     config = TrainConfig()
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset: {preset!r} (known: {', '.join(PRESETS)})")
         config = apply(config, PRESETS[preset], f"preset {preset}")
         config.preset = preset
-    if config_file is not None:
-        config = apply(config, load_toml(config_file), str(config_file))
-    if overrides:
-        config = apply(config, overrides, "the command line")
+    for keys, where in layers:
+        if "iters" in keys and keys.get("epochs"):
+            raise ConfigError(
+                f"{where} sets both iters ({keys['iters']}) and epochs ({keys['epochs']}); "
+                "give one (epochs would replace iters)"
+            )
+        config = apply(config, keys, where)
+        if "iters" in keys:  # a later iters replaces an earlier epochs
+            config.epochs = 0.0
     return config.validate()
 
 

@@ -93,6 +93,19 @@ def _fsync_dir(directory: Path) -> None:
 TMP_SUFFIX = ".tmp"  # atomic writes go through ".NAME.<random>.tmp" beside NAME
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+# mkstemp creates 0600 files; run files get the mode open() would give them (0666 & ~umask)
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is always either the old or the new file."""
     path = Path(path)
@@ -101,6 +114,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as err:
         raise write_error(path, err) from None
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
