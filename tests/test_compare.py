@@ -337,3 +337,30 @@ def test_report_says_when_isgd_never_triggered(tiny_idx_dir, tmp_path):
     records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     by_arm = {(r["arm"], r["seed"]): r for r in records}
     assert all(by_arm["sgd", s]["passes"] == by_arm["isgd", s]["passes"] == 12 for s in (0, 1))
+
+
+def test_noise_notes_name_idle_arms_and_intervals_that_contain_one():
+    from isgd.reporting.compare_report import noise_notes
+
+    def arm(max_rate, low, high):
+        interval = {"low": low, "high": high}
+        return {
+            "trigger_rate": {"n": 3, "max": max_rate},
+            "paired": {"passes": interval, "seconds": {"low": 1.1, "high": 1.3}},
+        }
+
+    result = {
+        "baseline": "sgd",
+        "arms_spec": {"isgd": {"optimizer": "isgd"}, "isgd-k1": {"optimizer": "isgd"}},
+        "arms": {
+            "sgd": {"trigger_rate": {"n": 3, "max": 0.0}},
+            "isgd": arm(0.0, 0.9, 1.1),
+            "isgd-k1": arm(0.02, 0.95, 1.2),
+            "isgd-k2": arm(0.01, 1.05, 1.2),
+        },
+    }
+    notes = noise_notes(result)
+    assert notes == [
+        "isgd never triggered: the same computation as sgd; any gap is noise",
+        "isgd-k1 vs sgd: within the seeds' noise in passes (paired 95 % interval contains 1)",
+    ]

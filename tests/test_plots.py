@@ -259,3 +259,25 @@ def test_truncated_last_line_is_skipped_and_repeated_iterations_keep_the_last(tm
     assert steps.iteration.tolist() == list(range(1, 11))
     assert steps.loss[8] == 42.0 and math.isnan(steps.limit[8])
     assert load_run(run).name == "isgd"
+
+
+def test_noise_caption_says_what_a_figure_cannot_show(tmp_path: Path):
+    from isgd.reporting.plots import noise_caption
+
+    losses = synthetic_losses(3, 8)
+    sgd = write_run(tmp_path / "sgd", losses, optimizer="sgd")
+    isgd = write_run(tmp_path / "isgd", losses, optimizer="isgd")
+    runs = [load_run(sgd), load_run(isgd)]
+    # ISGD acted and the curves differ: on time, one run each is no measurement of speed
+    assert "machine noise (`isgd compare`" in noise_caption(runs, "time/train_seconds")
+    assert noise_caption(runs, "passes") == ""
+    # an ISGD run that never triggered did the computation of its base optimizer
+    idle = write_run(tmp_path / "idle", losses, optimizer="sgd")
+    summary = json.loads((idle / "summary.json").read_text())
+    summary.update(optimizer="isgd", **{"isgd/triggers": 0})
+    (idle / "summary.json").write_text(json.dumps(summary))
+    pair = [load_run(sgd), load_run(idle)]
+    caption = noise_caption(pair, "time/train_seconds")
+    assert f"{pair[1].name}: ISGD never triggered" in caption
+    assert f"identical accuracy at every evaluation: {pair[0].name} = {pair[1].name}" in caption
+    assert "differences in time between them are machine noise, not speed" in caption

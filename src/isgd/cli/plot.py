@@ -17,7 +17,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isgd.reporting.plots import plot_runs
+    from isgd.reporting.plots import load_run, noise_caption, plot_runs
     from isgd.reporting.report import runs_table
     from isgd.training.runio import atomic_write_text
 
@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else runs[0] / "plots"
     files = plot_runs(runs, out)
     table = runs_table(runs)
+    caption = noise_caption([load_run(r) for r in runs], "time/train_seconds")
+    if caption:
+        table += "\n" + "".join(f"- {line}\n" for line in caption.splitlines())
     atomic_write_text(out / "summary.md", table)
     print(table, end="")
     log.info("wrote %d figures and summary.md to %s", len(files), out)

@@ -507,11 +507,11 @@ def _train_or_continue(
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
-    from isgd.reporting.compare_report import write_figures, write_report
+    from isgd.reporting.compare_report import noise_notes, write_figures, write_report
 
     out.mkdir(parents=True, exist_ok=True)
     runio.write_json(out / "summary.json", result)
-    figures = write_figures(out, records, names)
+    figures = write_figures(out, records, names, noise_notes(result))
     write_report(out, result, records, figures)
 
 

@@ -139,6 +139,11 @@ def difference_sentence(
     if not (math.isfinite(low) and math.isfinite(high)):
         return f"{arm} vs {base} ({what}): {n} paired seed(s) — too few for an interval."
     pp = lambda x: f"{100 * x:+.2f} pp"  # noqa: E731
+    if low == high:
+        return (
+            f"{arm} vs {base} ({what}): {arm} − {base} = {pp(d)} in every one of {n} paired "
+            "seeds — the same computation, or a constant effect; no interval."
+        )
     head = (
         f"{arm} vs {base} ({what}): {arm} − {base} = {pp(d)} [{pp(low)} – {pp(high)}], "
         f"{100 * result['confidence']:g} % interval over {n} paired seeds, "

@@ -53,7 +53,9 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _error_figure(records, arms, x_key: str, xlabel: str, target: float, path: Path) -> Path:
+def _error_figure(
+    records, arms, x_key: str, xlabel: str, target: float, path: Path, note: str = ""
+) -> Path:
     fig = Figure(figsize=(10, 5.2), layout="constrained")
     ax = fig.add_subplot()
     for colour, arm in zip(COLOURS * 4, arms):
@@ -64,7 +66,15 @@ def _error_figure(records, arms, x_key: str, xlabel: str, target: float, path: P
         grid = np.linspace(0, hi, 300)
         median, low, high = _band(curves, grid)
         ax.fill_between(grid, low, high, color=colour, alpha=0.18, linewidth=0)
-        ax.plot(grid, median, color=colour, lw=1.8, label=f"{arm} (median of {len(curves)})")
+        # the median of all seeds only where every seed has data (it would jump where one ends)
+        common = grid <= min(x[-1] for x, _ in curves)
+        ax.plot(
+            grid[common],
+            median[common],
+            color=colour,
+            lw=1.8,
+            label=f"{arm} (median of {len(curves)})",
+        )
     if target:
         ax.axhline(100 * (1 - target), color="k", ls="--", lw=1, label=f"target {100 * target:g}%")
     ax.set_yscale("log")
@@ -73,6 +83,8 @@ def _error_figure(records, arms, x_key: str, xlabel: str, target: float, path: P
     ax.set_title(f"Test error against {xlabel.split(' (')[0]}: median and min–max band over seeds")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if note:
+        fig.supxlabel(note, fontsize=9, color="#444444")
     return _save(fig, path)
 
 
@@ -146,7 +158,37 @@ def _spread_figure(records, arms, path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_figures(out: Path, records, arms: Sequence[str]) -> list[Path]:
+def noise_notes(result: dict[str, Any]) -> list[str]:
+    """One sentence per arm whose difference from the baseline a reader must not take for a
+    result: an ISGD arm that never triggered, or paired intervals that contain 1."""
+    base, specs, notes = result["baseline"], result.get("arms_spec", {}), []
+    for name, arm in result["arms"].items():
+        if name == base:
+            continue
+        rates = arm["trigger_rate"]
+        isgd = str(specs.get(name, {}).get("optimizer", "")).startswith("isgd")
+        if isgd and rates["n"] and rates["max"] == 0:
+            notes.append(
+                f"{name} never triggered: the same computation as {base}; any gap is noise"
+            )
+            continue
+        paired = arm.get("paired", {})
+        inside = [
+            what
+            for what in ("passes", "seconds")
+            if what in paired and paired[what]["low"] <= 1 <= paired[what]["high"]
+        ]
+        if inside:
+            notes.append(
+                f"{name} vs {base}: within the seeds' noise in {' and '.join(inside)} "
+                "(paired 95 % interval contains 1)"
+            )
+    return notes
+
+
+def write_figures(out: Path, records, arms: Sequence[str], notes: Sequence[str] = ()) -> list[Path]:
+    """The comparison's figures; ``notes`` (:func:`noise_notes`) are printed under the curves."""
+    note = "\n".join(notes)
     target = records[0]["target"] if records else 0.0
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
@@ -158,6 +200,7 @@ def write_figures(out: Path, records, arms: Sequence[str]) -> list[Path]:
             "train seconds (evaluation excluded)",
             target,
             figures / "error_vs_time.png",
+            note,
         ),
         _error_figure(
             records,
@@ -166,6 +209,7 @@ def write_figures(out: Path, records, arms: Sequence[str]) -> list[Path]:
             "passes (forward+backward, extra iterations included)",
             target,
             figures / "error_vs_passes.png",
+            note,
         ),
         _time_to_target_figure(records, arms, figures / "time_to_target.png"),
         _spread_figure(records, arms, figures / "loss_spread.png"),
@@ -388,6 +432,9 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             f"| {_spread(a['final_accuracy'], '.2f', 100)} "
             f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} |"
         )
+    notes = noise_notes(result)
+    if notes:
+        lines += ["", "**Not a result — within the noise:**", ""] + [f"- {n}" for n in notes]
     if result.get("tuned_lr"):
         lines += [
             "",

@@ -33,7 +33,16 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocat
 from isgd.errors import PlotError, RunError
 from isgd.training import runio
 
-__all__ = ["PlotError", "Run", "Steps", "load_run", "plot_runs", "spearman", "summarize_claims"]
+__all__ = [
+    "PlotError",
+    "Run",
+    "Steps",
+    "load_run",
+    "noise_caption",
+    "plot_runs",
+    "spearman",
+    "summarize_claims",
+]
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +325,43 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return (3600.0, "h") if seconds > 7200 else (60.0, "min") if seconds > 600 else (1.0, "s")
 
 
+def noise_caption(runs: Sequence[Run], x_key: str) -> str:
+    """What a figure of these runs cannot show, in words: ISGD runs that never triggered, runs
+    that did identical computation, and (on a time axis) that one run each is not a measurement
+    of speed."""
+    notes = []
+    idle = [
+        r.name
+        for r in runs
+        if str(r.summary.get("optimizer", "")).startswith("isgd")
+        and r.summary.get("isgd/triggers") == 0
+    ]
+    if idle:
+        notes.append(
+            f"{', '.join(idle)}: ISGD never triggered — the same computation as its base optimizer"
+        )
+    accuracies = {
+        r.name: tuple((m.get("iteration"), m.get("test/accuracy")) for m in r.metrics) for r in runs
+    }
+    names = list(accuracies)
+    same = [
+        f"{a} = {b}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if accuracies[a] and accuracies[a] == accuracies[b]
+    ]
+    if same:
+        notes.append(f"identical accuracy at every evaluation: {'; '.join(same)}")
+    if x_key == "time/train_seconds" and len(runs) > 1:
+        notes.append(
+            "one run each on a shared machine: time differences include machine noise "
+            "(`isgd compare` runs seeds and gives intervals)"
+            if not same and not idle
+            else "differences in time between them are machine noise, not speed"
+        )
+    return "\n".join(notes)
+
+
 def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> Path:
     fig, (ax_acc, ax_err) = _figure(12, 4.8, 2)
     series = []
@@ -358,6 +404,9 @@ def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> P
         xlabel, what = f"training time ({unit}, evaluation excluded)", "training time"
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"Test accuracy vs {what} (zoomed)")
     ax_err.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=f"Test error vs {what}")
+    caption = noise_caption(runs, x_key)
+    if caption:
+        fig.supxlabel(caption, fontsize=9, color="#444444")
     return _save(fig, path)
 
 
