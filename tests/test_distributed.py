@@ -147,7 +147,8 @@ def test_bad_data_parallel_flags_give_one_line_and_exit_code_2(capsys, monkeypat
         (["train", "--shares", "3,1", "--out", out], "names 2 processes, but the job has 1"),
         (["train", "--nproc", "0", "--out", out], "--nproc must be >= 1, got 0"),
         (["train", "--nproc", "2", "--shares", "1,1,1", "--out", out], "but the job has 2"),
-        (["train", "--dist-timeout", "0", "--out", out], "--dist-timeout must be a number"),
+        (["train", "--nproc", "2", "--dist-timeout", "0", "--out", out], "--dist-timeout must be"),
+        (["train", "--dist-timeout", "60", "--out", out], "--dist-timeout applies to data-para"),
         (["train", "--device", "tpu", "--out", out], "invalid device: 'tpu'"),
         (["batch-study", "--procs", "2", "--out", out], "--procs must include 1"),
     ]

@@ -112,26 +112,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_ends_bit_identical(
-    tiny_idx_dir, reference, tmp_path
-):
-    rng = random.Random(5)
-    run = tmp_path / "run"
-    plan = [  # (self-kill point or None, external kill delay or None)
-        (None, ("start", rng.uniform(0.05, 0.5))),  # while starting: imports, data, first files
-        (f"forward:{rng.randint(1, 20)}", None),  # before the first checkpoint (restart)
-        (f"checkpoint:{rng.randint(1, 3)}", None),  # during a checkpoint write
-        (f"steps-line:{rng.randint(5, 60)}", None),  # a torn last line in steps.jsonl
-        (None, ("checkpoint", rng.uniform(0.0, 0.2))),  # mid-training, by the clock
-        (None, None),  # to the end
-    ]
+def run_plan(plan, idx_dir: Path, run: Path, tmp_path: Path) -> tuple[list[Path], list[int]]:
+    """One process per entry of ``plan`` (a self-kill point, an external kill after a delay, or
+    neither), each resuming ``run`` (or starting it while it has no config.toml); returns the
+    processes' logs and exit codes."""
     logs, outcomes = [], []
     for number, (kill_point, external) in enumerate(plan):
         if (run / "config.toml").is_file():
             argv = ["train", "--resume", str(run), "--no-progress"]
         else:  # killed before the run directory was set up: start it again
-            argv = train_argv(tiny_idx_dir, run)
+            argv = train_argv(idx_dir, run)
         env = dict(os.environ, ISGD_TEST_KILL=kill_point or "")
         log = tmp_path / f"process-{number}.log"
         logs.append(log)
@@ -155,11 +145,50 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(
                 if process.poll() is None:
                     process.kill()  # SIGKILL
             outcomes.append(process.wait(timeout=120))
+    return logs, outcomes
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_ends_bit_identical(
+    tiny_idx_dir, reference, tmp_path
+):
+    rng = random.Random(5)
+    run = tmp_path / "run"
+    plan = [  # (self-kill point or None, external kill delay or None)
+        (None, ("start", rng.uniform(0.05, 0.5))),  # while starting: imports, data, first files
+        (f"forward:{rng.randint(1, 20)}", None),  # before the first checkpoint (restart)
+        (f"checkpoint:{rng.randint(1, 3)}", None),  # during a checkpoint write
+        (f"steps-line:{rng.randint(5, 60)}", None),  # a torn last line in steps.jsonl
+        (None, ("checkpoint", rng.uniform(0.0, 0.2))),  # mid-training, by the clock
+        (None, None),  # to the end
+    ]
+    logs, outcomes = run_plan(plan, tiny_idx_dir, run, tmp_path)
     history = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
     assert outcomes[1:4] == [-signal.SIGKILL] * 3, history
     assert outcomes[-1] == 0, history
     assert "starting it from the beginning" in logs[2].read_text(), history  # no checkpoint yet
     assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_moments_then_resume_ends_bit_identical(
+    tiny_idx_dir, reference, tmp_path
+):
+    rng = random.Random(20)
+    plan = []
+    for number in range(20):  # each process gets at most ~30 steps further: 20 kills < the run
+        if number % 3 == 0:  # by the clock, mostly while starting (imports, data, files)
+            plan.append((None, ("start", rng.uniform(0.05, 1.5))))
+        else:
+            event = rng.choice(["forward", "steps-line", "checkpoint"])
+            count = 1 if event == "checkpoint" else rng.randint(1, 30)
+            plan.append((f"{event}:{count}", None))
+    plan.append((None, None))  # to the end
+    logs, outcomes = run_plan(plan, tiny_idx_dir, tmp_path / "run", tmp_path)
+    history = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
+    assert outcomes[:-1] == [-signal.SIGKILL] * 20, history
+    assert outcomes[-1] == 0, history
+    assert_same_run(tmp_path / "run", reference)
 
 
 def test_torn_last_lines_and_leftover_temporaries_do_not_break_resume(reference, tmp_path):

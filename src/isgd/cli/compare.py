@@ -164,7 +164,7 @@ def _refuse_contradictions(args: argparse.Namespace, overrides: dict[str, Any]) 
         raise UsageError(f"--seed-list repeats a seed: {args.seed_list}")
     if args.resume and args.retarget:
         raise UsageError("--resume and --retarget: give one (retarget a finished comparison)")
-    if args.tune_iters is not None and not args.tune_lrs:
+    if args.tune_iters is not None and not args.tune_lrs and not args.resume:
         raise UsageError("--tune-iters sets the budget of --tune-lrs, which is not given")
     if args.retarget:
         extra = _given(args, overrides, "seeds", "seed_list")
