@@ -190,7 +190,7 @@ def _rank_worker(rank: int, port: int, idx_dir: str, out: str) -> None:
             state = {
                 "params": [p.detach().clone() for p in trainer.model.parameters()],
                 "optimizer": trainer.optimizer.state_dict(),
-                "decisions": trainer._decisions,
+                "decisions": trainer.decision_digest,
                 "summary": summary,
             }
             torch.save(state, Path(out) / f"{name}-rank{rank}.pt")

@@ -231,7 +231,7 @@ def default_signal_handlers():
 
 def signal_at(monkeypatch, iteration: int, *signums: int) -> None:
     """Deliver ``signums`` to this process right after training iteration ``iteration``."""
-    after_step = Trainer._after_step
+    after_step = Trainer.after_step
 
     def patched(self, *args, **kwargs):
         after_step(self, *args, **kwargs)
@@ -239,7 +239,7 @@ def signal_at(monkeypatch, iteration: int, *signums: int) -> None:
             for signum in signums:
                 os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(Trainer, "_after_step", patched)
+    monkeypatch.setattr(Trainer, "after_step", patched)
 
 
 @pytest.mark.parametrize(

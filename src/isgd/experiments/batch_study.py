@@ -315,21 +315,21 @@ def _target_config(plan: StudyPlan, batch: int, n_train: int):
 def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
     """One training run per global batch size, each stopped at the target (∞ when missed)."""
     from isgd.data import load_dataset
+    from isgd.training.callbacks import Callback
     from isgd.training.train import NonFiniteError, Trainer, prepare_run_dir
 
-    class _StopAtTarget(Trainer):
-        def _evaluate_and_record(self, writers) -> None:
-            super()._evaluate_and_record(writers)
-            if self.state.target:  # reached: this evaluation ends the run
-                self.total = self.state.iteration
+    class StopAtTarget(Callback):
+        def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+            if trainer.state.target:  # reached: this evaluation ends the run
+                trainer.total = trainer.state.iteration
 
     data = load_dataset(plan.dataset, plan.data_dir)
     records = []
     for batch in plan.target_batches:
         config = _target_config(plan, batch, len(data.x_train))
         run_dir = plan.out / "runs" / f"batch-{batch}"
-        trainer = _StopAtTarget(config, run_dir, data=data)
-        prepare_run_dir(run_dir)
+        trainer = Trainer(config, run_dir, data=data, callbacks=[StopAtTarget()])
+        lock = prepare_run_dir(run_dir)
         runio.atomic_write_text(run_dir / "config.toml", _toml(config))
         log.info(
             "passes to %.2f%%: global batch %d, lr %g, at most %d iterations",
@@ -345,6 +345,8 @@ def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
             log.warning("global batch %d diverged: %s", batch, err)
             diverged = True
             summary = {"target/passes": None, "final/test_accuracy": None, "isgd/triggers": None}
+        finally:
+            lock.release()
         reached = summary["target/passes"] is not None
         records.append(
             dict(

@@ -20,17 +20,15 @@ files.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
 import struct
-import sys
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 from isgd.training import distributed, runio
+from isgd.training.callbacks import Callback, ProgressDisplay, RunRecords
 from isgd.training.config import (
     ConfigError,
     TrainConfig,
@@ -236,25 +235,14 @@ class _Progress:
     skipped_in_a_row: int = 0
 
 
-class _NullWriter:
-    """What ranks other than 0 write: nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class Trainer:
     """One run: data, model, optimizer and run directory, ready to :meth:`run`.
 
     ``dist`` (a process group of several ranks) makes it one rank of a data-parallel run:
     ``shares`` (``None``, a list of relative speeds, or ``"auto"``) or ``sizes`` (samples per
     rank, e.g. from a checkpoint) split each global batch of ``config.batch_size`` samples.
+    ``callbacks`` (:class:`isgd.training.callbacks.Callback`) join the trainer's own components,
+    :attr:`records` (the run's files) and :attr:`display` (the progress), after them.
 
     torch's thread count is ``config.threads`` from construction to the end of :meth:`run` (or
     a failed construction), then back to what it was.
@@ -283,7 +271,10 @@ class Trainer:
         dist: DistContext | None = None,
         shares: Any = None,
         sizes: list[int] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
+        self.records, self.display = RunRecords(), ProgressDisplay()
+        self.callbacks: list[Callback] = [self.records, self.display, *callbacks]
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist if dist is not None and dist.world_size > 1 else None
@@ -376,7 +367,6 @@ class Trainer:
             self.optimizer, lambda t: lr_factor(config, t, self.total)
         )
         self.state = _Progress()
-        self._tb: Any = None  # a TensorBoard SummaryWriter on rank 0
         self._checkpointed_at: int | None = None  # iteration of the last checkpoint on disk
         self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
@@ -578,33 +568,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool | None = None) -> dict[str, Any]:
-        """Train to the end and return the summary.
+        """Train to the end and return the summary. The order of events, per iteration:
+        batch → step (timed) → record (``on_step_end``) → evaluation when due
+        (``on_evaluation``) → checkpoint when due (``on_checkpoint``); the components that react
+        are the callbacks (:mod:`isgd.training.callbacks`).
 
         Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written),
         :class:`NonFiniteError` on a non-finite loss with ``on_nonfinite = "stop"``, and
         :class:`runio.WriteError` when a file cannot be written; in every case what was written
         before is intact and :func:`resume` continues from the last checkpoint.
         """
-        writers: dict[str, runio.JsonlWriter] = {}
-        bar = None
-        if not self.is_main:
-            progress = False
+        self.display.enabled = progress
         try:
-            writers = self._open_writers()
+            self._emit("on_run_start")
             with _StopSignals() as stop:
                 self._stop = stop
                 if self.state.iteration == 0:
-                    self._evaluate_and_record(writers)
+                    self.evaluate_and_record()
                 self._batches = None
-                bar = _make_bar(self.total, self.state.iteration, progress)
                 while self.state.iteration < self.total and self._stop_signum(stop) is None:
-                    self._train_step(writers, bar)
+                    self.train_iteration()
                 signum = self._stop_signum(stop)
                 if signum is not None and self.state.iteration < self.total:
-                    self._interrupt(signum, writers)
-            bar.close()
-            for w in writers.values():
-                w.close()
+                    self._interrupt(signum)
+            self.records.close()  # the last lines on disk before the summary reads them
             return self._finish()
         except runio.WriteError as err:
             raise runio.WriteError(
@@ -618,15 +605,11 @@ class Trainer:
         finally:
             self._stop = None
             self.restore_threads()
-            if bar is not None:
-                bar.close()
-            for w in writers.values():
-                with contextlib.suppress(RunError):  # already failed and reported
-                    w.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._emit("on_run_end")
 
-    def _train_step(self, writers, bar) -> None:
+    def train_iteration(self) -> None:
+        """One iteration: the batch and the step, timed (the non-finite policy applies to the
+        step), then :meth:`after_step`."""
         st = self.state
         t = st.iteration
         start = time.perf_counter()
@@ -645,7 +628,11 @@ class Trainer:
         st.train_seconds += time.perf_counter() - start
 
         st.iteration = t + 1
-        self._after_step(writers, epoch, batch_id, loss, limit, bar, skipped)
+        self.after_step(epoch, batch_id, loss, limit, skipped)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
 
     def _skip_or_stop(self, loss: float, iteration: int, epoch: int, batch_id: int) -> None:
         """``on_nonfinite``: raise :class:`NonFiniteError` ("stop", or weights no longer finite),
@@ -718,21 +705,22 @@ class Trainer:
             f"{kept}; resume with: {resume_hint(self.run_dir, d.world_size)}"
         )
 
-    def _interrupt(self, signum: int, writers) -> None:
+    def _interrupt(self, signum: int) -> None:
         """Checkpoint (unless one holds this iteration already) and raise TrainingInterrupted."""
         st = self.state
         if st.iteration > 0 and self._checkpointed_at != st.iteration:
-            self._checkpoint(writers)
-        for w in writers.values():
-            w.flush()
+            self.checkpoint()
+        self.records.flush()
         err = TrainingInterrupted(signum, st.iteration, self.run_dir, self.world_size)
         if self.is_main:
             log.warning("%s", err)
         raise err
 
-    def _after_step(
-        self, writers, epoch: int, batch_id: int, loss: float, limit, bar, skipped: bool = False
+    def after_step(
+        self, epoch: int, batch_id: int, loss: float, limit: float | None, skipped: bool = False
     ) -> None:
+        """The end of iteration ``state.iteration``: its record (``on_step_end``), then the
+        evaluation and the checkpoint when they are due."""
         cfg, st = self.config, self.state
         if skipped:  # no update, no chart entry, no pass counted
             rec: dict[str, Any] = dict(triggered=False, extra_iters=0, loss_after=None)
@@ -766,32 +754,33 @@ class Trainer:
                 math.nan if after is None else after,
             )
             self._decisions = zlib.crc32(packed, self._decisions)
-        if cfg.step_records:
-            record = dict(
-                iteration=st.iteration,
-                epoch=epoch,
-                batch_id=batch_id,
-                loss=loss,
-                limit=limit,
-                **rec,
-                passes=st.passes,
-            )
-            if skipped:
-                record["skipped"] = True
-            writers["steps"].write(record)
-        bar.update(1)
-        if bar.disable and st.iteration % cfg.log_every == 0:
-            log.info("%s", self._status_line())
-        elif not bar.disable and st.iteration % 20 == 0:
-            bar.set_postfix_str(self._status_line(short=True), refresh=False)
+        record = dict(
+            iteration=st.iteration,
+            epoch=epoch,
+            batch_id=batch_id,
+            loss=loss,
+            limit=limit,
+            **rec,
+            passes=st.passes,
+        )
+        if skipped:
+            record["skipped"] = True
+        self._emit("on_step_end", record)
         if st.iteration % cfg.eval_every == 0 or st.iteration == self.total:
-            self._evaluate_and_record(writers)
+            self.evaluate_and_record()
         # while batches are being skipped the weights may have diverged: no checkpoint then
         due = st.iteration % cfg.checkpoint_every == 0 and not st.skipped_in_a_row
         if due and st.iteration < self.total:
-            self._checkpoint(writers)
+            self.checkpoint()
 
-    def _status_line(self, short: bool = False) -> str:
+    @property
+    def decision_digest(self) -> int:
+        """CRC32 of every step's decision so far under data parallelism (0 in one process);
+        ranks compare it at every checkpoint and at the end."""
+        return self._decisions
+
+    def status_line(self, short: bool = False) -> str:
+        """Loss, limit, triggers, images/s (and, unless ``short``, iteration and ETA)."""
         st, chart = self.state, self.chart
         stats = getattr(self.optimizer, "stats", None)
         limit = chart.limit
@@ -806,7 +795,9 @@ class Trainer:
         eta = (self.total - st.iteration) * st.train_seconds / max(st.iteration, 1)
         return f"iter {st.iteration}/{self.total} " + " | ".join(parts) + f" | ETA {eta:.0f}s"
 
-    def _evaluate_and_record(self, writers) -> None:
+    def evaluate_and_record(self) -> None:
+        """Evaluate on the test split, update the run's best/target figures and hand the
+        ``metrics.jsonl`` record to the callbacks (``on_evaluation``)."""
         cfg, st = self.config, self.state
         result = self._evaluate()
         test_loss, accuracy = result.loss, result.accuracy
@@ -837,22 +828,7 @@ class Trainer:
                 "passes": st.passes,
                 "train_seconds": st.train_seconds,
             }
-        writers["metrics"].write(record)
-        writers["metrics"].flush()
-        if self._tb is not None:
-            for key in ("test/loss", "test/accuracy", "train/loss", "lr", "isgd/triggers"):
-                if record[key] is not None:
-                    self._tb.add_scalar(key, record[key], st.iteration)
-            self._tb.add_scalar("test/accuracy_vs_passes", accuracy, st.passes)
-            self._tb.flush()
-        if st.iteration:
-            log.info(
-                "eval at iter %d: test accuracy %.2f%%, test loss %.4f (%.1f s of training)",
-                st.iteration,
-                100 * accuracy,
-                test_loss,
-                st.train_seconds,
-            )
+        self._emit("on_evaluation", record)
 
     def _evaluate(self) -> Evaluation:
         """Test loss, accuracy and balanced accuracy; under ``dist`` each rank evaluates its shard
@@ -899,22 +875,10 @@ class Trainer:
         )
         self._ranks_checked += 1
 
-    # ------------------------------------------------------------------ files
-    def _open_writers(self) -> dict[str, Any]:  # JsonlWriter, or _NullWriter off rank 0
-        if not self.is_main:
-            return {"metrics": _NullWriter(), "steps": _NullWriter()}
-        if self.config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # on resume, drop the events logged after the checkpoint (they are redone)
-            purge = self.state.iteration + 1 if self.state.iteration else None
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
-        return {
-            "metrics": runio.JsonlWriter(self.run_dir / "metrics.jsonl"),
-            "steps": runio.JsonlWriter(self.run_dir / "steps.jsonl"),
-        }
-
-    def _checkpoint(self, writers) -> None:
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> None:
+        """Write a checkpoint of this iteration (after ``on_checkpoint``: the records it covers
+        are on disk); under ``dist`` the ranks first prove they hold the same state."""
         if not self._weights_finite():
             raise self._nonfinite_error(
                 f"the weights are no longer finite at iteration {self.state.iteration} (the "
@@ -930,8 +894,7 @@ class Trainer:
         if not self.is_main:
             self._checkpointed_at = self.state.iteration
             return
-        for w in writers.values():
-            w.flush()
+        self._emit("on_checkpoint")
         state = {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -1087,22 +1050,6 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()
-
-
-def _make_bar(total: int, initial: int, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    if progress is None:
-        progress = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not progress,
-        unit="it",
-        dynamic_ncols=True,
-        mininterval=0.5,
-        smoothing=0.05,
-    )
 
 
 # ---------------------------------------------------------------------- entry points

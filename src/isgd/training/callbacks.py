@@ -1,0 +1,171 @@
+"""Components of the training loop: each reacts to the loop's events and keeps its own state.
+
+:meth:`isgd.training.train.Trainer.run` calls, for every callback in order:
+
+==================================  ==============================================================
+``on_run_start(trainer)``           before the loop (a resumed run: before its next step)
+``on_step_end(trainer, record)``    after each iteration; ``record`` is its ``steps.jsonl`` line
+``on_evaluation(trainer, record)``  after each evaluation; ``record`` is its ``metrics.jsonl`` line
+``on_checkpoint(trainer)``          before a checkpoint is written: what it covers is on disk
+``on_run_end(trainer)``             last, always (after an error too): release what was opened
+==================================  ==============================================================
+
+OLMo-core's callbacks are the model. :class:`RunRecords` (the files) and :class:`ProgressDisplay`
+(the terminal) are the trainer's own; a caller adds more with ``Trainer(..., callbacks=[...])``.
+A callback may end the run early by setting ``trainer.total = trainer.state.iteration`` (the batch
+study stops a run at its target so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from isgd.errors import RunError
+from isgd.training import runio
+
+if TYPE_CHECKING:
+    from isgd.training.train import Trainer
+
+__all__ = ["Callback", "ProgressDisplay", "RunRecords"]
+
+log = logging.getLogger("isgd.training.train")
+
+TENSORBOARD_KEYS = ("test/loss", "test/accuracy", "train/loss", "lr", "isgd/triggers")
+
+
+class Callback:
+    """A component of the loop; every hook does nothing unless overridden."""
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        pass
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class RunRecords(Callback):
+    """``steps.jsonl``, ``metrics.jsonl`` and TensorBoard events, on rank 0 only.
+
+    A line is flushed with each evaluation and before each checkpoint, so that a checkpoint never
+    covers records that are not on disk; :meth:`close` raises :class:`runio.WriteError` when the
+    last lines cannot be written (the loop then reports it), :meth:`on_run_end` never does.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, runio.JsonlWriter] = {}
+        self._tb: Any = None
+        self.step_records = True
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        self.step_records = trainer.config.step_records
+        if trainer.config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # on resume, drop the events logged after the checkpoint (they are redone)
+            purge = trainer.state.iteration + 1 if trainer.state.iteration else None
+            self._tb = SummaryWriter(str(trainer.run_dir / "tb"), purge_step=purge)
+        for name in ("metrics", "steps"):
+            self._files[name] = runio.JsonlWriter(trainer.run_dir / f"{name}.jsonl")
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.step_records and "steps" in self._files:
+            self._files["steps"].write(record)
+
+    def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if "metrics" not in self._files:
+            return
+        self._files["metrics"].write(record)
+        self._files["metrics"].flush()
+        if self._tb is not None:
+            for key in TENSORBOARD_KEYS:
+                if record[key] is not None:
+                    self._tb.add_scalar(key, record[key], record["iteration"])
+            self._tb.add_scalar(
+                "test/accuracy_vs_passes", record["test/accuracy"], record["passes"]
+            )
+            self._tb.flush()
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        for f in self._files.values():
+            with contextlib.suppress(RunError):  # already failed and reported
+                f.close()
+        self._files = {}
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class ProgressDisplay(Callback):
+    """A progress bar (status every 20 iterations) on a terminal, plain status lines every
+    ``log_every`` iterations otherwise, and one line per evaluation (no bar off rank 0).
+
+    ``enabled``: show the bar (None: when stderr is a terminal); set before the run starts.
+    """
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        enabled = self.enabled if trainer.is_main else False
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._bar = tqdm(
+            total=trainer.total,
+            initial=trainer.state.iteration,
+            disable=not enabled,
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            smoothing=0.05,
+        )
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        bar, iteration = self._bar, trainer.state.iteration
+        bar.update(1)
+        if bar.disable and iteration % trainer.config.log_every == 0:
+            log.info("%s", trainer.status_line())
+        elif not bar.disable and iteration % 20 == 0:
+            bar.set_postfix_str(trainer.status_line(short=True), refresh=False)
+
+    def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["iteration"]:
+            log.info(
+                "eval at iter %d: test accuracy %.2f%%, test loss %.4f (%.1f s of training)",
+                record["iteration"],
+                100 * record["test/accuracy"],
+                record["test/loss"],
+                record["time/train_seconds"],
+            )
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
