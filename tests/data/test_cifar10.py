@@ -21,7 +21,8 @@ from isgd.cli import main
 from isgd.data import cifar10, load_dataset
 from tests.fixtures import cifar_like, md5, write_cifar_python
 
-SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def _official_tarball(tmp_path: Path) -> tuple[Path, list]:
