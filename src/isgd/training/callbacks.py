@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import struct
 import sys
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from isgd.errors import RunError
-from isgd.training import runio
+from isgd.training import distributed, runio
 
 if TYPE_CHECKING:
     from isgd.training.train import Trainer
 
-__all__ = ["Callback", "ProgressDisplay", "RunRecords"]
+__all__ = ["Callback", "ProgressDisplay", "RankAgreement", "RunRecords"]
 
 log = logging.getLogger("isgd.training.train")
 
@@ -169,3 +172,50 @@ class ProgressDisplay(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class RankAgreement(Callback):
+    """Under data parallelism, proof that every rank took the same steps: a CRC32 of every
+    step's decision (iteration, ψ, triggered, extra iterations, ψ after them) and, at every
+    checkpoint and at the end of the run, a comparison across ranks (a collective) of the
+    weights, the optimizer state, the control chart and that CRC. A mismatch stops the run.
+    Does nothing in one process."""
+
+    def __init__(self) -> None:
+        self.digest = 0
+        self.checks = 0
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.dist is None:
+            return
+        after = record["loss_after"]
+        packed = struct.pack(
+            "<qd?qd",
+            record["iteration"],
+            record["loss"],
+            bool(record["triggered"]),
+            int(record["extra_iters"]),
+            math.nan if after is None else after,
+        )
+        self.digest = zlib.crc32(packed, self.digest)
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: Trainer) -> None:
+        if trainer.dist is None:
+            return
+        st = trainer.state
+        fingerprint = distributed.digest(
+            [p.detach() for p in trainer.model.parameters()],
+            trainer.optimizer.state_dict(),
+            trainer.chart.state_dict(),
+            [st.iteration, st.passes, st.skipped, self.digest],
+        )
+        distributed.check_identical(
+            trainer.dist,
+            fingerprint,
+            f"the weights, optimizer state, control chart and decisions at iteration "
+            f"{st.iteration}",
+        )
+        self.checks += 1

@@ -23,11 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 from isgd.training import distributed, runio
-from isgd.training.callbacks import Callback, ProgressDisplay, RunRecords
+from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
 from isgd.training.config import (
     ConfigError,
     TrainConfig,
@@ -235,6 +233,28 @@ class _Progress:
     skipped_in_a_row: int = 0
 
 
+class _NormSnapshot:
+    """The running statistics of the model's normalisation layers, saved before each step and
+    put back when the step must leave no trace; inert when not ``enabled`` (no copies made)."""
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self.buffers: list[Tensor] = []
+        if enabled:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._NormBase):
+                    found = (module.running_mean, module.running_var, module.num_batches_tracked)
+                    self.buffers += [b for b in found if b is not None]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+
+
 class Trainer:
     """One run: data, model, optimizer and run directory, ready to :meth:`run`.
 
@@ -273,8 +293,8 @@ class Trainer:
         sizes: list[int] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.records, self.display = RunRecords(), ProgressDisplay()
-        self.callbacks: list[Callback] = [self.records, self.display, *callbacks]
+        self.records, self.display, self.ranks = RunRecords(), ProgressDisplay(), RankAgreement()
+        self.callbacks: list[Callback] = [self.records, self.display, self.ranks, *callbacks]
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist if dist is not None and dist.world_size > 1 else None
@@ -352,8 +372,6 @@ class Trainer:
         self.rows = slice(None)
         if self.dist is not None:
             self._setup_data_parallel(shares, sizes)
-        self._decisions = 0  # CRC of every step's decision: compared across ranks
-        self._ranks_checked = 0
         self._stop: _StopSignals | None = None
         self._global_stop: int | None = None  # the stop request all ranks agreed on
         self.optimizer = build_optimizer(config, self.model, self.n_b)
@@ -371,13 +389,9 @@ class Trainer:
         self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
         # and neither may a forward-only step of the lower_quantile variant
-        self._norm_buffers: list[Tensor] = []
-        if config.on_nonfinite == "skip" or config.lower_quantile > 0:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._NormBase):
-                    buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
-                    self._norm_buffers += [b for b in buffers if b is not None]
-        self._norm_saved = [b.clone() for b in self._norm_buffers]
+        self.norm_stats = _NormSnapshot(
+            self.model, config.on_nonfinite == "skip" or config.lower_quantile > 0
+        )
 
     def _setup_data_parallel(self, shares: Any, sizes: list[int] | None) -> None:
         """Split the global batch (even, by shares, or by measured speed), wrap the model in
@@ -478,8 +492,7 @@ class Trainer:
         ISGD the closure's first call, which runs before the base step). A forward-only step of
         the ``lower_quantile`` variant changes nothing: no backward, no update, and the BatchNorm
         statistics its forward pass moved are put back."""
-        if self._norm_buffers:  # what a skipped or forward-only step must leave as it was
-            torch._foreach_copy_(self._norm_saved, self._norm_buffers)
+        self.norm_stats.save()  # what a skipped or forward-only step must leave as it was
         if self.dist is not None:
             return self._dist_step(x, y)
         model, opt = self.model, self.optimizer
@@ -501,8 +514,8 @@ class Trainer:
                 return loss
 
             opt.step(closure)
-            if opt.stats.last.forward_only and self._norm_buffers:
-                torch._foreach_copy_(self._norm_buffers, self._norm_saved)
+            if opt.stats.last.forward_only:
+                self.norm_stats.restore()
             return opt.stats.last.loss
         opt.zero_grad()
         loss = self.loss(model(x), y)
@@ -644,8 +657,7 @@ class Trainer:
                 "start a new run with a lower --lr, or with --on-nonfinite skip to skip such "
                 "batches",
             )
-        if self._norm_buffers:  # the forward pass fed the NaNs to BatchNorm's statistics
-            torch._foreach_copy_(self._norm_buffers, self._norm_saved)
+        self.norm_stats.restore()  # the forward pass fed the NaNs to BatchNorm's statistics
         if not self._weights_finite():
             raise self._nonfinite_error(
                 f"{what}: the weights themselves are no longer finite, so skipping batches "
@@ -743,17 +755,6 @@ class Trainer:
         if math.isfinite(loss):
             st.interval_loss_sum += loss
             st.interval_steps += 1
-        if self.dist is not None:  # compared across ranks at every checkpoint and at the end
-            after = rec["loss_after"]
-            packed = struct.pack(
-                "<qd?qd",
-                st.iteration,
-                loss,
-                bool(rec["triggered"]),
-                int(rec["extra_iters"]),
-                math.nan if after is None else after,
-            )
-            self._decisions = zlib.crc32(packed, self._decisions)
         record = dict(
             iteration=st.iteration,
             epoch=epoch,
@@ -776,8 +777,8 @@ class Trainer:
     @property
     def decision_digest(self) -> int:
         """CRC32 of every step's decision so far under data parallelism (0 in one process);
-        ranks compare it at every checkpoint and at the end."""
-        return self._decisions
+        ranks compare it at every checkpoint and at the end (:class:`RankAgreement`)."""
+        return self.ranks.digest
 
     def status_line(self, short: bool = False) -> str:
         """Loss, limit, triggers, images/s (and, unless ``short``, iteration and ETA)."""
@@ -855,26 +856,6 @@ class Trainer:
     def _prepare_test(self, x: Tensor) -> Tensor:
         return self.pre(x).to(self.device)
 
-    def _check_ranks(self) -> None:
-        """Under ``dist``: every rank must hold the same weights, optimizer state (ISGD's chart
-        and counters included) and step decisions, or the run stops (a collective)."""
-        if self.dist is None:
-            return
-        st = self.state
-        fingerprint = distributed.digest(
-            [p.detach() for p in self.model.parameters()],
-            self.optimizer.state_dict(),
-            self.chart.state_dict(),
-            [st.iteration, st.passes, st.skipped, self._decisions],
-        )
-        distributed.check_identical(
-            self.dist,
-            fingerprint,
-            f"the weights, optimizer state, control chart and decisions at iteration "
-            f"{st.iteration}",
-        )
-        self._ranks_checked += 1
-
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> None:
         """Write a checkpoint of this iteration (after ``on_checkpoint``: the records it covers
@@ -885,7 +866,7 @@ class Trainer:
                 "last loss was finite); no checkpoint was written with them",
                 "start a new run with a lower --lr",
             )
-        self._check_ranks()
+        self._emit("on_checkpoint")  # every rank: the rank check is a collective
         rng_by_rank = (
             distributed.all_gather_object(self.dist, torch.get_rng_state())
             if self.dist is not None
@@ -894,7 +875,6 @@ class Trainer:
         if not self.is_main:
             self._checkpointed_at = self.state.iteration
             return
-        self._emit("on_checkpoint")
         state = {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -958,7 +938,7 @@ class Trainer:
                 "model.pt was not written",
                 "start a new run with a lower --lr",
             )
-        self._check_ranks()
+        self.ranks.check(self)
         if self.is_main:
             runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
             last = list(runio.read_jsonl(self.run_dir / "metrics.jsonl"))[-1]
@@ -995,7 +975,7 @@ class Trainer:
         if self.dist is not None:
             summary["distributed/world_size"] = self.dist.world_size
             summary["distributed/batch_sizes"] = list(self.sizes)
-            summary["distributed/ranks_checked"] = self._ranks_checked
+            summary["distributed/ranks_checked"] = self.ranks.checks
         if self.is_main:
             runio.write_json(self.run_dir / "summary.json", summary)
         return summary
