@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isgd.experiments.compare import aggregate, load_records, speedup, time_to_target
+from isgd.experiments.records import aggregate, load_records, speedup, time_to_target
 from isgd.reporting.compare_report import mechanics
 from isgd.reporting.plots import summarize_claims
 from isgd.training import runio

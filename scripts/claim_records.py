@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from isgd.experiments.compare import load_records
+from isgd.experiments.records import load_records
 from isgd.reporting.compare_report import mechanics
 from isgd.reporting.plots import summarize_claims
 

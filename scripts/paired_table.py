@@ -19,8 +19,8 @@ import argparse
 import math
 from pathlib import Path
 
-from isgd.experiments.compare import load_records
 from isgd.experiments.paired import effect_sentence, paired_ratio
+from isgd.experiments.records import load_records
 
 
 def pairs(records: list[dict], baseline: str, arm: str, key: str) -> list[tuple[float, float]]:

@@ -19,8 +19,8 @@ import math
 import statistics
 from pathlib import Path
 
-from isgd.experiments.compare import load_records
 from isgd.experiments.paired import paired_difference, paired_ratio
+from isgd.experiments.records import load_records
 
 
 def paired(records: list[dict], base: str, arm: str, key: str, arm_key: str | None = None):

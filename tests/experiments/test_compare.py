@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from isgd.cli import main
-from isgd.experiments.compare import aggregate, parse_arm, speedup, summarize, time_to_target
+from isgd.experiments.compare import parse_arm
+from isgd.experiments.records import aggregate, speedup, summarize, time_to_target
 from isgd.training import runio
 from isgd.training.config import ConfigError
 from tests.conftest import TINY

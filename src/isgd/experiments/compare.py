@@ -8,6 +8,7 @@ seed), and runs are interleaved (seed 0: A B, seed 1: B A, ...) so that machine 
 arm alike. "X % faster" is reported both ways: ``T_base / T_arm`` and ``(T_base − T_arm) / T_base``.
 The crossing of the target is interpolated between evaluations, and every arm is compared with the
 baseline seed by seed, with a 95 % interval of the paired ratio (:mod:`isgd.experiments.paired`).
+The records of finished runs and their summary are :mod:`isgd.experiments.records`.
 """
 
 from __future__ import annotations
@@ -18,35 +19,27 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from isgd.data import DataSplit, load_dataset
-from isgd.experiments.paired import (
-    crossing,
-    difference_sentence,
-    effect_sentence,
-    paired_difference,
-    paired_ratio,
-)
+from isgd.experiments.records import load_records, run_record, summarize
 from isgd.training import runio
 from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.training.runio import RunError
 
 __all__ = [
     "Arm",
-    "aggregate",
+    "ComparisonPlan",
     "load_plan",
     "parse_arm",
+    "retarget",
     "run_comparison",
-    "speedup",
-    "time_to_target",
+    "tuning_budget",
 ]
 
 log = logging.getLogger("isgd.experiments.compare")
-INF = math.inf
 PLAN_FILE = "plan.json"  # what the comparison runs, written first: --resume reads it
 
 
@@ -81,180 +74,6 @@ def parse_arm(spec: str) -> Arm:
     if "optimizer" not in overrides:
         raise ConfigError(f"invalid arm {spec!r}: name an optimizer (e.g. {name}:optimizer=isgd)")
     return Arm(name, overrides)
-
-
-# ---------------------------------------------------------------------- per-run figures
-def time_to_target(metrics: Sequence[dict[str, Any]], target: float) -> dict[str, float]:
-    """Seconds, passes and iterations at the first evaluation with accuracy ≥ ``target``."""
-    for record in metrics:
-        if record["test/accuracy"] >= target:
-            return {
-                "seconds": record["time/train_seconds"],
-                "passes": float(record["passes"]),
-                "iteration": float(record["iteration"]),
-            }
-    return {"seconds": INF, "passes": INF, "iteration": INF}
-
-
-def run_record(arm: Arm, seed: int, run_dir: Path, target: float) -> dict[str, Any]:
-    """The per-run record of a finished run directory: the target's crossing interpolated
-    between evaluations (``*_to_target``) and at the first evaluation reaching it (``*_grid``)."""
-    metrics = list(runio.read_jsonl(run_dir / "metrics.jsonl"))
-    summary = runio.read_json(run_dir / "summary.json")
-    hit, grid = crossing(metrics, target), time_to_target(metrics, target)
-    return {
-        "arm": arm.name,
-        "seed": seed,
-        "run_dir": str(run_dir),
-        "target": target,
-        "time_to_target": hit["seconds"],
-        "passes_to_target": hit["passes"],
-        "iterations_to_target": hit["iteration"],
-        "time_to_target_grid": grid["seconds"],
-        "passes_to_target_grid": grid["passes"],
-        "final_accuracy": summary["final/test_accuracy"],
-        "final_balanced_accuracy": summary.get("final/test_balanced_accuracy", math.nan),
-        "best_accuracy": summary["best/test_accuracy"],
-        "train_seconds": summary["time/train_seconds"],
-        "iterations": summary["iterations"],
-        "passes": summary["passes"],
-        "extra_passes": summary["passes"] - summary["iterations"],
-        "forward_only": summary.get("isgd/forward_only", 0),
-        "backward_passes": summary.get("backward_passes", summary["passes"]),
-        "backward_passes_to_target": hit.get("backward_passes", hit["passes"]),
-        "trigger_rate": summary["isgd/trigger_rate"],
-        "triggers": summary["isgd/triggers"],
-        "momentum_ratio": _median_momentum_ratio(run_dir),
-    }
-
-
-def _median_momentum_ratio(run_dir: Path) -> float | None:
-    """Median over the triggered steps of ‖momentum term‖ / ‖∇φ‖ (None: no such step)."""
-    path = run_dir / "steps.jsonl"
-    if not path.is_file():
-        return None
-    ratios = sorted(
-        r["momentum_ratio"] for r in runio.read_jsonl(path) if r.get("momentum_ratio") is not None
-    )
-    return _quantile(ratios, 0.5) if ratios else None
-
-
-# ---------------------------------------------------------------------- aggregation
-def aggregate(values: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, min and max over seeds; ``inf`` (missed target) sorts last, NaN (not
-    recorded) is left out."""
-    xs = sorted(v for v in values if not math.isnan(v))
-    if not xs:
-        return {
-            "median": math.nan,
-            "min": math.nan,
-            "max": math.nan,
-            "q25": math.nan,
-            "q75": math.nan,
-            "missed": 0,
-            "n": 0,
-        }
-    return {
-        "median": _quantile(xs, 0.5),
-        "q25": _quantile(xs, 0.25),
-        "q75": _quantile(xs, 0.75),
-        "min": xs[0],
-        "max": xs[-1],
-        "missed": sum(math.isinf(x) for x in xs),
-        "n": len(xs),
-    }
-
-
-def _quantile(sorted_xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile that stays ``inf`` (not NaN) when a neighbour is ``inf``."""
-    position = q * (len(sorted_xs) - 1)
-    lo, hi = math.floor(position), math.ceil(position)
-    a, b = sorted_xs[lo], sorted_xs[hi]
-    if lo == hi or a == b:
-        return a
-    if math.isinf(a) or math.isinf(b):
-        return INF
-    return a + (b - a) * (position - lo)
-
-
-def speedup(base: float, arm: float) -> dict[str, float]:
-    """Both readings of "faster": ``ratio = base / arm`` and ``saving = (base − arm) / base``.
-
-    A missed target is ``inf``: an arm that reaches it where the baseline does not is infinitely
-    faster (ratio inf, saving 1); the reverse gives ratio 0 and saving −inf; both missed: NaN.
-    A target reached before training (0 s, 0 passes) is read the same way as the other end.
-    """
-    if math.isinf(base) and math.isinf(arm):
-        return {"ratio": math.nan, "saving": math.nan}
-    if math.isinf(base):
-        return {"ratio": INF, "saving": 1.0}
-    if math.isinf(arm):
-        return {"ratio": 0.0, "saving": -INF}
-    if arm == 0 or base == 0:  # reached at the first evaluation, before any training
-        if arm == base:
-            return {"ratio": math.nan, "saving": math.nan}
-        return {"ratio": INF, "saving": 1.0} if arm == 0 else {"ratio": 0.0, "saving": -INF}
-    return {"ratio": base / arm, "saving": (base - arm) / base}
-
-
-def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
-    """Per-arm aggregates and ratios against the first arm (the baseline)."""
-    per_arm: dict[str, Any] = {}
-    for name in arms:
-        rs = [r for r in records if r["arm"] == name]
-        per_arm[name] = {
-            key: aggregate([r.get(key, math.nan) for r in rs])  # older records lack some
-            for key in (
-                "time_to_target",
-                "passes_to_target",
-                "final_accuracy",
-                "final_balanced_accuracy",
-                "trigger_rate",
-                "forward_only",
-                "extra_passes",
-                "train_seconds",
-            )
-        }
-    base = per_arm[arms[0]]
-    for name in arms:
-        arm = per_arm[name]
-        arm["speedup_time"] = speedup(
-            base["time_to_target"]["median"], arm["time_to_target"]["median"]
-        )
-        arm["speedup_passes"] = speedup(
-            base["passes_to_target"]["median"], arm["passes_to_target"]["median"]
-        )
-        # paired per seed: ratio of the baseline's time to this arm's time, then the median
-        paired = []
-        for r in (r for r in records if r["arm"] == name):
-            b = next((x for x in records if x["arm"] == arms[0] and x["seed"] == r["seed"]), None)
-            if b is not None:
-                paired.append(speedup(b["time_to_target"], r["time_to_target"])["ratio"])
-        finite = [p for p in paired if not math.isnan(p)]
-        arm["paired_time_ratio"] = aggregate(finite)
-        if name != arms[0]:
-            arm["paired"] = _paired(records, arms[0], name)
-    return {"baseline": arms[0], "arms": per_arm}
-
-
-def _paired(records: Sequence[dict[str, Any]], base: str, name: str) -> dict[str, Any]:
-    """Per-seed ratios base/arm of passes and of seconds to target, with their intervals."""
-    by_seed = {r["seed"]: r for r in records if r["arm"] == base}
-    pairs = [(by_seed[r["seed"]], r) for r in records if r["arm"] == name and r["seed"] in by_seed]
-    out: dict[str, Any] = {"seeds": [r["seed"] for _, r in pairs]}
-    for what, key in (("passes", "passes_to_target"), ("seconds", "time_to_target")):
-        result = paired_ratio([b[key] for b, _ in pairs], [a[key] for _, a in pairs])
-        result["sentence"] = effect_sentence(name, base, result, what)
-        out[what] = result
-    for what, key in (
-        ("final accuracy", "final_accuracy"),
-        ("final balanced accuracy", "final_balanced_accuracy"),
-    ):
-        values = [(b.get(key, math.nan), a.get(key, math.nan)) for b, a in pairs]
-        diff = paired_difference([b for b, _ in values], [a for _, a in values])
-        diff["sentence"] = difference_sentence(name, base, diff, what)
-        out[key] = diff
-    return out
 
 
 # ---------------------------------------------------------------------- running
@@ -449,7 +268,7 @@ def _run_comparison(
         if record is None:
             _train_or_continue(plan, arm, seed, lrs, data)
             record = run_record(
-                arm, seed, plan.out / "runs" / f"{arm.name}-seed{seed}", plan.target
+                arm.name, seed, plan.out / "runs" / f"{arm.name}-seed{seed}", plan.target
             )
             raw.write(record)
             raw.flush()
@@ -529,7 +348,7 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     records = load_records(out)
     previous = runio.read_json(summary_path)
     names = list(previous["arms"])
-    fresh = [run_record(Arm(r["arm"]), r["seed"], Path(r["run_dir"]), target) for r in records]
+    fresh = [run_record(r["arm"], r["seed"], Path(r["run_dir"]), target) for r in records]
     result = summarize(fresh, names)
     result.update({k: previous[k] for k in ("seeds", "tuned_lr", "config", "arms_spec")})
     result["target"] = target
@@ -569,9 +388,3 @@ def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran:
         100 * record["final_accuracy"],
         f"ETA {eta:.0f} min" if eta is not None else "recorded earlier",
     )
-
-
-def load_records(out: Path) -> list[dict[str, Any]]:
-    if not (out / "runs.jsonl").is_file():
-        raise RunError(f"{out} is not a comparison directory (no runs.jsonl)")
-    return list(runio.read_jsonl(out / "runs.jsonl"))
