@@ -7,6 +7,9 @@ C2: ISGD narrows the spread of batch losses within an epoch: per epoch σ, CV = 
 
 Only matplotlib's object API is used (``Figure`` + ``FigureCanvasAgg``), never pyplot: no global
 backend switch and no figure registry, so it is safe in threads and worker processes.
+
+Its length is the reading of run directories (tolerant of torn and missing lines) plus one
+function per figure of ``isgd plot``; the C1/C2 numbers are computed from the same parsed steps.
 """
 
 from __future__ import annotations
