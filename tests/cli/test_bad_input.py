@@ -25,6 +25,7 @@ from isgd.data import DataError, DataSplit
 from isgd.optim import ISGD
 from isgd.training import runio
 from isgd.training.config import ConfigError, resolve_config
+from isgd.training.lifecycle import resume, train
 from isgd.training.runio import (
     JsonlWriter,
     RunError,
@@ -32,7 +33,7 @@ from isgd.training.runio import (
     atomic_write_bytes,
     load_checkpoint,
 )
-from isgd.training.train import Trainer, resume, train
+from isgd.training.train import Trainer
 from tests.conftest import tiny_train_argv
 from tests.fixtures import write_idx
 

@@ -232,7 +232,7 @@ def test_trainer_forward_only_steps_leave_weights_state_and_batchnorm_as_they_we
 
 def test_trainer_records_forward_only_steps_and_backward_passes(tmp_path):
     from isgd.training import runio
-    from isgd.training.train import train
+    from isgd.training.lifecycle import train
 
     data = split(n_per_class=(40, 40, 40, 40), seed=2, size=16)
     config = toy_config(

@@ -32,7 +32,8 @@ from isgd.training.distributed import (
     split_sizes,
 )
 from isgd.training.launch import worker_argv
-from isgd.training.train import Trainer, prepare_run_dir
+from isgd.training.lifecycle import prepare_run_dir
+from isgd.training.train import Trainer
 
 pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
 

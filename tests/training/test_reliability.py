@@ -23,7 +23,8 @@ import torch
 from isgd.cli import main
 from isgd.training import runio
 from isgd.training.config import TrainConfig
-from isgd.training.train import NonFiniteError, Trainer, train
+from isgd.training.lifecycle import train
+from isgd.training.train import NonFiniteError, Trainer
 from tests.conftest import tiny_train_argv
 
 ITERS, EVERY, N_B = 800, 25, 15  # 240 training images in batches of 16
@@ -543,7 +544,7 @@ def test_a_second_process_on_a_locked_directory_stops_at_once_naming_the_holder(
 
 
 def test_two_new_runs_on_one_directory_cannot_both_proceed(tiny_idx_dir, tmp_path):
-    from isgd.training.train import prepare_run_dir
+    from isgd.training.lifecycle import prepare_run_dir
 
     run = tmp_path / "run"
     first = prepare_run_dir(run)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from isgd.training import distributed
-    from isgd.training import train as training
+    from isgd.training import lifecycle as training
     from isgd.training.config import resolve_config
 
     overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
@@ -127,7 +127,7 @@ def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from isgd.training import distributed
     from isgd.training.config import load_toml, resolve_config
     from isgd.training.launch import launch_local, worker_argv
-    from isgd.training.train import check_new_run_dir
+    from isgd.training.lifecycle import check_new_run_dir
 
     distributed.parse_shares(args.shares, args.nproc)
     if args.resume:

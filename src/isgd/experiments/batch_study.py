@@ -320,7 +320,8 @@ def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
     """One training run per global batch size, each stopped at the target (∞ when missed)."""
     from isgd.data import load_dataset
     from isgd.training.callbacks import Callback
-    from isgd.training.train import NonFiniteError, Trainer, prepare_run_dir
+    from isgd.training.lifecycle import prepare_run_dir
+    from isgd.training.train import NonFiniteError, Trainer
 
     class StopAtTarget(Callback):
         def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
@@ -454,7 +455,7 @@ def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, An
     """Measure, combine, and write ``report.md``, ``batch_study.json`` and figures to
     ``plan.out`` (which must not exist or be empty)."""
     from isgd.training.config import resolve_config
-    from isgd.training.train import check_new_run_dir
+    from isgd.training.lifecycle import check_new_run_dir
 
     preset = resolve_config(plan.preset)
     plan.dataset = plan.dataset or preset.dataset

@@ -166,7 +166,7 @@ def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
 def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
     """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
     :func:`tuning_budget` iterations (same budget for every arm; first seed)."""
-    from isgd.training.train import train
+    from isgd.training.lifecycle import train
 
     held_out = _held_out(data)
     budget = tuning_budget(plan, data)
@@ -215,7 +215,8 @@ def _run_comparison(
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from isgd.training.train import TrainingInterrupted, check_new_run_dir
+    from isgd.training.lifecycle import check_new_run_dir
+    from isgd.training.train import TrainingInterrupted
 
     done: dict[tuple[str, int], dict[str, Any]] = {}
     tuned: dict[str, float] | None = None
@@ -313,7 +314,7 @@ def _train_or_continue(
     plan: ComparisonPlan, arm: Arm, seed: int, lrs: dict[str, float], data: DataSplit
 ) -> None:
     """Train one run, or finish it if an earlier invocation left it with a checkpoint."""
-    from isgd.training.train import resume, train
+    from isgd.training.lifecycle import resume, train
 
     run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
     if (run_dir / "summary.json").is_file():

@@ -25,7 +25,6 @@ import math
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +46,13 @@ from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, Ru
 from isgd.training.config import (
     ConfigError,
     TrainConfig,
-    dump_toml,
-    load_toml,
     lr_factor,
-    resolve_config,
 )
 from isgd.training.distributed import DistContext, DistributedError
 
 Prepare = Callable[[Tensor], Tensor]  # a uint8 batch → the network's input on its device
 
-__all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate", "resume", "train"]
+__all__ = ["NonFiniteError", "Trainer", "TrainingInterrupted", "evaluate"]
 
 log = logging.getLogger("isgd.training.train")
 
@@ -1030,195 +1026,3 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------- entry points
-def _is_debris(path: Path) -> bool:
-    """What a process killed while creating a run leaves: the write probe, half-written files."""
-    name = path.name
-    return name in (".write-test", runio.DirectoryLock.NAME) or (
-        name.startswith(".") and name.endswith(runio.TMP_SUFFIX)
-    )
-
-
-def check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and (
-        not run_dir.is_dir() or any(not _is_debris(p) for p in run_dir.iterdir())
-    ):
-        raise RunError(
-            f"run directory {run_dir} already exists and is not empty; choose another --out, "
-            f"or continue it with --resume {run_dir}"
-        )
-
-
-def prepare_run_dir(run_dir: Path) -> runio.DirectoryLock:
-    """Create ``run_dir`` and lock it; the caller releases the lock when the run ends."""
-    check_new_run_dir(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(
-            f"cannot create the run directory {run_dir}: {runio.os_error_reason(err)}; "
-            "choose another --out"
-        ) from None
-    lock = runio.DirectoryLock(run_dir).acquire()
-    try:
-        check_new_run_dir(run_dir)  # another process may have finished a run here meanwhile
-    except RunError:
-        lock.release()
-        raise
-    runio.remove_stale_temporaries(run_dir)
-    return lock
-
-
-def train(
-    config: TrainConfig,
-    run_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    data: DataSplit | None = None,
-    progress: bool | None = None,
-    dist: DistContext | None = None,
-    shares: Any = None,
-) -> dict[str, Any]:
-    """Train a fresh run into ``run_dir`` (which must not exist or be empty); ``data`` skips
-    loading the data set (callers that train several runs on it load it once).
-
-    ``dist``: this process is one rank of a data-parallel job (every rank calls ``train`` with
-    the same arguments); ``shares`` splits the global batch (see :class:`Trainer`). Rank 0 alone
-    creates and writes the run directory.
-    """
-    run_dir = Path(run_dir)
-    ctx = dist if dist is not None and dist.world_size > 1 else None
-    # fail fast, before loading anything (under dist: rank 0 checks, every rank raises)
-    distributed.on_main(ctx, lambda: check_new_run_dir(run_dir))
-    trainer = Trainer(config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares)
-    held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
-
-    def create() -> str:
-        held.append(prepare_run_dir(run_dir))  # created once data and model are known good
-        run_id = uuid.uuid4().hex  # checkpoints carry it: one copied from another run is refused
-        try:
-            runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
-            record = runio.provenance(config.threads)
-            record["run_id"] = run_id
-            record["data"] = trainer.data.variant or trainer.data.name
-            if ctx is not None:
-                record["distributed"] = {
-                    "world_size": ctx.world_size,
-                    "batch_sizes": list(trainer.sizes),
-                    "backend": torch.distributed.get_backend(),
-                }
-            runio.write_json(run_dir / "provenance.json", record)
-        except runio.WriteError as err:
-            todo = (
-                f"continue with: {resume_hint(run_dir, trainer.world_size)}"
-                if (run_dir / "config.toml").is_file()
-                else "run the same command again"
-            )
-            raise runio.WriteError(f"{err}; once that is fixed, {todo}") from None
-        return run_id
-
-    try:
-        trainer.run_id = distributed.on_main(ctx, create)
-        log.info(
-            "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
-            config.model,
-            config.optimizer,
-            config.dataset,
-            trainer.total,
-            trainer.n_b,
-            run_dir,
-        )
-        return trainer.run(progress)
-    finally:
-        trainer.net = trainer.model  # let DDP (and its hold on the process group) go
-        for lock in held:  # a run that could not be created leaves no lock file either
-            lock.release(remove=not (run_dir / "config.toml").is_file())
-
-
-def resume(
-    run_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    data: DataSplit | None = None,
-    progress: bool | None = None,
-    dist: DistContext | None = None,
-    shares: Any = None,
-) -> dict[str, Any]:
-    """Continue ``run_dir`` from its last checkpoint.
-
-    ``data``: the run's data set, already loaded (as for :func:`train`).
-    Under ``dist`` rank 0 reads the run directory and hands the configuration and checkpoint to
-    the other ranks (they need no access to it). With as many processes as before and no new
-    ``shares``, the batch split and per-rank RNG states of the checkpoint are reused.
-    """
-    run_dir = Path(run_dir)
-    ctx = dist if dist is not None and dist.world_size > 1 else None
-
-    held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
-
-    def load() -> tuple[TrainConfig, dict[str, Any] | None, Path | None, str | None]:
-        if not (run_dir / "config.toml").is_file():
-            if run_dir.is_dir() and all(_is_debris(p) for p in run_dir.iterdir()):
-                raise RunError(
-                    f"{run_dir} holds no run: it was stopped while being created, before "
-                    "anything was trained; run the original command again (with the same --out: "
-                    "the directory is reused)"
-                )
-            raise RunError(f"{run_dir} is not a run directory (no config.toml); nothing to resume")
-        held.append(runio.DirectoryLock(run_dir).acquire())
-        if (run_dir / "summary.json").is_file():
-            raise RunError(f"{run_dir} has finished (summary.json is there); nothing to resume")
-        config = resolve_config(config_file=run_dir / "config.toml")
-        config.preset = load_toml(run_dir / "config.toml").get("preset", "")
-        for directory in (run_dir, run_dir / "checkpoints"):  # left by a kill during a write
-            runio.remove_stale_temporaries(directory)
-        prov = run_dir / "provenance.json"
-        run_id = runio.read_json(prov).get("run_id") if prov.is_file() else None
-        # loaded before the data, so that a bad checkpoint fails fast; a damaged one is moved
-        # aside and the previous one used, saying so
-        checkpoint, checkpoint_path = runio.load_latest_checkpoint(run_dir / "checkpoints", run_id)
-        if checkpoint is not None:
-            where = f"checkpoint {checkpoint_path}"
-            check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
-            names = ["metrics.jsonl"] + (["steps.jsonl"] if config.step_records else [])
-            for name in names:
-                if not (run_dir / name).is_file():
-                    log.warning(
-                        "%s is missing from %s: its records before iteration %d are lost; the "
-                        "run continues and records from there",
-                        name,
-                        run_dir,
-                        checkpoint["iteration"],
-                    )
-        return config, checkpoint, checkpoint_path, run_id
-
-    try:
-        config, checkpoint, checkpoint_path, run_id = distributed.on_main(ctx, load)
-        sizes = None
-        saved = (checkpoint or {}).get("distributed") or {}
-        if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
-            sizes = list(saved["batch_sizes"])
-        trainer = Trainer(
-            config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
-        )
-        trainer.run_id = run_id
-        if checkpoint is None:
-            log.info("no checkpoint in %s: starting it from the beginning", run_dir)
-            if trainer.is_main:
-                for name in ("metrics.jsonl", "steps.jsonl"):
-                    (run_dir / name).unlink(missing_ok=True)
-        else:
-            trainer.restore(checkpoint, checkpoint_path)
-            log.info("resuming %s from iteration %d", run_dir, trainer.state.iteration)
-        try:
-            return trainer.run(progress)
-        finally:
-            trainer.net = trainer.model  # let DDP (and its hold on the process group) go
-    finally:
-        for lock in held:
-            lock.release()
