@@ -22,7 +22,7 @@ gradient descent :math:`w \leftarrow w - \zeta\,\nabla\phi` with the group's lea
 triggered step (``"momentum"``). See ``docs/algorithm.md`` for the
 mapping between the paper's symbols and the arguments below.
 
-(Why one module of ~650 lines: it is one algorithm. The closure form is written with the
+(Why one module of ~740 lines: it is one algorithm. The closure form is written with the
 closure-free methods, the GradScaler paths and the inner solvers are branches of the same step,
 and the BatchNorm guard is used by both forms; split, a reader would follow one update across
 files. Half of the lines are docstrings.)

@@ -1,4 +1,8 @@
-"""The report and figures of an ``isgd compare`` directory."""
+"""The report and figures of an ``isgd compare`` directory.
+
+Its length is the report's sections (summary table, noise notes, paired ratios and differences,
+how ISGD behaved, the runs) and one function per figure; all read the same records and summary.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,10 @@
 
 Everything is written so that a crash at any moment leaves the last good file in place: a new
 file is written beside the old one, flushed, fsynced and renamed over it.
+
+One module for every file of a run directory, because they share that write discipline and one
+error convention (:class:`WriteError`, naming the file and the reason): atomic writes, the JSON
+convention and JSON lines, checkpoints with their digest, the directory lock, provenance.
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ global batch under DistributedDataParallel; the loss, the stop requests and ever
 could differ between ranks (non-finite loss, weights no longer finite) are reduced across ranks, so
 all ranks step, stop and fail together. Evaluation is sharded across ranks; rank 0 alone writes
 files.
+
+Why one long module: :class:`Trainer` is one object because a checkpoint saves its state whole
+(model, optimizer and chart, schedule, preprocessing RNG, progress) and a resume restores it whole;
+its step has three forms (one process with and without ISGD, data parallel) that must agree to the
+bit. What stands alone has moved out: the components that react to the loop's events
+(:mod:`isgd.training.callbacks`), the run directory's lifecycle (:mod:`isgd.training.lifecycle`),
+its files (:mod:`isgd.training.runio`) and the process group (:mod:`isgd.training.distributed`).
 """
 
 from __future__ import annotations
