@@ -10,8 +10,10 @@
 ``on_run_end(trainer)``             last, always (after an error too): release what was opened
 ==================================  ==============================================================
 
-OLMo-core's callbacks are the model. :class:`RunRecords` (the files) and :class:`ProgressDisplay`
-(the terminal) are the trainer's own; a caller adds more with ``Trainer(..., callbacks=[...])``.
+OLMo-core's callbacks are the model. The trainer's own, in order: :class:`RunRecords` (the files),
+:class:`ProgressDisplay` (the terminal), :class:`RankAgreement` (data parallel),
+:class:`PeriodicEvaluation` and :class:`PeriodicCheckpoints` (when to evaluate and to checkpoint);
+a caller's come after them (``Trainer(..., callbacks=[...])``).
 A callback may end the run early by setting ``trainer.total = trainer.state.iteration`` (the batch
 study stops a run at its target so).
 """
@@ -32,7 +34,14 @@ from isgd.training import distributed, runio
 if TYPE_CHECKING:
     from isgd.training.train import Trainer
 
-__all__ = ["Callback", "ProgressDisplay", "RankAgreement", "RunRecords"]
+__all__ = [
+    "Callback",
+    "PeriodicCheckpoints",
+    "PeriodicEvaluation",
+    "ProgressDisplay",
+    "RankAgreement",
+    "RunRecords",
+]
 
 log = logging.getLogger("isgd.training.train")
 
@@ -219,3 +228,24 @@ class RankAgreement(Callback):
             f"{st.iteration}",
         )
         self.checks += 1
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluate every ``eval_every`` iterations and at the last one (untimed)."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        iteration = trainer.state.iteration
+        if iteration % trainer.config.eval_every == 0 or iteration == trainer.total:
+            trainer.evaluate_and_record()
+
+
+class PeriodicCheckpoints(Callback):
+    """Checkpoint every ``checkpoint_every`` iterations before the last one (the end writes
+    ``model.pt`` instead); none while batches are being skipped for non-finite losses, since the
+    weights may have diverged."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        st = trainer.state
+        due = st.iteration % trainer.config.checkpoint_every == 0 and not st.skipped_in_a_row
+        if due and st.iteration < trainer.total:
+            trainer.checkpoint()

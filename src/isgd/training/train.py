@@ -49,7 +49,14 @@ from isgd.optim import ISGD, frozen_batchnorm_stats
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
 from isgd.training import distributed, runio
-from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
+from isgd.training.callbacks import (
+    Callback,
+    PeriodicCheckpoints,
+    PeriodicEvaluation,
+    ProgressDisplay,
+    RankAgreement,
+    RunRecords,
+)
 from isgd.training.config import (
     ConfigError,
     TrainConfig,
@@ -236,6 +243,53 @@ class _Progress:
     skipped_in_a_row: int = 0
 
 
+class NonFinitePolicy:
+    """``on_nonfinite``: a NaN or infinite regular loss stops the run before its update
+    (``"stop"``, :class:`NonFiniteError`, the last good checkpoint kept) or skips its batch
+    (``"skip"``: no update, BatchNorm statistics put back, counted). Skipping stops too when the
+    weights themselves are no longer finite, or after a whole epoch of skipped batches in a row.
+    The counters live in the trainer's progress, which checkpoints carry."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def handle(
+        self, trainer: Trainer, loss: float, iteration: int, epoch: int, batch_id: int
+    ) -> None:
+        """Raise :class:`NonFiniteError`, or count the skip and undo what the forward did."""
+        what = f"non-finite loss ({loss}) at iteration {iteration}, batch id {batch_id}"
+        if self.mode == "stop":
+            raise trainer.nonfinite_error(
+                f"{what} (epoch {epoch})",
+                "start a new run with a lower --lr, or with --on-nonfinite skip to skip such "
+                "batches",
+            )
+        trainer.norm_stats.restore()  # the forward pass fed the NaNs to BatchNorm's statistics
+        if not trainer.weights_finite():
+            raise trainer.nonfinite_error(
+                f"{what}: the weights themselves are no longer finite, so skipping batches "
+                "cannot help",
+                "start a new run with a lower --lr",
+            )
+        if trainer.state.skipped_in_a_row + 1 >= trainer.n_b:
+            raise trainer.nonfinite_error(
+                f"{what}: the last {trainer.n_b} batches in a row (a whole epoch) had non-finite "
+                "losses, so the model has diverged and skipping batches cannot help",
+                "start a new run with a lower --lr",
+            )
+        trainer.state.skipped += 1
+        trainer.state.skipped_in_a_row += 1
+        if trainer.is_main and trainer.state.skipped <= _MAX_SKIP_WARNINGS:
+            log.warning(
+                "skipped %s (epoch %d)%s",
+                what,
+                epoch,
+                "; further skipped batches are only counted (summary.json: nonfinite/skipped)"
+                if trainer.state.skipped == _MAX_SKIP_WARNINGS
+                else "",
+            )
+
+
 class _NormSnapshot:
     """The running statistics of the model's normalisation layers, saved before each step and
     put back when the step must leave no trace; inert when not ``enabled`` (no copies made)."""
@@ -297,7 +351,14 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
     ) -> None:
         self.records, self.display, self.ranks = RunRecords(), ProgressDisplay(), RankAgreement()
-        self.callbacks: list[Callback] = [self.records, self.display, self.ranks, *callbacks]
+        self.callbacks: list[Callback] = [
+            self.records,
+            self.display,
+            self.ranks,
+            PeriodicEvaluation(),  # before the checkpoint of the same iteration
+            PeriodicCheckpoints(),
+            *callbacks,
+        ]
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist if dist is not None and dist.world_size > 1 else None
@@ -392,6 +453,7 @@ class Trainer:
         self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # on_nonfinite = "skip": a skipped batch must not leave its NaNs in BatchNorm statistics
         # and neither may a forward-only step of the lower_quantile variant
+        self.nonfinite = NonFinitePolicy(config.on_nonfinite)
         self.norm_stats = _NormSnapshot(
             self.model, config.on_nonfinite == "skip" or config.lower_quantile > 0
         )
@@ -636,7 +698,7 @@ class Trainer:
             loss = self.step(x, y)
             st.skipped_in_a_row = 0
         except _NonFiniteLoss as bad:
-            self._skip_or_stop(bad.value, t + 1, epoch, batch_id)
+            self.nonfinite.handle(self, bad.value, t + 1, epoch, batch_id)
             loss, skipped = bad.value, True
         self.scheduler.step()
         if self.device.type == "cuda":  # the clock must not stop before the GPU's work has
@@ -650,42 +712,7 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
 
-    def _skip_or_stop(self, loss: float, iteration: int, epoch: int, batch_id: int) -> None:
-        """``on_nonfinite``: raise :class:`NonFiniteError` ("stop", or weights no longer finite),
-        or undo what the skipped forward pass changed ("skip")."""
-        what = f"non-finite loss ({loss}) at iteration {iteration}, batch id {batch_id}"
-        if self.config.on_nonfinite == "stop":
-            raise self._nonfinite_error(
-                f"{what} (epoch {epoch})",
-                "start a new run with a lower --lr, or with --on-nonfinite skip to skip such "
-                "batches",
-            )
-        self.norm_stats.restore()  # the forward pass fed the NaNs to BatchNorm's statistics
-        if not self._weights_finite():
-            raise self._nonfinite_error(
-                f"{what}: the weights themselves are no longer finite, so skipping batches "
-                "cannot help",
-                "start a new run with a lower --lr",
-            )
-        if self.state.skipped_in_a_row + 1 >= self.n_b:
-            raise self._nonfinite_error(
-                f"{what}: the last {self.n_b} batches in a row (a whole epoch) had non-finite "
-                "losses, so the model has diverged and skipping batches cannot help",
-                "start a new run with a lower --lr",
-            )
-        self.state.skipped += 1
-        self.state.skipped_in_a_row += 1
-        if self.is_main and self.state.skipped <= _MAX_SKIP_WARNINGS:
-            log.warning(
-                "skipped %s (epoch %d)%s",
-                what,
-                epoch,
-                "; further skipped batches are only counted (summary.json: nonfinite/skipped)"
-                if self.state.skipped == _MAX_SKIP_WARNINGS
-                else "",
-            )
-
-    def _weights_finite(self) -> bool:
+    def weights_finite(self) -> bool:
         """All weights and buffers finite — on every rank (a collective under ``dist``)."""
         finite = all(
             bool(torch.isfinite(v).all())
@@ -698,7 +725,7 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _nonfinite_error(self, what: str, todo: str) -> NonFiniteError:
+    def nonfinite_error(self, what: str, todo: str) -> NonFiniteError:
         last = self._last_checkpoint()
         kept = f"its last good checkpoint {last} is kept" if last else "it had no checkpoint yet"
         return NonFiniteError(f"{what}; the run stopped and {kept}; {todo}")
@@ -734,9 +761,9 @@ class Trainer:
     def after_step(
         self, epoch: int, batch_id: int, loss: float, limit: float | None, skipped: bool = False
     ) -> None:
-        """The end of iteration ``state.iteration``: its record (``on_step_end``), then the
-        evaluation and the checkpoint when they are due."""
-        cfg, st = self.config, self.state
+        """The end of iteration ``state.iteration``: its record goes to the callbacks
+        (``on_step_end``), among them the evaluation and the checkpoint when they are due."""
+        st = self.state
         if skipped:  # no update, no chart entry, no pass counted
             rec: dict[str, Any] = dict(triggered=False, extra_iters=0, loss_after=None)
         elif isinstance(self.optimizer, ISGD):
@@ -769,13 +796,7 @@ class Trainer:
         )
         if skipped:
             record["skipped"] = True
-        self._emit("on_step_end", record)
-        if st.iteration % cfg.eval_every == 0 or st.iteration == self.total:
-            self.evaluate_and_record()
-        # while batches are being skipped the weights may have diverged: no checkpoint then
-        due = st.iteration % cfg.checkpoint_every == 0 and not st.skipped_in_a_row
-        if due and st.iteration < self.total:
-            self.checkpoint()
+        self._emit("on_step_end", record)  # records, display, ranks, evaluation, checkpoint
 
     @property
     def decision_digest(self) -> int:
@@ -863,8 +884,8 @@ class Trainer:
     def checkpoint(self) -> None:
         """Write a checkpoint of this iteration (after ``on_checkpoint``: the records it covers
         are on disk); under ``dist`` the ranks first prove they hold the same state."""
-        if not self._weights_finite():
-            raise self._nonfinite_error(
+        if not self.weights_finite():
+            raise self.nonfinite_error(
                 f"the weights are no longer finite at iteration {self.state.iteration} (the "
                 "last loss was finite); no checkpoint was written with them",
                 "start a new run with a lower --lr",
@@ -935,8 +956,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg, st = self.config, self.state
-        if not self._weights_finite():
-            raise self._nonfinite_error(
+        if not self.weights_finite():
+            raise self.nonfinite_error(
                 f"the weights are no longer finite after the last iteration ({st.iteration}); "
                 "model.pt was not written",
                 "start a new run with a lower --lr",
