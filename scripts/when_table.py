@@ -59,7 +59,7 @@ def main() -> None:
     )
     print("|---|---|---:|---|---|---|---|---|")
     for spec in args.settings:
-        label, _, directory = spec.partition("=")
+        label, _, directory = spec.rpartition("=")  # labels may hold "=" (ρ=100)
         records = load_records(Path(directory))
         arms = list(dict.fromkeys(r["arm"] for r in records))
         for arm in arms:
