@@ -260,7 +260,9 @@ class ISGD(Optimizer):
         self._psi: float | None = None  # the last extra-iteration loss reported
         self._weight: float | None = None  # this rank's weight in the mean loss of the step
         self._observed = False  # observe() ran and the step's update is still to come
-        self._judged: tuple[object, float] | None = None  # (loss, ψ) of well_trained()
+        self._judged: tuple[object, float, StepRecord] | None = (
+            None  # well_trained()'s (loss, ψ, decision)
+        )
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
         self.in_extra_iteration = False
         self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
@@ -389,8 +391,10 @@ class ISGD(Optimizer):
         Reads the loss once (one host-device sync).
         """
         _check_loss(loss, "ISGD.observe(loss)", allow_number=True)
+        judged = None  # well_trained() synced and judged this loss already: not twice
         if self._judged is not None and self._judged[0] is loss and found_inf is None:
-            psi, any_inf = self._judged[1], False  # well_trained() synced this loss already
+            _, psi, judged = self._judged
+            any_inf = False
         else:
             psi, any_inf = self.sync(loss, weight, found_inf)
         self._judged = None
@@ -401,7 +405,7 @@ class ISGD(Optimizer):
                 "ISGD(nonfinite='skip') skips such steps instead (counted in stats.nonfinite)"
             )
         self._weight = weight
-        record = self._judge(psi, any_inf)
+        record = judged or self._judge(psi, any_inf)
         if not math.isfinite(psi) and not any_inf:  # nonfinite="skip"
             record.skipped = True
             self.stats.nonfinite += 1
@@ -445,8 +449,9 @@ class ISGD(Optimizer):
         if self.lower_quantile <= 0:
             return False
         psi, any_inf = self.sync(loss, weight, None)
-        self._judged = (loss, psi)
-        return self._judge(psi, any_inf).forward_only
+        record = self._judge(psi, any_inf)
+        self._judged = (loss, psi, record)
+        return record.forward_only
 
     def above_limit(self, loss: Tensor | float, *, found_inf: Tensor | None = None) -> bool:
         """Report the loss ψ' of an extra iteration; True while it is still above the limit.

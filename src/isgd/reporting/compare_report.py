@@ -162,16 +162,26 @@ def _spread_figure(records, arms, path: Path) -> Path:
     return _save(fig, path)
 
 
+def idle_arms(result: dict[str, Any]) -> list[str]:
+    """The ISGD arms that never triggered in any seed: the computation of their base optimizer."""
+    specs = result.get("arms_spec", {})
+    return [
+        name
+        for name, a in result["arms"].items()
+        if str(specs.get(name, {}).get("optimizer", "")).startswith("isgd")
+        and a["trigger_rate"]["n"]
+        and a["trigger_rate"]["max"] == 0
+    ]
+
+
 def noise_notes(result: dict[str, Any]) -> list[str]:
     """One sentence per arm whose difference from the baseline a reader must not take for a
     result: an ISGD arm that never triggered, or paired intervals that contain 1."""
-    base, specs, notes = result["baseline"], result.get("arms_spec", {}), []
+    base, idle, notes = result["baseline"], idle_arms(result), []
     for name, arm in result["arms"].items():
         if name == base:
             continue
-        rates = arm["trigger_rate"]
-        isgd = str(specs.get(name, {}).get("optimizer", "")).startswith("isgd")
-        if isgd and rates["n"] and rates["max"] == 0:
+        if name in idle:
             notes.append(
                 f"{name} never triggered: the same computation as {base}; any gap is noise"
             )
@@ -380,15 +390,9 @@ def _paired_section(arms: dict[str, Any], base: str) -> list[str]:
     return lines
 
 
-def _never_triggered_note(arms: dict[str, Any], specs: dict[str, Any]) -> list[str]:
+def _never_triggered_note(result: dict[str, Any]) -> list[str]:
     """Say so when an ISGD arm never acted: its differences are then noise by construction."""
-    idle = [
-        name
-        for name, a in arms.items()
-        if str(specs.get(name, {}).get("optimizer", "")).startswith("isgd")
-        and a["trigger_rate"]["n"]
-        and a["trigger_rate"]["max"] == 0
-    ]
+    idle = idle_arms(result)
     if not idle:
         return []
     return [
@@ -447,7 +451,7 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             + ", ".join(f"{k}: {v:g}" for k, v in result["tuned_lr"].items()),
         ]
     lines += _paired_section(arms, base)
-    lines += _never_triggered_note(arms, result.get("arms_spec", {}))
+    lines += _never_triggered_note(result)
     lines += ["", "## How ISGD behaved (median over seeds)", ""]
     lines += _mechanics_table(records, list(arms))
     lines += [
