@@ -4,6 +4,7 @@
 #
 #   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|solver|cifar10|imbalance|noise|
 #                              fewer|all] (default: all)
+#   bash scripts/reproduce.sh gpu   # CIFAR-10 on a CUDA GPU (not part of all); minutes on one GPU
 #
 # cifar10 needs CIFAR-10 in the data directory: `isgd data fetch cifar10` (the official tarball) or
 # `isgd data fetch cifar10 --from ../shared/data/cifar10-jpeg.tar.gz` (the JPEG q75 copy we ran).
@@ -96,4 +97,12 @@ fi
 if [[ $what == fewer || $what == all ]]; then  # the variant on the clean data: compute saved?
   $ISGD compare "${COMMON[@]}" --seeds "$SEEDS" --target 0.99 --out runs/mnist-fewer \
     --arm sgd --arm isgd --arm isgd-lq:optimizer=isgd,lower_quantile=0.2
+fi
+if [[ $what == gpu ]]; then  # claim C3 on CIFAR-10 on a GPU: the reports give images/s per arm
+  $ISGD compare --preset cifar10-quick --device cuda --eval-every 200 --no-progress \
+    --seeds "$SEEDS" --target 0.70 --equal-compute --out runs/gpu-cifar-quick
+  $ISGD compare --dataset cifar10 --model resnet20 --batch-size 128 --augment \
+    --normalize standardize --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --lr-policy cosine \
+    --iters 1560 --eval-every 195 --device cuda --no-progress --seeds 3 --target 0.72 \
+    --out runs/gpu-resnet20
 fi

@@ -338,6 +338,24 @@ def test_report_says_when_isgd_never_triggered(tiny_idx_dir, tmp_path):
     records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     by_arm = {(r["arm"], r["seed"]): r for r in records}
     assert all(by_arm["sgd", s]["passes"] == by_arm["isgd", s]["passes"] == 12 for s in (0, 1))
+    # throughput: training images per second of training time, per run and per arm
+    for r in records:
+        expected = r["iterations"] * TINY["batch"] / r["train_seconds"]
+        assert r["images_per_second"] == pytest.approx(expected)
+    sgd = sorted(by_arm["sgd", s]["images_per_second"] for s in (0, 1))
+    row = next(line for line in report.splitlines() if line.startswith("| sgd |"))
+    assert row.endswith(f"| {sum(sgd) / 2:,.0f} [{sgd[0]:,.0f}–{sgd[1]:,.0f}] |")
+    assert "| images/s |" in report
+
+
+def test_report_names_the_gpu_the_runs_were_timed_on():
+    from isgd.reporting.compare_report import _machine
+
+    provenance = {"cpu": "x86_64", "cpu_count": 16, "cuda": "NVIDIA H200"}
+    assert _machine(provenance, {"threads": 2, "device": "cpu"}) == "x86_64 (16 CPUs, 2 threads)"
+    assert _machine(provenance, {"threads": 2, "device": "cuda"}) == (
+        "GPU NVIDIA H200 (device cuda), host x86_64 (16 CPUs, 2 threads)"
+    )
 
 
 def test_noise_notes_name_idle_arms_and_intervals_that_contain_one():

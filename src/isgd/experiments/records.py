@@ -66,6 +66,7 @@ def run_record(arm: str, seed: int, run_dir: Path, target: float) -> dict[str, A
         "final_balanced_accuracy": summary.get("final/test_balanced_accuracy", math.nan),
         "best_accuracy": summary["best/test_accuracy"],
         "train_seconds": summary["time/train_seconds"],
+        "images_per_second": summary.get("images_per_second", math.nan),
         "iterations": summary["iterations"],
         "passes": summary["passes"],
         "extra_passes": summary["passes"] - summary["iterations"],
@@ -163,6 +164,7 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[st
                 "forward_only",
                 "extra_passes",
                 "train_seconds",
+                "images_per_second",
             )
         }
     base = per_arm[arms[0]]

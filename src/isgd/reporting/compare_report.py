@@ -321,6 +321,9 @@ def _num(x: float, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
+_NOT_RECORDED = {"median": math.nan, "min": math.nan, "max": math.nan}  # older records
+
+
 def _spread(agg: dict[str, float], spec: str = ".1f", scale: float = 1.0) -> str:
     s = lambda v: _num(v * scale if math.isfinite(v) else v, spec)  # noqa: E731
     missed = f", {agg['missed']}/{agg['n']} missed" if agg.get("missed") else ""
@@ -403,6 +406,17 @@ def _never_triggered_note(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _machine(provenance: dict[str, Any], config: dict[str, Any]) -> str:
+    """The machine the runs were timed on: the CPU, and the GPU when they ran on one."""
+    cpu = (
+        f"{provenance.get('cpu', '?')} ({provenance.get('cpu_count', '?')} CPUs, "
+        f"{config['threads']} threads)"
+    )
+    if config.get("device") == "cuda":
+        return f"GPU {provenance.get('cuda') or '?'} (device cuda), host {cpu}"
+    return cpu
+
+
 def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]) -> Path:
     arms = result["arms"]
     base = result["baseline"]
@@ -418,8 +432,7 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
         f"Target test accuracy **{100 * result['target']:g}%**, seeds {result['seeds']}, "
         f"{config['iters']} iterations per run, evaluation every {config['eval_every']} "
         "iterations (untimed). For a seed, all arms share the initialisation and batch order.",
-        f"Machine: {provenance.get('cpu', '?')} ({provenance.get('cpu_count', '?')} CPUs, "
-        f"{config['threads']} threads), torch {provenance.get('torch', '?')}, "
+        f"Machine: {_machine(provenance, config)}, torch {provenance.get('torch', '?')}, "
         f"started {provenance.get('started', '?')}.",
         "",
         "Median [min–max] over seeds; a missed target counts as ∞. Speed-up against "
@@ -427,8 +440,8 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
         "",
         "| arm | time to target (s) | passes to target | speed-up (time): ratio / saving "
         "| speed-up (passes): ratio / saving | paired time ratio | final accuracy (%) "
-        "| trigger rate (%) | extra passes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trigger rate (%) | extra passes | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in arms.items():
         st, sp = a["speedup_time"], a["speedup_passes"]
@@ -438,8 +451,14 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             f"| {_num(sp['ratio'], '.3f')} / {_num(100 * sp['saving'], '+.1f')}% "
             f"| {_spread(a['paired_time_ratio'], '.3f')} "
             f"| {_spread(a['final_accuracy'], '.2f', 100)} "
-            f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} |"
+            f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} "
+            f"| {_spread(a.get('images_per_second', _NOT_RECORDED), ',.0f')} |"
         )
+    lines += [
+        "",
+        "images/s: training images per second of training time (iterations × batch ÷ train "
+        "seconds, evaluation excluded); an extra iteration costs time and brings no new image.",
+    ]
     notes = noise_notes(result)
     if notes:
         lines += ["", "**Not a result — within the noise:**", ""] + [f"- {n}" for n in notes]
