@@ -5,9 +5,11 @@ directories of ``isgd compare`` comparisons — small enough to commit, unlike t
 
 One JSON line per run: arm, seed, trigger rate, C1 (Spearman ρ of the fixed batches' losses
 between consecutive epochs, and first-to-last), C2 (σ and σ/mean of the batch losses per complete
-epoch), the mechanics of ``isgd.reporting.compare_report.mechanics`` (limit over the epoch mean
-split into trend × tail, triggers reaching the limit, extra iterations per trigger) and the median
-momentum-to-∇φ ratio of the extra iterations. Non-finite values are written as null.
+epoch, and how many σ the largest batch loss lies above the mean), the mechanics of
+``isgd.reporting.compare_report.mechanics`` (limit over the epoch mean split into trend × tail,
+triggers reaching the limit, extra iterations per trigger) and the median momentum-to-∇φ ratio
+of the extra iterations. Non-finite values are written as null.
+``scripts/claim_table.py`` prints the tables of docs/results.md from these files.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def compact(record: dict, comparison: Path) -> dict:
         "c2_epochs": claims.get("epochs"),
         "c2_loss_std": claims.get("loss_std"),
         "c2_loss_cv": claims.get("loss_cv"),
+        "c2_loss_max_sigma": claims.get("loss_max_sigma"),
         **mechanics(run_dir),
     }
     return {k: _finite(v) for k, v in row.items()}
