@@ -3,7 +3,7 @@
 # ablations. Long (hours on 2 CPU cores): run it in the background and read the reports.
 #
 #   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|solver|cifar10|imbalance|noise|
-#                              fewer|all] (default: all)
+#                              fewer|variant-control|all] (default: all)
 #   bash scripts/reproduce.sh gpu   # CIFAR-10 on a CUDA GPU (not part of all); minutes on one GPU
 #
 # cifar10 needs CIFAR-10 in the data directory: `isgd data fetch cifar10` (the official tarball) or
@@ -97,6 +97,11 @@ fi
 if [[ $what == fewer || $what == all ]]; then  # the variant on the clean data: compute saved?
   $ISGD compare "${COMMON[@]}" --seeds "$SEEDS" --target 0.99 --out runs/mnist-fewer \
     --arm sgd --arm isgd --arm isgd-lq:optimizer=isgd,lower_quantile=0.2
+fi
+if [[ $what == variant-control || $what == all ]]; then  # the variant against SGD stopped early:
+  # SGD trained for as many iterations as the variant made backward passes (MNIST-LT, as above)
+  $ISGD compare "${COMMON[@]}" --imbalance 100 --seeds "$SEEDS" --target 0.95 --equal-compute \
+    --out runs/mnist-lt-control --arm sgd --arm isgd-lq:optimizer=isgd,lower_quantile=0.2
 fi
 if [[ $what == gpu ]]; then  # claim C3 on CIFAR-10 on a GPU: the reports give images/s per arm
   $ISGD compare --preset cifar10-quick --device cuda --eval-every 200 --no-progress \

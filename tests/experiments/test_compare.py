@@ -305,6 +305,21 @@ def test_compare_under_epochs_extends_the_control_and_keeps_the_tuning_budget(
     assert "too few for an interval" in (out / "report.md").read_text()
 
 
+def test_equal_compute_matches_the_variant_s_backward_passes(tiny_idx_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr 0.05 --lr-policy fixed --iters 60 --eval-every 15 --threads 1 --no-tensorboard "
+        f"--seeds 1 --target 0.2 --no-progress --equal-compute --out {out} --arm sgd "
+        "--arm lq:optimizer=isgd,lower_quantile=0.3"
+    ).split()
+    assert main(argv) == 0
+    records = {r["arm"]: r for r in runio.read_jsonl(out / "runs.jsonl")}
+    lq, control = records["lq"], records["sgd@lq-passes"]
+    assert lq["forward_only"] > 0 and lq["backward_passes"] < lq["passes"]
+    assert control["iterations"] == control["backward_passes"] == lq["backward_passes"]
+
+
 def test_tuning_budget_default_lets_isgd_act(tiny_idx_dir):
     from isgd.data import load_dataset
     from isgd.experiments.compare import Arm, ComparisonPlan, tuning_budget

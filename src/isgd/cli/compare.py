@@ -54,7 +54,8 @@ def add_parser(commands: Any) -> None:
     compare.add_argument(
         "--equal-compute",
         action="store_true",
-        help="also train the baseline for as many iterations as ISGD used passes",
+        help="also train the baseline for as many iterations as each ISGD arm made training "
+        "steps (its passes; with --lower-quantile, its backward passes)",
     )
     compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
     compare.add_argument(

@@ -284,7 +284,8 @@ def _run_comparison(
             for arm in arms if i % 2 == 0 else arms[::-1]:
                 record = run_one(arm, seed)
                 if plan.equal_compute and _arm_config(plan, arm, seed).uses_isgd:
-                    run_one(_equal_compute_arm(arms, arm, record["passes"], lrs), seed)
+                    steps = record.get("backward_passes", record["passes"])
+                    run_one(_equal_compute_arm(arms, arm, steps, lrs), seed)
     except TrainingInterrupted:
         log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
         raise
@@ -361,11 +362,13 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     return destination
 
 
-def _equal_compute_arm(arms: list[Arm], arm: Arm, passes: int, lrs: dict[str, float]) -> Arm:
+def _equal_compute_arm(arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, float]) -> Arm:
     """The baseline arm (with its tuned learning rate, if tuned) trained for as many iterations
-    as ``arm`` used passes."""
+    as ``arm`` made training steps (forward and backward): its passes, extra iterations included;
+    for the forward-only variant, its backward passes (its forward-only steps are not charged, so
+    the control gets a little less compute than the arm)."""
     base = arms[0]
-    overrides = {**base.overrides, "iters": int(passes), "epochs": 0.0}  # iters, not --epochs
+    overrides = {**base.overrides, "iters": int(steps), "epochs": 0.0}  # iters, not --epochs
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)
