@@ -9,6 +9,8 @@ Per comparison and arm, over seeds (median [min–max]):
   over its epoch pairs) and between the first and the last complete epoch;
 - C2: in the last complete epoch, σ and σ/mean (CV) of the batch losses, and how many σ the
   largest batch loss lies above the mean;
+- C2 paired: per seed, the arm's last-epoch CV and (max − mean)/σ minus the first arm's of the
+  same comparison (its baseline), mean with a 95 % Student-t interval and p-value;
 - mechanics (medians): steps above the limit, extra iterations per trigger, triggers that got the
   batch down to the limit, the drop of a triggered batch's loss, the epoch-to-epoch loss ratio, and
   the limit over the epoch mean split into trend × tail.
@@ -22,6 +24,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from isgd.experiments.paired import paired_difference
 from isgd.experiments.records import aggregate
 
 
@@ -67,6 +70,34 @@ def tables(paths: Sequence[Path]) -> str:
             f"| {spread([last(r, 'c2_loss_std') for r in rs], '.4f')} "
             f"| {spread([last(r, 'c2_loss_cv') for r in rs], '.3f')} "
             f"| {spread([last(r, 'c2_loss_max_sigma') for r in rs], '.1f')} |"
+        )
+    lines += [
+        "",
+        "| comparison | arm − baseline, per seed | pairs | C2: Δ σ / mean [95 % CI] | p "
+        "| C2: Δ (max − mean) / σ [95 % CI] | p |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
+    baselines = {c: rs for (c, a), rs in reversed(rows.items())}  # each comparison's first arm
+    for (comparison, arm), rs in rows.items():
+        base = {r["seed"]: r for r in baselines[comparison]}
+        if rs is baselines[comparison]:
+            continue
+        pairs = [(base[r["seed"]], r) for r in rs if r["seed"] in base]
+        cells = []
+        for key in ("c2_loss_cv", "c2_loss_max_sigma"):
+            values = [(last(b, key), last(a, key)) for b, a in pairs]
+            d = paired_difference(
+                [math.nan if b is None else b for b, _ in values],
+                [math.nan if a is None else a for _, a in values],
+            )
+            cells.append(
+                f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p_value']:.2g}"
+                if d["n"]
+                else "— | —"
+            )
+        lines.append(
+            f"| {comparison} | {arm} − {baselines[comparison][0]['arm']} | {len(pairs)} "
+            f"| {cells[0]} | {cells[1]} |"
         )
     lines += [
         "",

@@ -41,7 +41,7 @@ def _row(arm, seed, rho, cv, **mech):
 
 def test_tables_give_median_and_range_over_seeds_of_the_last_epoch(tmp_path):
     rows = [_row("sgd", s, rho, cv) for s, (rho, cv) in enumerate([(0.93, 1.4), (0.91, 1.5)])]
-    rows += [_row("isgd", s, 0.92, cv) for s, cv in enumerate([1.2, 1.3, 1.25])]
+    rows += [_row("isgd", s, 0.92, cv) for s, cv in enumerate([1.2, 1.35, 1.25])]
     path = tmp_path / "claims.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = _load().tables([path]).splitlines()
@@ -50,7 +50,12 @@ def test_tables_give_median_and_range_over_seeds_of_the_last_epoch(tmp_path):
         "| 1.450 [1.400–1.500] | 14.5 [14.0–15.0] |"
     )
     assert lines[3].startswith("| mnist | isgd | 3 | 0.920 [0.920–0.920] ")
-    assert "| 1.250 [1.200–1.300] | 12.5 [12.0–13.0] |" in lines[3]
-    mech = [line for line in lines if line.startswith("| mnist | ")][2:]
+    assert "| 1.250 [1.200–1.350] | 12.5 [12.0–13.5] |" in lines[3]
+    # paired with sgd on seeds 0 and 1: CV differences −0.2 and −0.15, t(1) interval
+    assert lines[7] == (
+        "| mnist | isgd − sgd | 2 | -0.175 [-0.493, +0.143] | 0.09 "
+        "| -1.750 [-4.927, +1.427] | 0.09 |"
+    )
+    mech = lines[-2:]
     assert mech[0] == "| mnist | sgd | 0.00 | 1.40 | — | — | — | 0.80 | 5.20 = 1.12 × 4.64 |"
     assert mech[1] == "| mnist | isgd | 1.30 | 1.40 | 1.0 | 85 | 30 | 0.80 | 5.20 = 1.12 × 4.64 |"
