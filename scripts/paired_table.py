@@ -50,7 +50,8 @@ def main() -> None:
     sentences = []
     for directory in args.dirs:
         records = load_records(directory)
-        crossing = "interpolated" if "passes_to_target_grid" in records[0] else "grid"
+        interpolated = "passes_to_target_grid" in records[0] and not args.key.endswith("_grid")
+        crossing = "interpolated" if interpolated else "grid"
         for arm in dict.fromkeys(r["arm"] for r in records):
             if arm == args.baseline:
                 continue
