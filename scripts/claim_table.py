@@ -1,7 +1,7 @@
 """The tables of claims C1 and C2 and of ISGD's mechanics in docs/results.md, from committed
 compact per-seed records (``claims.jsonl``, written by ``scripts/claim_records.py``).
 
-    .venv/bin/python scripts/claim_table.py docs/results/fashion/claims.jsonl ...
+    .venv/bin/python scripts/claim_table.py docs/results/rerun/*/claims.jsonl
 
 Per comparison and arm, over seeds (median [min–max]):
 
