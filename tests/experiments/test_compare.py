@@ -222,6 +222,7 @@ def test_compare_resume_continues_and_changes_seeds(tiny_idx_dir, tmp_path, caps
     def records(out):
         rows = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
         drop = ("run_dir", "time_to_target", "time_to_target_grid", "train_seconds")
+        drop += ("images_per_second",)  # timed, like the seconds
         return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
     full = tmp_path / "full"
