@@ -3,7 +3,7 @@
 # ablations. Long (hours on 2 CPU cores): run it in the background and read the reports.
 #
 #   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|solver|cifar10|imbalance|noise|
-#                              fewer|variant-control|all] (default: all)
+#                              fewer|variant-control|claims|all] (default: all)
 #   bash scripts/reproduce.sh gpu   # CIFAR-10 on a CUDA GPU (not part of all); minutes on one GPU
 #
 # cifar10 needs CIFAR-10 in the data directory: `isgd data fetch cifar10` (the official tarball) or
@@ -102,6 +102,15 @@ if [[ $what == variant-control || $what == all ]]; then  # the variant against S
   # SGD trained for as many iterations as the variant made backward passes (MNIST-LT, as above)
   $ISGD compare "${COMMON[@]}" --imbalance 100 --seeds "$SEEDS" --target 0.95 --equal-compute \
     --out runs/mnist-lt-control --arm sgd --arm isgd-lq:optimizer=isgd,lower_quantile=0.2
+fi
+if [[ $what == claims ]]; then  # with fashion, variants and bn: the re-run of docs/results/rerun
+  # (C1/C2 records); then scripts/claim_records.py per comparison, scripts/claim_table.py
+  $ISGD compare "${COMMON[@]}" --seeds "$SEEDS" --target 0.99 --out runs/repro-mnist-claims \
+    --arm sgd --arm isgd
+  $ISGD compare "${COMMON[@]}" --seeds "$SEEDS" --target 0.99 --out runs/abl-a-stop \
+    --arm isgd-stop1:optimizer=isgd,max_extra_iters=1 \
+    --arm isgd-stop3:optimizer=isgd,max_extra_iters=3 \
+    --arm isgd-stop10:optimizer=isgd,max_extra_iters=10
 fi
 if [[ $what == gpu ]]; then  # claim C3 on CIFAR-10 on a GPU: the reports give images/s per arm
   $ISGD compare --preset cifar10-quick --device cuda --eval-every 200 --no-progress \
