@@ -40,9 +40,10 @@ def median(values: Sequence[float | None], spec: str, scale: float = 1.0) -> str
     return format(a["median"], spec) if a["n"] else "—"
 
 
-def last(row: dict, key: str) -> float | None:
+def last(row: dict, key: str) -> float:
+    """The last complete epoch's value of a per-epoch series (NaN: not recorded)."""
     series = row.get(key) or []
-    return series[-1] if series else None
+    return math.nan if not series or series[-1] is None else series[-1]
 
 
 def groups(paths: Sequence[Path]) -> dict[tuple[str, str], list[dict]]:
@@ -77,18 +78,18 @@ def tables(paths: Sequence[Path]) -> str:
         "| C2: Δ (max − mean) / σ [95 % CI] | p |",
         "|---|---|---:|---|---:|---|---:|",
     ]
-    baselines = {c: rs for (c, a), rs in reversed(rows.items())}  # each comparison's first arm
+    baselines: dict[str, list[dict]] = {}  # each comparison's first arm
+    for (comparison, _), rs in rows.items():
+        baselines.setdefault(comparison, rs)
     for (comparison, arm), rs in rows.items():
-        base = {r["seed"]: r for r in baselines[comparison]}
         if rs is baselines[comparison]:
             continue
+        base = {r["seed"]: r for r in baselines[comparison]}
         pairs = [(base[r["seed"]], r) for r in rs if r["seed"] in base]
         cells = []
         for key in ("c2_loss_cv", "c2_loss_max_sigma"):
-            values = [(last(b, key), last(a, key)) for b, a in pairs]
             d = paired_difference(
-                [math.nan if b is None else b for b, _ in values],
-                [math.nan if a is None else a for _, a in values],
+                [last(b, key) for b, _ in pairs], [last(a, key) for _, a in pairs]
             )
             cells.append(
                 f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p_value']:.2g}"

@@ -321,9 +321,6 @@ def _num(x: float, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
-_NOT_RECORDED = {"median": math.nan, "min": math.nan, "max": math.nan}  # older records
-
-
 def _spread(agg: dict[str, float], spec: str = ".1f", scale: float = 1.0) -> str:
     s = lambda v: _num(v * scale if math.isfinite(v) else v, spec)  # noqa: E731
     missed = f", {agg['missed']}/{agg['n']} missed" if agg.get("missed") else ""
@@ -452,7 +449,7 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             f"| {_spread(a['paired_time_ratio'], '.3f')} "
             f"| {_spread(a['final_accuracy'], '.2f', 100)} "
             f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} "
-            f"| {_spread(a.get('images_per_second', _NOT_RECORDED), ',.0f')} |"
+            f"| {_spread(a['images_per_second'], ',.0f')} |"
         )
     lines += [
         "",
