@@ -6,9 +6,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from isgd import FixedCycleBatchSampler
 from tests.fixtures import write_idx_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """The tests' models are tiny: one intra-op thread. Two threads on a loaded 2-core machine
+    wait on each other at every operator (the lockstep cases took 47 s with two threads and 3 s
+    with one, under the same load); code under test that sets its own thread count restores
+    this one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY = dict(n_train=240, n_test=60, batch=16, size=8, noisy_batch=3)
 

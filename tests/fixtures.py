@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
 import struct
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -89,3 +92,12 @@ def write_cifar_binary(directory: Path, batches: list[tuple[np.ndarray, list[int
     for name, (data, labels) in zip(CIFAR_NAMES, batches, strict=True):
         records = np.concatenate([np.array(labels, dtype=np.uint8)[:, None], data], axis=1)
         (directory / f"{name}.bin").write_bytes(records.tobytes())
+
+
+def leave_rank() -> NoReturn:
+    """End a forked or spawned rank once its work is saved. gloo's threads can abort the
+    interpreter's teardown (SIGABRT, "terminate called without an active exception"), as
+    isgd/__main__.py knows: flush and leave at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

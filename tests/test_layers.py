@@ -13,7 +13,10 @@ import pytest
 
 import isgd
 
-LIBRARY = {"isgd", "isgd.optim", "isgd.spc", "isgd.sampler", "isgd.collective", "isgd.errors"}
+LIBRARY = {
+    *("isgd", "isgd.optim", "isgd.spc", "isgd.sampler", "isgd.collective", "isgd.errors"),
+    "isgd._numbers",
+}
 HEAVY = {
     "matplotlib",
     "tensorboard",

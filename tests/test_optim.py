@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import platform
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torch.nn import functional as F
 from isgd import ISGD, frozen_batchnorm_stats
 from tests import toy
 from tests.reference_isgd import ReferenceISGD
+
+pytestmark = pytest.mark.numerics  # make test runs these under each CPU kernel family as well
 
 SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 ISGD_KW = dict(window=toy.N_BATCHES, sigma_factor=1.5, max_extra_iters=4, eps=0.1)
@@ -33,7 +37,19 @@ def params_equal(a, b) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+# ------------------------------------------------------------------ the kernels under test
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 kernel families")
+def test_the_kernel_family_is_the_one_asked_for():
+    """``make test`` reruns this module under ``ATEN_CPU_CAPABILITY=default`` and ``=avx2``: this
+    proves that torch dispatched to the kernels asked for (a misspelt value falls back silently)."""
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    if asked is None:
+        pytest.skip("the native kernels: ATEN_CPU_CAPABILITY is not set")
+    assert torch.backends.cpu.get_cpu_capability() == asked.upper()
+
+
 # ------------------------------------------------------------------ max_extra_iters = 0 is the base
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "base, kwargs",
     [
@@ -42,10 +58,10 @@ def params_equal(a, b) -> bool:
         (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-4)),
     ],
 )
-@pytest.mark.slow
-def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs):
+def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs, kind):
+    # the same kernels in the same order on both sides: bit-identical on any one machine
     data = toy.batches()
-    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    model_a, model_b = toy.MODELS[kind](), toy.MODELS[kind]()
     isgd = ISGD(model_a.parameters(), base, window=toy.N_BATCHES, max_extra_iters=0, **kwargs)
     plain = base(model_b.parameters(), **kwargs)
     for t in range(300):
@@ -59,24 +75,38 @@ def test_zero_extra_iters_is_bit_identical_to_base(base, kwargs):
 
 
 # ------------------------------------------------------------------ lockstep with the reference
+# Float32 tolerances. ISGD and the reference take the same steps by different code paths
+# (torch._foreach_* over the parameter list vs one tensor at a time), and which float32 kernel a
+# path gets — and so how it rounds — depends on the CPU (AVX-512, AVX2, the scalar default). One
+# step differs by a few ulps (float32 eps = 1.2e-7); over 120 steps the difference compounds to
+# ~1e-6 relative. So decisions (trigger or not, extra iterations, forward-only) are compared
+# exactly and values to 1e-5 relative (~100 ulps): loose enough for every kernel family, tight
+# enough that a wrong update — an order of the step size, ≥ 1e-3 — cannot pass.
+F32_RTOL, F32_ATOL = 1e-5, 1e-6
+
+LOCKSTEP_CASES = [  # (model, nesterov, inner solver, lower_quantile, sigma_factor)
+    ("mlp", False, "base", 0.0, 1.5),
+    ("mlp", True, "base", 0.0, 1.5),
+    ("mlp", False, "gd", 0.0, 1.5),
+    ("mlp", False, "momentum", 0.0, 1.5),
+    # the forward-only variant (with the MLP, a 1σ limit so that steps trigger as well)
+    ("mlp", False, "base", 0.1, 1.0),
+    pytest.param("cnn", False, "base", 0.0, 1.5, marks=pytest.mark.slow),  # a convolution
+    pytest.param("cnn", False, "base", 0.3, 1.5, marks=pytest.mark.slow),
+]
+
+
 @pytest.mark.parametrize(
-    "nesterov, inner_solver, lower_quantile",
-    [
-        (False, "base", 0.0),
-        (True, "base", 0.0),
-        (False, "gd", 0.0),
-        (False, "momentum", 0.0),
-        (False, "base", 0.3),  # the forward-only variant
-    ],
+    "kind, nesterov, inner_solver, lower_quantile, sigma_factor", LOCKSTEP_CASES
 )
-def test_lockstep_with_reference(nesterov, inner_solver, lower_quantile):
+def test_lockstep_with_reference(kind, nesterov, inner_solver, lower_quantile, sigma_factor):
     data = toy.batches()
-    model, ref_model = toy.small_cnn(), toy.small_cnn()
+    model, ref_model = toy.MODELS[kind](), toy.MODELS[kind]()
     kw = dict(SGD_KW, nesterov=nesterov)
     opt = ISGD(
         model.parameters(),
         **kw,
-        **ISGD_KW,
+        **dict(ISGD_KW, sigma_factor=sigma_factor),
         inner_solver=inner_solver,
         lower_quantile=lower_quantile,
     )
@@ -84,7 +114,7 @@ def test_lockstep_with_reference(nesterov, inner_solver, lower_quantile):
         list(ref_model.parameters()),
         **kw,
         window=ISGD_KW["window"],
-        sigma_factor=ISGD_KW["sigma_factor"],
+        sigma_factor=sigma_factor,
         stop=ISGD_KW["max_extra_iters"],
         eps=ISGD_KW["eps"],
         inner_solver=inner_solver,
@@ -106,13 +136,13 @@ def test_lockstep_with_reference(nesterov, inner_solver, lower_quantile):
             d.forward_only,
         ), f"step {t}"
         forward_only += d.forward_only
+        assert last.loss == pytest.approx(d.loss, rel=F32_RTOL), f"loss at step {t}"
         if d.limit is not None:
-            # the fresh velocity's float rounding (foreach vs per tensor) reaches the losses
-            assert last.limit == pytest.approx(
-                d.limit, rel=1e-12 if inner_solver != "momentum" else 1e-6
-            )
+            assert last.limit == pytest.approx(d.limit, rel=F32_RTOL), f"limit at step {t}"
         for p, q in zip(model.parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"weights differ at {t}")
+            torch.testing.assert_close(
+                p, q, rtol=F32_RTOL, atol=F32_ATOL, msg=f"weights differ at {t}"
+            )
         if d.triggered:
             early_stops += d.extra_iters < ISGD_KW["max_extra_iters"]
             full_runs += d.extra_iters == ISGD_KW["max_extra_iters"]
@@ -127,7 +157,7 @@ def test_lockstep_with_reference(nesterov, inner_solver, lower_quantile):
 # ------------------------------------------------------------------ the extra iterations
 def test_extra_passes_follow_the_stop_rule():
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
     triggered = 0
     for t in range(10 * toy.N_BATCHES):
@@ -153,7 +183,7 @@ def test_extra_passes_follow_the_stop_rule():
 
 def test_subproblem_gradient_matches_autograd_of_phi():
     # float64, so that the check does not depend on the thread count's float32 rounding
-    model = toy.small_cnn().double()
+    model = toy.mlp().double()
     x, y = toy.batches()[toy.NOISY_BATCHES[0]]
     x = x.double()
     opt = ISGD(model.parameters(), lr=0.1, window=2, max_extra_iters=3, eps=10.0)
@@ -182,8 +212,8 @@ def test_subproblem_gradient_matches_autograd_of_phi():
 # ------------------------------------------------------------------ BatchNorm
 @pytest.mark.parametrize("freeze", [True, False])
 def test_batchnorm_running_stats_and_extra_passes(freeze):
-    model = toy.small_cnn(batchnorm=True)
-    bn = model[1]
+    model = toy.mlp(batchnorm=True)
+    bn = model[2]
     x, y = toy.batches()[toy.NOISY_BATCHES[0]]
     opt = ISGD(model.parameters(), lr=0.1, window=2, max_extra_iters=3, freeze_bn_stats=freeze)
     for loss in (0.01, 0.02):
@@ -213,7 +243,7 @@ def test_batchnorm_running_stats_and_extra_passes(freeze):
 
 
 def test_frozen_batchnorm_stats_restores_on_error():
-    model = toy.small_cnn(batchnorm=True)
+    model = toy.mlp(batchnorm=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="boom"), frozen_batchnorm_stats():
         model(torch.randn(4, 1, 8, 8))
@@ -232,7 +262,7 @@ def test_frozen_batchnorm_stats_restores_on_error():
 )
 def test_any_base_optimizer_runs_extra_iterations(base, kwargs):
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), base, **ISGD_KW, **kwargs)
     run(model, opt, data, 8 * toy.N_BATCHES)
     assert opt.stats.triggers > 0 and opt.stats.extra_iters > 0
@@ -245,7 +275,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
     data = toy.batches()
     steps_before, steps_after = 5 * toy.N_BATCHES + 3, 4 * toy.N_BATCHES
 
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
     run(model, opt, data, steps_before)
     buffer = io.BytesIO()
@@ -256,7 +286,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed_model = toy.small_cnn(seed=123)
+    resumed_model = toy.mlp(seed=123)
     resumed_model.load_state_dict(saved["model"])
     resumed = ISGD(resumed_model.parameters(), **SGD_KW, **ISGD_KW)
     resumed.load_state_dict(saved["opt"])
@@ -282,7 +312,7 @@ def test_load_state_dict_restores_every_saved_hyper_parameter():
 
 
 def test_load_state_dict_refuses_a_plain_optimizer_state():
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), lr=0.1, window=4)
     with pytest.raises(ValueError, match="not an ISGD state_dict"):
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
@@ -290,7 +320,7 @@ def test_load_state_dict_refuses_a_plain_optimizer_state():
 
 def test_lr_scheduler_drives_the_shared_param_groups():
     data = toy.batches()
-    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    model_a, model_b = toy.mlp(), toy.mlp()
     isgd = ISGD(model_a.parameters(), **SGD_KW, window=toy.N_BATCHES, max_extra_iters=0)
     plain = torch.optim.SGD(model_b.parameters(), **SGD_KW)
     sched_a = torch.optim.lr_scheduler.StepLR(isgd, step_size=10, gamma=0.5)
@@ -329,7 +359,7 @@ def closure_free_step(model, opt, x, y):
 
 def test_closure_free_form_equals_step_with_closure():
     data = toy.batches()
-    model_a, model_b = toy.small_cnn(), toy.small_cnn()
+    model_a, model_b = toy.mlp(), toy.mlp()
     opt_a = ISGD(model_a.parameters(), **SGD_KW, **ISGD_KW)
     opt_b = ISGD(model_b.parameters(), **SGD_KW, **ISGD_KW)
     for t in range(8 * toy.N_BATCHES):
@@ -343,7 +373,7 @@ def test_closure_free_form_equals_step_with_closure():
 
 def test_closure_free_with_bfloat16_autocast_and_grad_scaler():
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
 
@@ -374,7 +404,7 @@ def test_closure_free_with_bfloat16_autocast_and_grad_scaler():
 
 
 def test_closure_free_misuse_is_reported():
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), lr=0.1, window=4)
     with pytest.raises(RuntimeError, match="outside a triggered step"):
         opt.above_limit(1.0)
@@ -385,7 +415,7 @@ def test_closure_free_misuse_is_reported():
 # ------------------------------------------------------------------ counters, memory, non-finite
 def test_stats_count_every_pass_and_memory_is_one_copy():
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
     logs: list[list[float]] = []
     run(model, opt, data, toy.N_BATCHES, logs)
@@ -399,7 +429,7 @@ def test_stats_count_every_pass_and_memory_is_one_copy():
 
 
 def test_nonfinite_loss_never_triggers_nor_enters_the_chart():
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), lr=0.1, window=3, nonfinite="skip")
     for loss in (1.0, 1.1, 0.9):
         opt.chart.update(loss)
@@ -411,7 +441,7 @@ def test_nonfinite_loss_never_triggers_nor_enters_the_chart():
 
 
 def test_state_dict_is_a_snapshot_of_the_chart_and_counters():
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), lr=0.1, window=4)
     opt.chart.update(0.5)
     state = opt.state_dict()  # no copy: later steps must not change what was saved
@@ -422,7 +452,7 @@ def test_state_dict_is_a_snapshot_of_the_chart_and_counters():
 
 # ------------------------------------------------------------------ bad arguments
 def _params():
-    return toy.small_cnn().parameters()
+    return toy.mlp().parameters()
 
 
 BAD_ARGUMENTS = [
@@ -442,6 +472,15 @@ BAD_ARGUMENTS = [
     ),
     (dict(lr=0.1, window=10, base_optimizer="sgd"), TypeError, "Invalid base_optimizer: 'sgd'"),
     (dict(lr=0.1, window=10, momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
+    (
+        dict(lr=0.1, window=10**30),
+        ValueError,
+        f"Invalid window: {10**30} (must be <= 2147483647 = 2**31 - 1;",
+    ),
+    (dict(lr=0.1, window="10"), ValueError, "Invalid window: '10' (must be an integer >= 2)"),
+    (dict(lr=0.1, window=10, max_extra_iters=True), TypeError, "Invalid max_extra_iters: True"),
+    (dict(lr=0.1, window=10, freeze_bn_stats="no"), TypeError, "Invalid freeze_bn_stats: 'no'"),
+    (dict(lr=0.1, window=10, eps="0.1"), ValueError, "Invalid eps: '0.1'"),
 ]
 
 
@@ -479,7 +518,7 @@ def _first_triggered_step(opt, model, data):
 @pytest.mark.parametrize("inner_solver", ["gd", "momentum"])
 def test_own_inner_solvers_leave_the_base_state_to_the_regular_step(inner_solver):
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW, inner_solver=inner_solver)
     t, (model_before, state_before) = _first_triggered_step(opt, model, data)
     plain = torch.optim.SGD(model_before.parameters(), **SGD_KW)
@@ -497,11 +536,119 @@ def test_own_inner_solvers_leave_the_base_state_to_the_regular_step(inner_solver
 
 def test_momentum_ratio_of_the_shared_base_step():
     data = toy.batches()
-    model = toy.small_cnn()
+    model = toy.mlp()
     opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
     _first_triggered_step(opt, model, data)
     assert opt.stats.last.momentum_ratio > 1.0  # the velocity dominates ∇φ (issue 12)
-    model = toy.small_cnn()
+    model = toy.mlp()
     adam = ISGD(model.parameters(), torch.optim.Adam, lr=1e-3, **ISGD_KW)
     _first_triggered_step(adam, model, data)
     assert adam.stats.last.momentum_ratio is None  # no velocity to compare with
+
+
+def _norm(tensors) -> float:
+    return float(torch.stack([t.norm() for t in tensors]).norm())
+
+
+@pytest.mark.parametrize("inner_solver", ["base", "momentum", "gd"])
+def test_momentum_ratio_is_the_mean_of_mu_v_over_grad_phi(inner_solver):
+    """``momentum_ratio`` = mean over a step's extra iterations of μ‖v‖/‖∇φ‖, v the velocity the
+    update is about to apply (the base SGD's buffer; the own momentum solver's, zero at the
+    first extra iteration; none for "gd"), recomputed here from outside the optimizer."""
+    data = toy.batches()
+    model = toy.mlp()
+    params = list(model.parameters())
+    opt = ISGD(params, **SGD_KW, **ISGD_KW, inner_solver=inner_solver)
+    mu = SGD_KW["momentum"]
+    ratios = []
+    for t in range(10 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        n_extra = opt.observe(loss)
+        opt.base_optimizer.step()
+        expected, v = [], [torch.zeros_like(p) for p in params]
+        for _ in range(n_extra):
+            opt.zero_grad()
+            loss_i = F.cross_entropy(model(x), y)
+            loss_i.backward()
+            if not opt.above_limit(loss_i):
+                break
+            opt.subproblem_grad_()
+            grads = [p.grad.clone() for p in params]
+            if inner_solver == "base":
+                v = [opt.base_optimizer.state[p]["momentum_buffer"] for p in params]
+            velocity_norm = 0.0 if inner_solver == "gd" else mu * _norm(v)
+            expected.append(velocity_norm / _norm(grads))
+            if inner_solver == "momentum":
+                v = [mu * vi + gi for vi, gi in zip(v, grads)]
+            opt.subproblem_step_()
+        if expected:
+            ratios.append(opt.stats.last.momentum_ratio)
+            assert ratios[-1] == pytest.approx(sum(expected) / len(expected), rel=F32_RTOL), t
+    assert len(ratios) >= 3
+    if inner_solver == "base":  # the shared velocity dominates ∇φ (issue 12)
+        assert min(ratios) > 1.0
+
+
+# ------------------------------------------------------------------ add_param_group mid-training
+def test_add_param_group_mid_training_joins_every_parameter_wide_quantity():
+    """Unfreezing a layer mid-training (its gradients were computed all along but never used):
+    the step after add_param_group runs, the new weights join n_w and the snapshot w_{t−1} of
+    triggered steps, and they are trained; accumulation outside the closure is still refused."""
+    data = toy.batches()
+    model = toy.mlp()
+    hidden, head = model[1], model[3]
+    opt = ISGD(head.parameters(), **SGD_KW, **dict(ISGD_KW, sigma_factor=1.0))
+    run(model, opt, data, 2 * toy.N_BATCHES)
+    assert hidden.weight.grad is not None  # back-propagated, never zeroed by opt.zero_grad
+    opt.add_param_group({"params": hidden.parameters(), "lr": 0.02})
+    assert opt.n_w == sum(p.numel() for p in model.parameters())
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    before = hidden.weight.detach().clone()
+    decisions = run(model, opt, data, 4 * toy.N_BATCHES)
+    assert not torch.equal(hidden.weight, before)
+    assert any(extra > 0 for _, extra in decisions)  # triggered steps ran extra iterations
+    assert [w.shape for w in opt._w_prev] == [p.shape for p in opt._params()]
+    x, y = data[0]
+    F.cross_entropy(model(x), y).backward()  # outside the closure: still refused
+    with pytest.raises(RuntimeError, match="gradients back-propagated outside the closure"):
+        opt.step(toy.make_closure(model, x, y, opt.zero_grad))
+
+
+def test_add_param_group_inside_a_triggered_step_extends_the_snapshot():
+    """Closure-free form: a group added between observe() and the extra iterations gets w_{t−1}
+    (its current weights) and, with inner_solver="momentum", a velocity of its own."""
+    data = toy.batches()
+    model = toy.mlp()
+    hidden, head = model[1], model[3]
+    opt = ISGD(head.parameters(), **SGD_KW, **ISGD_KW, inner_solver="momentum")
+    for t in range(20 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        n_extra = opt.observe(loss)
+        opt.base_optimizer.step()
+        if n_extra:
+            break
+    else:
+        raise AssertionError("no step triggered")
+    opt._velocity()  # the momentum solver's buffer exists before the group joins
+    opt.add_param_group({"params": hidden.parameters()})
+    assert torch.equal(opt._w_prev[-2], hidden.weight) and len(opt._v) == 2
+    model.zero_grad()
+    loss_i = F.cross_entropy(model(x), y)
+    loss_i.backward()
+    assert opt.above_limit(loss_i)
+    opt.subproblem_grad_()
+    opt.subproblem_step_()
+    assert opt.stats.last.extra_iters == 1
+
+
+def test_integral_numbers_are_integers():
+    np = pytest.importorskip("numpy")
+    opt = ISGD(_params(), lr=0.1, window=np.int64(4), max_extra_iters=np.int32(2))
+    assert (opt.window, opt.max_extra_iters) == (4, 2) and type(opt.window) is int
+    opt.load_state_dict(opt.state_dict())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import warnings
 
 import pytest
@@ -17,6 +16,7 @@ from torch.nn import functional as F
 
 from isgd import ISGD, LossControlChart
 from tests import toy
+from tests.fixtures import leave_rank
 
 SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 ISGD_KW = dict(window=toy.N_BATCHES, sigma_factor=1.5, max_extra_iters=4, eps=0.1)
@@ -47,6 +47,7 @@ def scaled_closure(model, opt, x, y, scaler, poison=None):
 
 # ------------------------------------------------------------------ GradScaler
 @pytest.mark.parametrize("how", ["keyword", "scaler.step"])
+@pytest.mark.numerics
 def test_grad_scaler_step_matches_fp32_bit_for_bit(how):
     """A power-of-two scale is exact: the scaled, unscaled passes give the fp32 run's weights,
     triggers and extra iterations included."""
@@ -298,11 +299,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's teardown (SIGABRT, "terminate called without an
-    # active exception"), as isgd/__main__.py knows: the work is done and saved, leave now
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import copy
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,6 +59,7 @@ def test_chart_matches_numpy_on_the_last_window_of_finite_losses(losses, window,
             assert chart.statistics() == (chart.mean, chart.sigma, chart.limit)
 
 
+@pytest.mark.numerics
 @SETTINGS
 @given(
     head=st.lists(loss, max_size=60),

@@ -88,6 +88,7 @@ def test_sigma_zero():
     assert chart.above_limit(chart.limit + 1e-6)
 
 
+@pytest.mark.numerics
 def test_state_dict_round_trip_continues_bit_identically():
     rng = random.Random(0)
     chart = LossControlChart(window=7, sigma_factor=2.5)

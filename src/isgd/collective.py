@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from isgd._numbers import is_real as _is_real
+
 __all__ = ["LossSync"]
 
 
@@ -88,7 +90,3 @@ class LossSync:
         if dist.get_backend(self.process_group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return loss.device if isinstance(loss, Tensor) else torch.device("cpu")
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

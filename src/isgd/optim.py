@@ -32,17 +32,25 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from isgd._numbers import is_real as _is_real
 from isgd.collective import LossSync
-from isgd.spc import LossControlChart
+from isgd.spc import (
+    MAX_LOSS,
+    LossControlChart,
+    check_counter,
+    check_same_window,
+    finite_loss,
+)
 
 __all__ = [
     "INNER_SOLVERS",
@@ -105,11 +113,27 @@ class ISGDStats:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("steps", "triggers", "extra_iters", "passes"):
-            setattr(self, name, int(state[name]))
-        self.forward_only = int(state.get("forward_only", 0))  # absent before the variant
-        self.nonfinite = int(state.get("nonfinite", 0))
-        self.last = StepRecord(**state["last"])
+        """Restore :meth:`state_dict`'s output; everything is checked before anything changes
+        (the counters are integers >= 0)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"Invalid stats: {type(state).__name__} (an ISGDStats.state_dict())")
+        missing = {"steps", "triggers", "extra_iters", "passes", "last"} - set(state)
+        if missing:
+            raise ValueError(
+                f"Invalid stats: missing {sorted(missing)} (an ISGDStats.state_dict())"
+            )
+        counters = {
+            name: check_counter(state.get(name, 0), f"stats.{name}")  # absent before the variant
+            for name in ("steps", "triggers", "extra_iters", "passes", "forward_only", "nonfinite")
+        }
+        last = state["last"]
+        known = {f.name for f in fields(StepRecord)}
+        if not isinstance(last, dict) or not set(last) <= known:
+            what = sorted(set(last) - known) if isinstance(last, dict) else type(last).__name__
+            raise ValueError(f"Invalid stats.last: {what} (the fields of a StepRecord)")
+        for name, value in counters.items():
+            setattr(self, name, value)
+        self.last = StepRecord(**last)
 
 
 class ISGD(Optimizer):
@@ -136,7 +160,11 @@ class ISGD(Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
         base_optimizer: the optimizer *class* whose update rule ISGD applies (``torch.optim.SGD``
             by default; SGD with momentum or Nesterov, Adam and AdamW are tested).
-        window: batches per epoch :math:`n_b`; the chart holds the last ``window`` losses.
+        window: batches per epoch :math:`n_b`; the chart holds the last ``window`` losses. An
+            integer (``int``, ``numpy.int64``, ...) in [2, 2**31 − 1] (``isgd.spc.MAX_WINDOW``).
+            The first ``window`` steps fill the chart and are plain base-optimizer steps, so a
+            window longer than the run makes ISGD the base optimizer throughout. Structural: a
+            state saved with another window is refused by :meth:`load_state_dict`.
         sigma_factor: ``k`` in ``limit = mean + k·sigma`` (default 3).
         max_extra_iters: the paper's ``stop``: extra iterations at most per triggered step.
             0 makes ISGD exactly the base optimizer. Default 5 (the paper is silent; see
@@ -154,7 +182,9 @@ class ISGD(Optimizer):
             are skipped as it would) — ``"raise"`` (default): ``FloatingPointError`` before any
             update or state change; ``"skip"``: no update, the loss stays out of the chart, the
             step is counted in ``stats.nonfinite`` and marked ``skipped`` (OLMo-core's
-            skip-step does the same for loss spikes).
+            skip-step does the same for loss spikes). A loss of magnitude above 1e100
+            (``isgd.spc.MAX_LOSS``: the chart's float64 sums of squares would overflow) counts
+            as non-finite.
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (the regular pass still updates them). Works by watching module calls while the
             extra iterations run, so no model needs to be passed.
@@ -219,24 +249,10 @@ class ISGD(Optimizer):
         if base_optimizer is ISGD or base_optimizer is torch.optim.LBFGS:
             raise TypeError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot be wrapped")
         lr = base_kwargs.get("lr")
-        if lr is not None and not (isinstance(lr, Tensor) or (_is_real(lr) and lr >= 0)):
-            raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
-        if isinstance(max_extra_iters, bool) or not isinstance(max_extra_iters, int):
-            raise TypeError(f"Invalid max_extra_iters: {max_extra_iters!r} (must be an integer)")
-        if max_extra_iters < 0:
-            raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
-        if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
-        if inner_solver not in INNER_SOLVERS:
-            raise ValueError(
-                f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
-            )
-        if not _is_real(lower_quantile) or not 0 <= lower_quantile < 1:
-            raise ValueError(
-                f"Invalid lower_quantile: {lower_quantile!r} (0: off, else a fraction in (0, 1))"
-            )
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE)})")
+        _check_lr(lr)
+        hyper = _check_hyper_parameters(
+            max_extra_iters, eps, inner_solver, lower_quantile, nonfinite, freeze_bn_stats
+        )
         self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
         self.sync = LossSync(process_group, sync_loss)
 
@@ -246,12 +262,12 @@ class ISGD(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = self.base_optimizer.defaults
 
-        self.max_extra_iters = max_extra_iters
-        self.eps = float(eps)
-        self.inner_solver = inner_solver
-        self.lower_quantile = float(lower_quantile)
-        self.nonfinite = nonfinite
-        self.freeze_bn_stats = bool(freeze_bn_stats)
+        self.max_extra_iters: int = hyper["max_extra_iters"]
+        self.eps: float = hyper["eps"]
+        self.inner_solver: str = hyper["inner_solver"]
+        self.lower_quantile: float = hyper["lower_quantile"]
+        self.nonfinite: str = hyper["nonfinite"]
+        self.freeze_bn_stats: bool = hyper["freeze_bn_stats"]
         self.stats = ISGDStats()
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
         self._v: list[list[Tensor]] | None = None  # inner_solver="momentum": φ's own velocity
@@ -398,15 +414,16 @@ class ISGD(Optimizer):
         else:
             psi, any_inf = self.sync(loss, weight, found_inf)
         self._judged = None
-        if not math.isfinite(psi) and not any_inf and self.nonfinite == "raise":
+        if not finite_loss(psi) and not any_inf and self.nonfinite == "raise":
+            beyond = f" (beyond ±{MAX_LOSS:g}: non-finite for ISGD)" if math.isfinite(psi) else ""
             raise FloatingPointError(
-                f"ISGD: the batch loss is {psi} at step {self.stats.steps + 1}; no update was "
-                "applied and nothing changed. Lower the learning rate or check the batch; "
+                f"ISGD: the batch loss is {psi}{beyond} at step {self.stats.steps + 1}; no update "
+                "was applied and nothing changed. Lower the learning rate or check the batch; "
                 "ISGD(nonfinite='skip') skips such steps instead (counted in stats.nonfinite)"
             )
         self._weight = weight
         record = judged or self._judge(psi, any_inf)
-        if not math.isfinite(psi) and not any_inf:  # nonfinite="skip"
+        if not finite_loss(psi) and not any_inf:  # nonfinite="skip"
             record.skipped = True
             self.stats.nonfinite += 1
         self.chart.update(psi)
@@ -430,7 +447,7 @@ class ISGD(Optimizer):
     def _judge(self, psi: float, any_inf: bool) -> StepRecord:
         """The decision on ψ against the chart as it stands (before ψ joins it)."""
         mean, sigma, limit = self.chart.statistics()
-        finite = not any_inf and math.isfinite(psi)
+        finite = not any_inf and finite_loss(psi)
         triggered = finite and self.max_extra_iters > 0 and limit is not None and psi > limit
         lower = self.chart.quantile(self.lower_quantile) if self.lower_quantile > 0 else None
         forward_only = finite and not triggered and lower is not None and psi < lower
@@ -631,31 +648,55 @@ class ISGD(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. The whole state is checked before anything
+        changes (the base optimizer's by ``torch.optim``). The window is structural: a state
+        saved with another window is refused. The other saved hyper-parameters win over the
+        constructor's, as ``param_groups``' do in ``torch.optim`` (older files lack some)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
+            )
         missing = {"base", "chart", "stats"} - set(state_dict)
         if missing:
             raise ValueError(
                 f"not an ISGD state_dict: missing {sorted(missing)} (a plain optimizer's "
                 "state_dict goes to ISGD.base_optimizer.load_state_dict)"
             )
+        saved = state_dict.get("isgd", {})
+        chart_state = state_dict["chart"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"Invalid isgd: {type(saved).__name__} (the saved hyper-parameters)")
+        for where in (saved, chart_state):
+            if isinstance(where, dict) and "window" in where:
+                check_same_window(where["window"], self.window, "this optimizer")
+        LossControlChart(self.window).load_state_dict(chart_state)  # checks it, changes nothing
+        ISGDStats().load_state_dict(state_dict["stats"])  # the same
+        hyper = _check_hyper_parameters(*(saved.get(k, getattr(self, k)) for k in _HYPER))
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
-        self.chart.load_state_dict(state_dict["chart"])  # window and sigma_factor with it
+        self.chart.load_state_dict(chart_state)  # sigma_factor with it
         self.stats.load_state_dict(state_dict["stats"])
-        # the saved hyper-parameters win, as param_groups' do in torch.optim (older files lack some)
-        saved = state_dict.get("isgd", {})
-        self.max_extra_iters = int(saved.get("max_extra_iters", self.max_extra_iters))
-        self.eps = float(saved.get("eps", self.eps))
-        self.inner_solver = str(saved.get("inner_solver", self.inner_solver))
-        self.lower_quantile = float(saved.get("lower_quantile", self.lower_quantile))
-        self.nonfinite = str(saved.get("nonfinite", self.nonfinite))
-        self.freeze_bn_stats = bool(saved.get("freeze_bn_stats", self.freeze_bn_stats))
+        for name, value in hyper.items():
+            setattr(self, name, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as for any ``torch.optim`` optimizer — also mid-training: the
+        new parameters join :math:`n_w`, the snapshot :math:`w_{t-1}` of a step in progress and
+        ``inner_solver="momentum"``'s velocity, and gradients they hold already (back-propagated
+        before they joined) are not mistaken for gradients accumulated outside the closure."""
+        if isinstance(param_group, dict):
+            _check_lr(param_group.get("lr"))
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
-        else:
-            self.base_optimizer.add_param_group(param_group)
-            self._w_prev = None
+            return
+        self.base_optimizer.add_param_group(param_group)
+        new = self.param_groups[-1]["params"]
+        if self._grad_marks is not None:
+            self._grad_marks += [None if p.grad is None else p.grad._version for p in new]
+        if self._w_prev is not None:  # w_{t-1} of the new parameters: as they are
+            self._w_prev += [p.detach().clone(memory_format=torch.preserve_format) for p in new]
+        if self._v is not None:
+            self._v.append([torch.zeros_like(p) for p in new])
 
     def __repr__(self) -> str:
         return (
@@ -743,5 +784,50 @@ def _unscale_by(grads: list[Tensor], scale: Tensor | None) -> Tensor | None:
     return found
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _check_lr(lr: object) -> None:
+    if lr is not None and not (isinstance(lr, Tensor) or (_is_real(lr) and lr >= 0)):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
+
+
+def _check_hyper_parameters(
+    max_extra_iters: object,
+    eps: object,
+    inner_solver: object,
+    lower_quantile: object,
+    nonfinite: object,
+    freeze_bn_stats: object,
+) -> dict[str, Any]:
+    """ISGD's hyper-parameters but the window and sigma_factor (the chart's), checked and
+    normalised (``numpy.int64(5)`` → 5); the constructor's and :meth:`ISGD.load_state_dict`'s."""
+    if isinstance(max_extra_iters, bool) or not isinstance(max_extra_iters, SupportsIndex):
+        raise TypeError(f"Invalid max_extra_iters: {max_extra_iters!r} (must be an integer)")
+    if operator.index(max_extra_iters) < 0:
+        raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
+    if inner_solver not in INNER_SOLVERS:
+        raise ValueError(
+            f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
+        )
+    if not _is_real(lower_quantile) or not 0 <= lower_quantile < 1:
+        raise ValueError(
+            f"Invalid lower_quantile: {lower_quantile!r} (0: off, else a fraction in (0, 1))"
+        )
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE)})")
+    kind = type(freeze_bn_stats)
+    if not (isinstance(freeze_bn_stats, bool) or (kind.__module__, kind.__name__) in _NP_BOOLS):
+        raise TypeError(f"Invalid freeze_bn_stats: {freeze_bn_stats!r} (must be True or False)")
+    return {
+        "max_extra_iters": operator.index(max_extra_iters),
+        "eps": float(eps),
+        "inner_solver": str(inner_solver),
+        "lower_quantile": float(lower_quantile),
+        "nonfinite": str(nonfinite),
+        "freeze_bn_stats": bool(freeze_bn_stats),
+    }
+
+
+# the saved hyper-parameters, in _check_hyper_parameters' order
+_HYPER = "max_extra_iters", "eps", "inner_solver", "lower_quantile", "nonfinite", "freeze_bn_stats"
+_NP_BOOLS = {("numpy", "bool"), ("numpy", "bool_")}  # NumPy's booleans, without importing it

@@ -10,11 +10,15 @@ ordinary per-epoch shuffling (driven by :meth:`set_epoch`) for ablations.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence, Sized
+import operator
+from collections.abc import Iterable, Iterator, Sequence, Sized
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from isgd._numbers import as_int as _as_int
+from isgd._numbers import is_real as _is_real
 
 __all__ = ["DistributedFixedCycleBatchSampler", "FixedCycleBatchSampler", "split_sizes"]
 
@@ -23,8 +27,9 @@ class FixedCycleBatchSampler(Sampler[list[int]]):
     """Yields the same ``n_b`` batches of indices, in the same order, every epoch.
 
     Args:
-        data_source: the data set (anything with ``len``) or its size as an int.
-        batch_size: samples per batch.
+        data_source: the data set (anything with ``len``) or its size as an integer (``int``,
+            ``numpy.int64``, ...); at least one sample.
+        batch_size: samples per batch (an integer >= 1).
         seed: seeds the one permutation (and, with ``reshuffle``, each epoch's).
         drop_last: drop the last, incomplete batch (default True, as Caffe's fixed batch count).
         reshuffle: draw a new permutation every epoch from ``(seed, epoch)`` — ordinary shuffling,
@@ -51,13 +56,11 @@ class FixedCycleBatchSampler(Sampler[list[int]]):
         drop_last: bool = True,
         reshuffle: bool = False,
     ) -> None:
-        if isinstance(data_source, bool):
-            raise TypeError(f"Invalid data_source: {data_source!r} (a data set or its size)")
-        num_samples = data_source if isinstance(data_source, int) else len(data_source)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        num_samples = _num_samples(data_source)
+        batch_size = _check_batch_size(batch_size)
+        if _as_int(seed) is None:
             raise TypeError(f"Invalid seed: {seed!r} (must be an integer)")
+        seed = operator.index(seed)
         if num_samples < batch_size if drop_last else num_samples < 1:
             raise ValueError(
                 f"Invalid batch_size: {batch_size} for a data set of {num_samples} samples "
@@ -79,9 +82,10 @@ class FixedCycleBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (changes the batches only with ``reshuffle=True``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        value = _as_int(epoch)
+        if value is None or value < 0:
             raise ValueError(f"Invalid epoch: {epoch!r} (must be an integer >= 0)")
-        self.epoch = epoch
+        self.epoch = value
 
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
         """The order of all samples for ``epoch`` (the current one by default)."""
@@ -102,9 +106,10 @@ class FixedCycleBatchSampler(Sampler[list[int]]):
 
     def batch(self, batch_id: int, epoch: int | None = None) -> list[int]:
         """The indices of batch ``batch_id`` (0 ≤ batch_id < n_b)."""
-        if not 0 <= batch_id < len(self):
-            raise IndexError(f"Invalid batch_id: {batch_id} (must be in [0, {len(self)}))")
-        start = batch_id * self.batch_size
+        index = _as_int(batch_id)
+        if index is None or not 0 <= index < len(self):
+            raise IndexError(f"Invalid batch_id: {batch_id!r} (must be in [0, {len(self)}))")
+        start = index * self.batch_size
         return self.permutation(epoch)[start : start + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -119,14 +124,70 @@ class FixedCycleBatchSampler(Sampler[list[int]]):
         )
 
 
+def _num_samples(data_source: object) -> int:
+    """The size of a data set given as one (``len``) or as an integer, at least 1."""
+    if isinstance(data_source, bool):
+        raise TypeError(f"Invalid data_source: {data_source!r} (a data set or its size)")
+    if isinstance(data_source, Sized) and not isinstance(data_source, (str, bytes)):
+        try:
+            n = len(data_source)
+        except TypeError:  # a 0-d tensor or array: Sized by type, a number by value
+            pass
+        else:
+            if n < 1:
+                raise ValueError(
+                    f"Invalid data_source: an empty {type(data_source).__name__} (the data set "
+                    "must hold at least one sample)"
+                )
+            return n
+    n_int = _as_int(data_source)
+    if n_int is None:
+        raise TypeError(f"Invalid data_source: {_short(data_source)} (a data set or its size)")
+    if n_int < 1:
+        raise ValueError(
+            f"Invalid data_source: {n_int} (the size of the data set must be an integer >= 1)"
+        )
+    return n_int
+
+
+def _check_batch_size(batch_size: object) -> int:
+    value = _as_int(batch_size)
+    if value is None or value < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
+    return value
+
+
+def _short(x: object) -> str:
+    """``repr(x)`` for a message line: the type name when it is long or spans lines."""
+    text = repr(x)
+    return text if len(text) <= 60 and "\n" not in text else f"<{type(x).__name__}>"
+
+
 # ---------------------------------------------------------------------- data parallel
 def split_sizes(batch_size: int, shares: Sequence[float] | None, world_size: int) -> list[int]:
     """Samples of a global batch per rank: proportional to ``shares`` (even when ``None``),
     rounded by largest remainder (ties to the lower rank), summing to ``batch_size``. Every rank
     needs at least one sample."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if _as_int(world_size) is None or operator.index(world_size) < 1:
         raise ValueError(f"Invalid world_size: {world_size!r} (must be an integer >= 1)")
-    weights = [1.0] * world_size if shares is None else [float(s) for s in shares]
+    world_size = operator.index(world_size)
+    batch_size = _check_batch_size(batch_size)
+    if batch_size < world_size:
+        raise ValueError(
+            f"Invalid batch_size: {batch_size} (a global batch must give each of the "
+            f"{world_size} processes a sample)"
+        )
+    if shares is None:
+        weights = [1.0] * world_size
+    elif isinstance(shares, (str, bytes)) or not isinstance(shares, Iterable):
+        raise TypeError(f"Invalid shares: {_short(shares)} (positive numbers, one per process)")
+    else:
+        values = list(shares)
+        if not all(_is_real(s) and math.isfinite(s) and s > 0 for s in values):
+            raise ValueError(
+                f"Invalid shares: {_short(values)} (positive finite numbers, one per process)"
+            )
+        weights = [float(s) for s in values]
     if len(weights) != world_size:
         raise ValueError(f"Invalid shares: {len(weights)} shares for {world_size} processes")
     total = sum(weights)
@@ -200,15 +261,21 @@ class DistributedFixedCycleBatchSampler(Sampler[list[int]]):
                 )
             num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
             rank = dist.get_rank() if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        replicas = _as_int(num_replicas)
+        if replicas is None or replicas < 1:
+            raise ValueError(f"Invalid num_replicas: {num_replicas!r} (must be an integer >= 1)")
+        num_replicas = replicas
+        rank_int = _as_int(rank)
+        if rank_int is None or not 0 <= rank_int < num_replicas:
             raise ValueError(f"Invalid rank: {rank!r} (must be in [0, {num_replicas}))")
+        rank = rank_int
         self.global_sampler = FixedCycleBatchSampler(
             data_source, batch_size, seed=seed, drop_last=True, reshuffle=reshuffle
         )
         self.num_replicas, self.rank = num_replicas, rank
         self.sizes = split_sizes(batch_size, shares, num_replicas)
         self.rows = rank_rows(self.sizes, rank)
-        self.batch_size = batch_size  # global
+        self.batch_size = self.global_sampler.batch_size  # global
         self.local_batch_size = self.sizes[rank]
 
     def __len__(self) -> int:

@@ -15,7 +15,9 @@ SGD.
 Updates are O(1): the chart keeps running sums of ``ψ − c`` and ``(ψ − c)²`` in float64 around a
 shift ``c`` (the mean at the last exact recomputation, which keeps cancellation small), and
 recomputes them exactly every ``window`` updates, so rounding errors never accumulate.
-Non-finite losses never enter the window; they are counted in :attr:`nonfinite`.
+Non-finite losses never enter the window; they are counted in :attr:`nonfinite`. So are
+losses of magnitude above :data:`MAX_LOSS` (1e100): their squares, summed over a window, would
+overflow float64, and no training loss that large is anything but a diverged run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ import math
 from collections import deque
 from typing import Any
 
-__all__ = ["LossControlChart"]
+import torch
+
+from isgd._numbers import as_int as _as_int
+from isgd._numbers import is_real as _is_real
+
+__all__ = ["MAX_LOSS", "MAX_WINDOW", "LossControlChart", "finite_loss"]
+
+#: Largest window: 2**31 − 1 losses (tens of GiB of Python floats once full). A window longer
+#: than the run is already one in which ISGD never acts (see :class:`LossControlChart`).
+MAX_WINDOW = 2**31 - 1
+#: Largest loss magnitude the chart takes; beyond it a loss counts as non-finite (its square times
+#: MAX_WINDOW would overflow the float64 running sums).
+MAX_LOSS = 1e100
 
 
 class LossControlChart:
@@ -34,35 +48,39 @@ class LossControlChart:
         window: number of losses in the window (ISGD uses the number of batches per epoch, n_b).
         sigma_factor: ``k`` in ``limit = mean + k · sigma`` (default 3, the Shewhart chart's).
 
+    ``window`` is an integer (``int``, ``numpy.int64``, anything with ``__index__`` but a bool)
+    in [2, :data:`MAX_WINDOW`]. The limit exists only once ``window`` losses have arrived: a
+    window longer than the number of steps a run takes leaves it without a limit throughout,
+    and ISGD with it is the plain base optimizer.
+
     Example:
         >>> chart = LossControlChart(window=3)
         >>> for loss in (1.0, 2.0, 3.0):
-        ...     chart.update(loss)
+        ...     _ = chart.update(loss)    # True: it joined the window
         >>> round(chart.limit, 6)          # 2 + 3 · sqrt(2/3)
         4.44949
     """
 
     def __init__(self, window: int, sigma_factor: float = 3.0) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"Invalid window: {window!r} (must be an integer >= 2)")
-        if not _is_real(sigma_factor) or not math.isfinite(sigma_factor) or sigma_factor <= 0:
-            raise ValueError(
-                f"Invalid sigma_factor: {sigma_factor!r} (must be a finite number > 0)"
-            )
+        window = check_window(window)
         self.window = window
-        self.sigma_factor = float(sigma_factor)
+        self.sigma_factor = _check_sigma_factor(sigma_factor)
         self._losses: deque[float] = deque(maxlen=window)
         self._shift = 0.0  # c: the sums below are of (ψ − c) and (ψ − c)²
         self._sum = 0.0
         self._sum_sq = 0.0
         self._since_exact = 0  # updates since the last exact recomputation
-        self.nonfinite = 0  # losses refused because they were NaN or ±inf
+        self.nonfinite = 0  # losses refused: NaN, ±inf or beyond ±MAX_LOSS
 
     # ------------------------------------------------------------------ updates
-    def update(self, loss: float) -> bool:
-        """Add one loss to the window; returns False (and counts it) if the loss is not finite."""
-        loss = float(loss)
-        if not math.isfinite(loss):
+    def update(self, loss: float | torch.Tensor) -> bool:
+        """Add one loss to the window; returns False (and counts it in :attr:`nonfinite`) if the
+        loss is NaN, infinite or of magnitude above :data:`MAX_LOSS`.
+
+        ``loss`` is a real number (Python's or NumPy's, not a bool) or a one-element real tensor
+        (one host read); anything else is refused with a ``TypeError``."""
+        loss = _loss_value(loss)
+        if not finite_loss(loss):
             self.nonfinite += 1
             return False
         if len(self._losses) == self.window:
@@ -136,17 +154,19 @@ class LossControlChart:
     def quantile(self, q: float) -> float | None:
         """The ``q``-quantile of the window (nearest rank: the ⌈q·n⌉-th smallest loss, the
         smallest for ``q`` = 0); None until the window is full. O(n log n): a sort per call."""
-        if not 0 <= q <= 1:
+        if not _is_real(q) or not 0 <= q <= 1:
             raise ValueError(f"Invalid q: {q!r} (a fraction in [0, 1])")
         if not self.full:
             return None
         losses = sorted(self._losses)
         return losses[max(math.ceil(q * len(losses)) - 1, 0)]
 
-    def above_limit(self, loss: float) -> bool:
-        """True when the window is full, ``loss`` is finite and ``loss > limit``."""
+    def above_limit(self, loss: float | torch.Tensor) -> bool:
+        """True when the window is full, ``loss`` is finite (as :meth:`update` counts it) and
+        ``loss > limit``."""
+        loss = _loss_value(loss)
         limit = self.limit
-        return limit is not None and math.isfinite(loss) and loss > limit
+        return limit is not None and finite_loss(loss) and loss > limit
 
     def losses(self) -> list[float]:
         """The losses in the window, oldest first."""
@@ -167,25 +187,45 @@ class LossControlChart:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. The whole state is checked before anything
+        changes; the window is structural: a state saved with another window is refused."""
+        if not isinstance(state, dict):
+            raise TypeError(f"Invalid state: {_short(state)} (a LossControlChart.state_dict())")
         missing = {"window", "sigma_factor", "losses"} - set(state)
         if missing:
             raise ValueError(f"LossControlChart state is missing {sorted(missing)}")
-        if state["window"] != self.window:
+        check_same_window(state["window"], self.window, "this chart")
+        sigma_factor = _check_sigma_factor(state["sigma_factor"])
+        losses = state["losses"]
+        if not isinstance(losses, (list, tuple)) or len(losses) > self.window:
             raise ValueError(
-                f"LossControlChart state has window={state['window']}, this chart has "
-                f"window={self.window}"
+                f"Invalid losses: {_short(losses)} (a list of at most window={self.window} "
+                "finite losses)"
             )
-        losses = [float(x) for x in state["losses"]]
-        if len(losses) > self.window or not all(math.isfinite(x) for x in losses):
-            raise ValueError("LossControlChart state holds too many or non-finite losses")
-        self.sigma_factor = float(state["sigma_factor"])
-        self._losses = deque(losses, maxlen=self.window)
-        self.nonfinite = int(state.get("nonfinite", 0))
+        bad = [x for x in losses if not (_is_real(x) and finite_loss(float(x)))]
+        if bad:
+            raise ValueError(
+                f"Invalid losses: holds {_short(bad[0])} (the window holds only finite losses "
+                f"of magnitude <= {MAX_LOSS:g})"
+            )
+        nonfinite = check_counter(state.get("nonfinite", 0), "nonfinite")
+        sums = None
         if "sum" in state:
-            self._shift = float(state["shift"])
-            self._sum = float(state["sum"])
-            self._sum_sq = float(state["sum_sq"])
-            self._since_exact = int(state["since_exact"])
+            partial = {"shift", "sum_sq", "since_exact"} - set(state)
+            if partial:
+                raise ValueError(f"LossControlChart state is missing {sorted(partial)}")
+            sums = tuple(_check_float(state[k], k) for k in ("shift", "sum", "sum_sq"))
+            since_exact = check_counter(state["since_exact"], "since_exact")
+            if since_exact >= self.window:
+                raise ValueError(
+                    f"Invalid since_exact: {since_exact} (must be < window={self.window})"
+                )
+        self.sigma_factor = sigma_factor
+        self._losses = deque((float(x) for x in losses), maxlen=self.window)
+        self.nonfinite = nonfinite
+        if sums is not None:
+            self._shift, self._sum, self._sum_sq = sums
+            self._since_exact = since_exact
         else:
             self._recompute()
 
@@ -196,5 +236,74 @@ class LossControlChart:
         )
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def finite_loss(loss: float) -> bool:
+    """A loss the chart takes: finite and of magnitude <= :data:`MAX_LOSS`."""
+    return math.isfinite(loss) and abs(loss) <= MAX_LOSS
+
+
+def check_window(window: object) -> int:
+    """``window`` as an int in [2, MAX_WINDOW], or a ``ValueError`` naming it."""
+    value = _as_int(window)
+    if value is None or value < 2:
+        raise ValueError(f"Invalid window: {_short(window)} (must be an integer >= 2)")
+    if value > MAX_WINDOW:
+        digits = len(str(value))
+        what = _short(window) if digits <= 40 else f"an integer of {digits} digits"
+        raise ValueError(
+            f"Invalid window: {what} (must be <= {MAX_WINDOW} = 2**31 - 1; a window "
+            "is the number of batches per epoch, and ISGD acts only once it has filled)"
+        )
+    return value
+
+
+def check_same_window(saved: object, window: int, this: str) -> None:
+    """Refuse a state saved with another window than ``window`` (``this``: whose it is)."""
+    value = _as_int(saved)
+    if value != window:
+        raise ValueError(
+            f"Invalid window: {_short(saved)} (the state was saved with window={_short(saved)}, "
+            f"{this} has window={window}; the window is structural: load it into one built with "
+            "the same window)"
+        )
+
+
+def check_counter(value: object, name: str) -> int:
+    """A saved counter as an int >= 0, or a ``ValueError`` naming it."""
+    count = _as_int(value)
+    if count is None or count < 0:
+        raise ValueError(f"Invalid {name}: {_short(value)} (a counter: an integer >= 0)")
+    return count
+
+
+def _check_sigma_factor(sigma_factor: object) -> float:
+    if not _is_real(sigma_factor) or not math.isfinite(sigma_factor) or sigma_factor <= 0:
+        raise ValueError(f"Invalid sigma_factor: {sigma_factor!r} (must be a finite number > 0)")
+    return float(sigma_factor)
+
+
+def _check_float(value: object, name: str) -> float:
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {_short(value)} (must be a finite number)")
+    return float(value)
+
+
+def _loss_value(loss: object) -> float:
+    """A loss as a float: a real number or a one-element real tensor, else ``TypeError``."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.is_complex() or loss.dtype == torch.bool:
+            what = f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+            raise TypeError(
+                f"Invalid loss: {what} (must be a real number or a one-element real tensor)"
+            )
+        return float(loss)
+    if not _is_real(loss):
+        raise TypeError(
+            f"Invalid loss: {_short(loss)} (must be a real number or a one-element real tensor)"
+        )
+    return float(loss)
+
+
+def _short(x: object) -> str:
+    """``repr(x)`` for a message line: the type name when it is long or spans lines."""
+    text = repr(x)
+    return text if len(text) <= 60 and "\n" not in text else f"<{type(x).__name__}>"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from isgd import FixedCycleBatchSampler, LossControlChart
+from isgd import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler, LossControlChart
 from isgd.cli import main
 from isgd.data import DataError, DataSplit
 from isgd.optim import ISGD
@@ -537,6 +537,334 @@ CLI_CASES += [  # every option acts or is refused
 ]
 
 
+# ------------------------------------------------ numbers out of range, empty values, bad archives
+def bs_argv(c: Ctx, *extra: str) -> list[str]:
+    """``isgd batch-study --quick`` on the tiny data set into ``{tmp}/bs``."""
+    return [
+        *("batch-study", "--quick", "--dataset", f"idx:{c.idx}", "--model", "mlp"),
+        *("--out", str(c.tmp / "bs"), *extra),
+    ]
+
+
+def fetch_argv(c: Ctx, source: Path) -> list[str]:
+    return ["data", "fetch", "cifar10", "--data-dir", str(c.tmp / "data"), "--from", str(source)]
+
+
+def tar_with(c: Ctx, member: str, kind: bytes, payload: bytes = b"", link: str = "") -> Path:
+    """A tarball of one member of type ``kind`` (tarfile.REGTYPE, SYMTYPE, ...)."""
+    import io
+    import tarfile
+
+    path = c.tmp / "copy.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(member)
+        info.type, info.linkname, info.size = kind, link, len(payload)
+        tar.addfile(info, io.BytesIO(payload) if payload else None)
+    return path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only its header: it claims ``width``×``height`` pixels, holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def c_epochs_beyond_any_run(c: Ctx):
+    (c.tmp / "e.toml").write_text("epochs = 1e308\n")
+    return tiny_train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "e.toml"))
+
+
+def c_epochs_of_too_many_iterations(c: Ctx):
+    (c.tmp / "e.toml").write_text("epochs = 1e11\n")  # 15 batches per epoch
+    return tiny_train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "e.toml"))
+
+
+def c_iters_beyond_the_bound(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--iters", "99999999999999999999999")
+
+
+def c_iters_int64_max_in_the_file(c: Ctx):
+    (c.tmp / "i.toml").write_text("iters = 9223372036854775807\n")
+    return tiny_train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "i.toml"))
+
+
+def c_seed_beyond_64_bits(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--seed", "1180591620717411303424")
+
+
+def c_negative_seed_in_the_file(c: Ctx):
+    (c.tmp / "s.toml").write_text("seed = -99999999999999999999\n")
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "s.toml"))
+
+
+def c_config_not_utf8(c: Ctx):
+    (c.tmp / "bin.toml").write_bytes(b"\xff\xfe\x00\x01lr = 0.1\n")
+    return train_argv(c.idx, c.tmp / "new", "--config", str(c.tmp / "bin.toml"))
+
+
+def c_window_beyond_any_epoch(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--window", "1000000000000")
+
+
+def c_window_longer_than_the_run(c: Ctx):
+    return train_argv(c.idx, c.tmp / "new", "--window", "100")  # 50 iterations
+
+
+def c_empty_out(c: Ctx):
+    c.monkeypatch.chdir(c.tmp)  # the default run directory would be {tmp}/runs/...
+    return train_argv(c.idx, Path("placeholder"), "--out", "")
+
+
+def c_empty_resume(c: Ctx):
+    c.monkeypatch.chdir(c.tmp)
+    return ["train", "--resume", "", "--no-progress"]
+
+
+def no_default_directory(c: Ctx) -> None:
+    assert not (c.tmp / "runs").exists()
+
+
+def c_compare_arm_repeats_a_key(c: Ctx):
+    return compare_argv(c, "--arm", "sgd", "--arm", "a:optimizer=isgd,optimizer=sgd")
+
+
+def c_compare_arm_window_longer_than_the_run(c: Ctx):
+    return compare_argv(c, "--arm", "sgd", "--arm", "isgd:optimizer=isgd,window=100")
+
+
+def c_compare_empty_seed_list(c: Ctx):
+    return compare_argv(c, "--seed-list", "")
+
+
+def c_compare_seed_beyond_the_range(c: Ctx):
+    return compare_argv(c, "--seed-list", "1,99999999999")
+
+
+def c_compare_negative_tune_lrs(c: Ctx):
+    return compare_argv(c, "--tune-lrs", "-0.1,0.1")
+
+
+def c_compare_negative_tune_lrs_with_equals(c: Ctx):
+    return compare_argv(c, "--tune-lrs=-0.1,0.1")
+
+
+def c_compare_retarget_a_directory_of_something_else(c: Ctx):
+    (c.tmp / "other").mkdir()
+    (c.tmp / "other" / "notes.txt").write_text("not a comparison")
+    return ["compare", "--retarget", str(c.tmp / "other"), "--target", "0.5"]
+
+
+def c_compare_retarget_a_file(c: Ctx):
+    (c.tmp / "notes.txt").write_text("not a comparison")
+    return ["compare", "--retarget", str(c.tmp / "notes.txt"), "--target", "0.5"]
+
+
+def c_batch_study_batch_beyond_the_data(c: Ctx):
+    return bs_argv(c, "--batch-sizes", "1000000000", "--procs", "1")
+
+
+def c_batch_study_negative_allreduce_size(c: Ctx):
+    return bs_argv(c, "--allreduce-sizes", "-5", "--procs", "1")
+
+
+def c_batch_study_procs_beyond_the_machine(c: Ctx):
+    return bs_argv(c, "--procs", "1,100000")
+
+
+def c_batch_study_saturation_nan(c: Ctx):
+    return bs_argv(c, "--saturation", "nan", "--procs", "1")
+
+
+def no_study(c: Ctx) -> None:
+    assert not (c.tmp / "bs").exists()
+
+
+def c_corrupted_idx_dimensions(c: Ctx):
+    idx = c.idx_copy()
+    raw_idx(idx, LABELS)
+    (idx / LABELS).write_bytes(b"\x00\x00\x08\xff" + b"\xff" * 4 * 255)  # 255 dims of 2**32 - 1
+    return train_argv(idx, c.tmp / "new")
+
+
+def c_fetch_decompression_bomb(c: Ctx):
+    return fetch_argv(c, tar_with(c, "c/train/cat/0.png", b"0", png_header(100_000, 100_000)))
+
+
+def c_fetch_symlink_member(c: Ctx):
+    return fetch_argv(c, tar_with(c, "c/train/cat/0.png", b"2", link="/etc/passwd"))
+
+
+def c_fetch_hard_link_member(c: Ctx):
+    return fetch_argv(c, tar_with(c, "c/train/cat/0.png", b"1", link="c/train/cat/1.png"))
+
+
+def c_fetch_device_member(c: Ctx):
+    return fetch_argv(c, tar_with(c, "c/train/cat/0.png", b"3"))
+
+
+def c_fetch_fake_python_batches(c: Ctx):
+    import pickle
+
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
+        batch = {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 5, 42]}
+        (c.tmp / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return fetch_argv(c, c.tmp)
+
+
+def nothing_installed(c: Ctx) -> None:
+    assert not (c.tmp / "data" / "cifar10").exists()
+
+
+CLI_CASES += [  # numbers out of range, empty values, archives that are not a data set
+    (c_epochs_beyond_any_run, "invalid epochs: 1e+308 (must be <= 10**12)", nothing_created),
+    (
+        c_epochs_of_too_many_iterations,
+        "invalid epochs: 1e+11 (15 batches per epoch make 1500000000000 iterations; at most "
+        "10**12)",
+        nothing_created,
+    ),
+    (
+        c_iters_beyond_the_bound,
+        "invalid iters: 99999999999999999999999 (must be >= 1 and <= 10**12)",
+        nothing_created,
+    ),
+    (
+        c_iters_int64_max_in_the_file,
+        "invalid iters: 9223372036854775807 (must be >= 1 and <= 10**12)",
+        nothing_created,
+    ),
+    (
+        c_seed_beyond_64_bits,
+        "invalid seed: 1180591620717411303424 (must be an integer with 0 <= seed < 2**32)",
+        None,
+    ),
+    (
+        c_negative_seed_in_the_file,
+        "invalid seed: -99999999999999999999 (must be an integer with 0 <= seed < 2**32)",
+        None,
+    ),
+    (
+        c_config_not_utf8,
+        "config file {tmp}/bin.toml is not UTF-8 TOML (byte 0xff at offset 0 is not UTF-8 text)",
+        None,
+    ),
+    (
+        c_window_beyond_any_epoch,
+        "invalid window: 1000000000000 (at most 2**31 - 1 batches; ISGD acts only once its "
+        "window has filled)",
+        None,
+    ),
+    (
+        c_window_longer_than_the_run,
+        "invalid window: 100 (ISGD acts only once its window of batches has filled, and this run "
+        "has 50 iterations: it would never act; lower --window, or 0 for one epoch)",
+        nothing_created,
+    ),
+    (
+        c_empty_out,
+        "argument --out: an empty path; give a file or directory name",
+        no_default_directory,
+    ),
+    (c_empty_resume, "argument --resume: an empty path", no_default_directory),
+    (
+        c_compare_arm_repeats_a_key,
+        "--arm a:optimizer=isgd,optimizer=sgd: sets optimizer more than once; give each key once",
+        None,
+    ),
+    (
+        c_compare_arm_window_longer_than_the_run,
+        "arm isgd: window 100 is longer than the run's 30 iterations: ISGD would never act",
+        None,
+    ),
+    (c_compare_empty_seed_list, "argument --seed-list: an empty list: '' (give N,N,...)", None),
+    (
+        c_compare_seed_beyond_the_range,
+        "--seed-list: seeds must be integers with 0 <= seed < 2**32, got 99999999999",
+        None,
+    ),
+    (
+        c_compare_negative_tune_lrs,
+        "--tune-lrs: learning rates must be finite numbers > 0, got '-0.1,0.1'",
+        None,
+    ),
+    (
+        c_compare_negative_tune_lrs_with_equals,
+        "--tune-lrs: learning rates must be finite numbers > 0, got '-0.1,0.1'",
+        None,
+    ),
+    (
+        c_compare_retarget_a_directory_of_something_else,
+        "--retarget {tmp}/other is not a comparison directory (no plan.json or summary.json)",
+        None,
+    ),
+    (
+        c_compare_retarget_a_file,
+        "--retarget {tmp}/notes.txt is a file, not a comparison directory",
+        None,
+    ),
+    (
+        c_batch_study_batch_beyond_the_data,
+        "--batch-sizes 1000000000 is larger than the data set (idx:",
+        no_study,
+    ),
+    (
+        c_batch_study_negative_allreduce_size,
+        "--allreduce-sizes must be numbers of floats >= 1 and <= 10**9, got -5",
+        no_study,
+    ),
+    (
+        c_batch_study_procs_beyond_the_machine,
+        "batch-study: --procs 100000: this machine gives this process",
+        no_study,
+    ),
+    (
+        c_batch_study_saturation_nan,
+        "--saturation must be a finite number >= 0 (a relative growth, 0.1 = 10 %), got nan",
+        no_study,
+    ),
+    (
+        c_corrupted_idx_dimensions,
+        f"{{tmp}}/idx/{LABELS}: corrupt IDX header (255 dims (4294967295, 4294967295, "
+        "4294967295, ...): over 16 GiB of data)",
+        nothing_created,
+    ),
+    (
+        c_fetch_decompression_bomb,
+        "copy.tar:c/train/cat/0.png: its header claims 10,000,000,000 pixels (a decompression "
+        "bomb?); CIFAR-10 images are 32×32: refused unread",
+        nothing_installed,
+    ),
+    (
+        c_fetch_symlink_member,
+        "copy.tar: member 'c/train/cat/0.png' is a symbolic link (to '/etc/passwd'); a CIFAR-10 "
+        "copy holds only files and folders: refusing it",
+        nothing_installed,
+    ),
+    (
+        c_fetch_hard_link_member,
+        "copy.tar: member 'c/train/cat/0.png' is a hard link (to 'c/train/cat/1.png')",
+        nothing_installed,
+    ),
+    (
+        c_fetch_device_member,
+        "copy.tar: member 'c/train/cat/0.png' is a device file",
+        nothing_installed,
+    ),
+    (
+        c_fetch_fake_python_batches,
+        "{tmp}/data_batch_1: label 42 is not a CIFAR-10 class id (0-9)",
+        nothing_installed,
+    ),
+]
+
+
 def snapshot(directory: Path) -> dict[Path, bytes]:
     """Every file, but the lock files (the last holder writes its name into them)."""
     return {
@@ -653,6 +981,91 @@ def a_data_split_shape(c: Ctx):
     DataSplit("bad", x, torch.zeros(4), x, torch.zeros(4), 10)
 
 
+def a_chart_window_not_integral(c: Ctx):
+    assert LossControlChart(window=np.int64(4)).window == 4  # NumPy's integers are integers
+    LossControlChart(window=np.float64(4.0))
+
+
+def a_chart_window_too_large(c: Ctx):
+    LossControlChart(window=10**30)
+
+
+def a_sampler_negative_size(c: Ctx):
+    FixedCycleBatchSampler(-4, 3)
+
+
+def a_sampler_fractional_size(c: Ctx):
+    FixedCycleBatchSampler(10.5, 3)
+
+
+def a_distributed_sampler_negative_size(c: Ctx):
+    DistributedFixedCycleBatchSampler(-4, 3, num_replicas=1, rank=0)
+
+
+def a_distributed_sampler_fractional_size(c: Ctx):
+    DistributedFixedCycleBatchSampler(10.5, 3, num_replicas=1, rank=0)
+
+
+def a_distributed_sampler_no_replicas(c: Ctx):
+    DistributedFixedCycleBatchSampler(12, 4, num_replicas=0, rank=0)
+
+
+def a_distributed_sampler_text_shares(c: Ctx):
+    DistributedFixedCycleBatchSampler(12, 4, num_replicas=2, rank=0, shares=["3", "1"])
+
+
+def a_chart_loss_as_text(c: Ctx):
+    LossControlChart(window=3).update("1.0")
+
+
+def a_chart_loss_not_a_scalar(c: Ctx):
+    LossControlChart(window=3).update(torch.ones(2))
+
+
+def a_chart_loss_too_large(c: Ctx):
+    chart = LossControlChart(window=2)
+    assert chart.update(1e308) is False and chart.nonfinite == 1  # counted as non-finite
+    state = chart.state_dict()
+    state["losses"] = [1.0, 1e308]
+    chart.load_state_dict(state)
+
+
+def a_isgd_loss_too_large(c: Ctx):
+    model = torch.nn.Linear(2, 1, dtype=torch.float64)
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2, dtype=torch.float64)).sum() * 0 + 1e308  # finite
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def a_isgd_load_negative_counter(c: Ctx):
+    opt = ISGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, window=4)
+    state = opt.state_dict()
+    state["stats"]["steps"] = -5
+    try:
+        opt.load_state_dict(state)
+    finally:
+        assert opt.stats.steps == 0
+
+
+def a_isgd_load_another_window(c: Ctx):
+    params = list(torch.nn.Linear(2, 2).parameters())
+    opt = ISGD(params, lr=0.1, window=4, sigma_factor=2.0)
+    try:
+        opt.load_state_dict(ISGD(params, lr=0.1, window=5).state_dict())
+    finally:
+        assert opt.sigma_factor == 2.0  # nothing was loaded
+
+
+def a_chart_load_another_window(c: Ctx):
+    LossControlChart(window=4).load_state_dict(LossControlChart(window=5).state_dict())
+
+
 API_CASES = [
     (a_unknown_key, ConfigError, "unknown config key in the command line: learning_rate"),
     (a_wrong_type, ConfigError, r"invalid iters: 1.5 \(expected int\)"),
@@ -671,6 +1084,74 @@ API_CASES = [
     (a_sampler_batch_size, ValueError, "Invalid batch_size: 20 for a data set of 10 samples"),
     (a_isgd_lr, ValueError, r"Invalid lr: -1.0 \(must be a number >= 0\)"),
     (a_data_split_shape, DataError, "bad: train images must be uint8 N×C×H×W"),
+    (a_chart_window_not_integral, ValueError, r"Invalid window: np.float64\(4.0\) \(must be an"),
+    (
+        a_chart_window_too_large,
+        ValueError,
+        rf"Invalid window: {10**30} \(must be <= 2147483647 = 2\*\*31 - 1; a window is the",
+    ),
+    (
+        a_sampler_negative_size,
+        ValueError,
+        r"Invalid data_source: -4 \(the size of the data set must be an integer >= 1\)",
+    ),
+    (a_sampler_fractional_size, TypeError, r"Invalid data_source: 10.5 \(a data set or its size\)"),
+    (
+        a_distributed_sampler_negative_size,
+        ValueError,
+        r"Invalid data_source: -4 \(the size of the data set must be an integer >= 1\)",
+    ),
+    (
+        a_distributed_sampler_fractional_size,
+        TypeError,
+        r"Invalid data_source: 10.5 \(a data set or its size\)",
+    ),
+    (
+        a_distributed_sampler_no_replicas,
+        ValueError,
+        r"Invalid num_replicas: 0 \(must be an integer >= 1\)",
+    ),
+    (
+        a_distributed_sampler_text_shares,
+        ValueError,
+        r"Invalid shares: \['3', '1'\] \(positive finite numbers, one per process\)",
+    ),
+    (
+        a_chart_loss_as_text,
+        TypeError,
+        r"Invalid loss: '1.0' \(must be a real number or a one-element real tensor\)",
+    ),
+    (
+        a_chart_loss_not_a_scalar,
+        TypeError,
+        r"Invalid loss: a torch.float32 tensor of shape \(2,\) \(must be a real number or",
+    ),
+    (
+        a_chart_loss_too_large,
+        ValueError,
+        r"Invalid losses: holds 1e\+308 \(the window holds only finite losses of magnitude <=",
+    ),
+    (
+        a_isgd_loss_too_large,
+        FloatingPointError,
+        r"the batch loss is 1e\+308 \(beyond ±1e\+100: non-finite for ISGD\) at step 1; no",
+    ),
+    (
+        a_isgd_load_negative_counter,
+        ValueError,
+        r"Invalid stats.steps: -5 \(a counter: an integer >= 0\)",
+    ),
+    (
+        a_isgd_load_another_window,
+        ValueError,
+        r"Invalid window: 5 \(the state was saved with window=5, this optimizer has window=4; "
+        "the window is structural",
+    ),
+    (
+        a_chart_load_another_window,
+        ValueError,
+        r"Invalid window: 5 \(the state was saved with window=5, this chart has window=4;",
+    ),
 ]
 
 

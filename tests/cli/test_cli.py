@@ -75,6 +75,7 @@ def test_config_file_round_trip_repeats_the_run(isgd_run, tmp_path, idx_dir):
 
 
 @pytest.mark.parametrize("checkpoint_kept", ["ckpt-00000080.pt", "ckpt-00000120.pt"])
+@pytest.mark.numerics
 def test_resume_ends_with_the_same_model(isgd_run, tmp_path, checkpoint_kept):
     crashed = tmp_path / "crashed"
     shutil.copytree(isgd_run, crashed)
@@ -148,7 +149,10 @@ def _bad(idx_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
             ["train", "--dataset", f"idx:{idx_dir}", "--crop-size", "9", "--out", out],
             "invalid crop_size: 9 (the idx:",
         ),
-        (["train", "--dataset", f"idx:{tmp / 'nowhere'}", "--out", out], "nowhere"),
+        (
+            ["train", "--dataset", f"idx:{tmp / 'nowhere'}", "--out", out],
+            f"missing IDX files in {tmp / 'nowhere'}: train-images-idx3-ubyte, ",
+        ),
         (
             ["train", "--dataset", f"idx:{idx_dir}", "--model", "vgg", "--out", out],
             "invalid model: 'vgg'",
@@ -156,8 +160,9 @@ def _bad(idx_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--out", str(existing)], "already exists and is not empty"),
         (["train", "--resume", str(tmp / "nothing")], "is not a run directory"),
         (["train", "--resume", str(existing), "--lr", "0.1"], "--resume continues the saved"),
-        (["data", "fetch", "imagenet"], "imagenet"),
-        (["plot", str(existing)], str(existing)),
+        (["data", "fetch", "imagenet"], "argument name: invalid choice: 'imagenet' (choose from"),
+        (["plot", str(existing)], f"{existing}: not a run directory (no metrics.jsonl)"),
+        (["plot", str(tmp / "nothing")], f"{tmp / 'nothing'}: not a directory"),
     ]
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# the example imports accelerate in its subprocesses: without the integrations extra, skip
+pytest.importorskip("accelerate", reason="needs the integrations extra (.[integrations])")
+
 pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"

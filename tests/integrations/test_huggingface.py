@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# the integrations extra (make test installs it); without it, skip rather than fail to collect
+pytest.importorskip("transformers", reason="needs the integrations extra (.[integrations])")
+# transformers' Trainer and isgd.integrations.huggingface need accelerate too
+pytest.importorskip("accelerate", reason="needs the integrations extra (.[integrations])")
 from transformers import TrainerCallback, TrainingArguments
 
 from isgd.integrations.huggingface import ISGDTrainer

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+
+# the integrations extra (make test installs it); without it, skip rather than fail to collect
+pytest.importorskip("lightning", reason="needs the integrations extra (.[integrations])")
+import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.precision import MixedPrecision
 

@@ -268,8 +268,11 @@ def test_noise_caption_says_what_a_figure_cannot_show(tmp_path: Path):
     sgd = write_run(tmp_path / "sgd", losses, optimizer="sgd")
     isgd = write_run(tmp_path / "isgd", losses, optimizer="isgd")
     runs = [load_run(sgd), load_run(isgd)]
-    # ISGD acted and the curves differ: on time, one run each is no measurement of speed
-    assert "machine noise (`isgd compare`" in noise_caption(runs, "time/train_seconds")
+    # ISGD acted and the curves differ: on time, separate runs under different load
+    caption = noise_caption(runs, "time/train_seconds")
+    assert "measured in 2 separate runs: machine load differs between them" in caption
+    assert "not speed" in caption and "compare passes (accuracy_vs_passes.png)" in caption
+    assert "\n" not in caption  # one line in summary.md
     assert noise_caption(runs, "passes") == ""
     # an ISGD run that never triggered did the computation of its base optimizer
     idle = write_run(tmp_path / "idle", losses, optimizer="sgd")
@@ -280,4 +283,34 @@ def test_noise_caption_says_what_a_figure_cannot_show(tmp_path: Path):
     caption = noise_caption(pair, "time/train_seconds")
     assert f"{pair[1].name}: ISGD never triggered" in caption
     assert f"identical accuracy at every evaluation: {pair[0].name} = {pair[1].name}" in caption
-    assert "differences in time between them are machine noise, not speed" in caption
+    assert "the same computation: differences in time are machine load, not speed" in caption
+
+
+@pytest.mark.slow
+def test_accuracy_is_compared_on_passes_and_time_carries_its_caveat(tmp_path: Path, monkeypatch):
+    """The demo's case: two runs timed one after the other, the second under more load. The
+    passes figure comes first; the time figure says on top why it is no comparison of speed."""
+    from isgd.reporting import plots
+
+    figures = {}
+    save = plots._save
+
+    def capture(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    sgd = write_run(tmp_path / "sgd", synthetic_losses(3, 20, seed=1), optimizer="sgd")
+    loaded = dict(seconds_per_pass=0.03)  # same work per pass, twice the seconds
+    isgd = write_run(tmp_path / "isgd", synthetic_losses(3, 20, seed=2), **loaded)
+    paths = plot_runs([sgd, isgd], tmp_path / "figs")
+    assert [p.name for p in paths[:2]] == ["accuracy_vs_passes.png", "accuracy_vs_time.png"]
+    passes, time = figures["accuracy_vs_passes.png"], figures["accuracy_vs_time.png"]
+    assert passes.axes[0].get_xlabel().startswith("forward+backward passes")
+    assert passes.get_suptitle() == ""
+    assert time.axes[0].get_xlabel().startswith("wall-clock training time (s")
+    assert time.axes[0].get_title() == "Test accuracy vs wall-clock time (zoomed)"
+    note = time.get_suptitle()
+    assert note.startswith("wall-clock time, measured in 2 separate runs: machine load differs")
+    assert "compare passes (accuracy_vs_passes.png)" in note
+    assert plots.time_note([load_run(sgd)]) == ""  # one run: nothing to compare, no caveat

@@ -35,7 +35,7 @@ from isgd.training.launch import worker_argv
 from isgd.training.lifecycle import prepare_run_dir
 from isgd.training.train import Trainer
 
-pytestmark = pytest.mark.slow  # subprocesses and frameworks: make test, not test-fast
+# the one-process tests are fast; the multi-process ones (marked slow) run in make test only
 
 ITERS = 400  # with lr 0.01 the run is not chaotic: float differences stay ~1e-7
 TRAIN = dict(
@@ -235,6 +235,7 @@ def _assert_close_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_ranks_reach_the_weights_and_decisions_of_one_process(two_ranks, one_process):
     ranks = [torch.load(two_ranks / f"even-rank{r}.pt", weights_only=False) for r in (0, 1)]
     # ISGD's state (base optimizer, chart, counters) and every step's decision: same bytes
@@ -256,6 +257,7 @@ def test_two_ranks_reach_the_weights_and_decisions_of_one_process(two_ranks, one
     assert not (two_ranks / "even" / "config.toml").exists()  # only what rank 0 was asked to
 
 
+@pytest.mark.slow
 def test_uneven_shares_give_the_result_of_even_shares(two_ranks):
     ranks = [torch.load(two_ranks / f"uneven-rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["summary"]["distributed/batch_sizes"] == [12, 4]
@@ -286,6 +288,7 @@ def _child_with_rank(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job_in_bounded_time_and_the_run_resumes(
     tiny_idx_dir, two_ranks, tmp_path
 ):

@@ -97,6 +97,13 @@ elif event == "checkpoint":  # checkpoint written to its temporary file, not yet
             die()
         return replace(src, dst, *args, **kwargs)
     os.replace = patched
+elif event == "provenance":  # provenance.json written to its temporary file, not yet renamed
+    replace = os.replace
+    def patched(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "provenance.json" and hit():
+            die()
+        return replace(src, dst, *args, **kwargs)
+    os.replace = patched
 elif event == "steps-line":  # half of a steps.jsonl line on disk
     from isgd.training import runio
     write = runio.JsonlWriter.write
@@ -214,6 +221,40 @@ def test_a_run_killed_while_being_created_can_be_started_again(tiny_idx_dir, tmp
     assert main(train_argv(tiny_idx_dir, run, "--iters", "5")) == 0
     # the debris is gone; .lock stays (removing a lock file while others may open it races)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_a_kill_before_provenance_json_is_in_place_is_repaired_on_resume(
+    tiny_idx_dir, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    _, outcomes = run_plan([("provenance:1", None)], tiny_idx_dir, run, tmp_path)
+    assert outcomes == [-signal.SIGKILL]
+    assert (run / "config.toml").is_file() and not (run / "provenance.json").exists()
+    config = run / "config.toml"  # a shorter run (iters may change between resumes)
+    config.write_text(config.read_text().replace(f"iters = {ITERS}\n", "iters = 30\n"))
+    assert "iters = 30\n" in config.read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "provenance.json was missing from" in capsys.readouterr().err
+    record = json.loads((run / "provenance.json").read_text())
+    assert record["run_id"] and record["data"] == f"idx:{tiny_idx_dir}"
+    newest = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert runio.load_checkpoint(newest)["run_id"] == record["run_id"]
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_a_missing_provenance_json_takes_the_checkpoints_run_id(tiny_idx_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_argv(tiny_idx_dir, run, "--iters", "60")) == 0
+    model, record = (
+        (run / "model.pt").read_bytes(),
+        json.loads((run / "provenance.json").read_text()),
+    )
+    for name in ("summary.json", "model.pt", "provenance.json"):
+        (run / name).unlink()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "provenance.json").read_text())["run_id"] == record["run_id"]
+    assert (run / "model.pt").read_bytes() == model
 
 
 # ----------------------------------------------------------------------- SIGINT / SIGTERM
@@ -453,6 +494,7 @@ class _Payload:
     ],
     ids=["bit-flips", "truncated", "another-run", "unsafe-pickle", "not-a-checkpoint"],
 )
+@pytest.mark.numerics
 def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes_bit_identical(
     reference, tmp_path, capsys, damage, reason
 ):

@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from isgd.cli.common import (
-    int_list,
+    nonempty_int_list,
+    path_arg,
 )
 from isgd.training.config import OPTIMIZERS, PRESETS
 
@@ -19,7 +20,9 @@ def add_parser(commands: Any) -> None:
         "batch-study",
         help="throughput, sync cost and time to target against batch size on this machine",
     )
-    study.add_argument("--out", metavar="DIR", help="study directory (must not exist)")
+    study.add_argument(
+        "--out", type=path_arg, metavar="DIR", help="study directory (must not exist)"
+    )
     study.add_argument("--quick", action="store_true", help="a reduced grid (a few minutes)")
     study.add_argument("--preset", choices=sorted(PRESETS), help="default lenet-mnist")
     study.add_argument("--dataset", help="default: the preset's")
@@ -28,16 +31,16 @@ def add_parser(commands: Any) -> None:
     study.add_argument(
         "--lr", type=float, help="lr at the preset's batch, scaled linearly (preset's)"
     )
-    study.add_argument("--procs", type=int_list, metavar="K,K,...", help="default 1,2")
+    study.add_argument("--procs", type=nonempty_int_list, metavar="K,K,...", help="default 1,2")
     study.add_argument("--threads", type=int, help="torch threads per process (default 1)")
     study.add_argument(
-        "--batch-sizes", type=int_list, metavar="B,B,...", help="per-process batches timed"
+        "--batch-sizes", type=nonempty_int_list, metavar="B,B,...", help="per-process batches timed"
     )
     study.add_argument(
-        "--allreduce-sizes", type=int_list, metavar="N,N,...", help="floats all-reduced"
+        "--allreduce-sizes", type=nonempty_int_list, metavar="N,N,...", help="floats all-reduced"
     )
     study.add_argument(
-        "--target-batches", type=int_list, metavar="B,B,...", help="global batches trained"
+        "--target-batches", type=nonempty_int_list, metavar="B,B,...", help="global batches trained"
     )
     study.add_argument("--target", type=float, help="test accuracy to reach (0.985)")
     study.add_argument("--epochs", type=float, help="budget of each target run (4)")
@@ -49,7 +52,9 @@ def add_parser(commands: Any) -> None:
     study.add_argument("--saturation", type=float, help="growth below this is saturated (0.1)")
     study.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
     study.add_argument("--seed", type=int)
-    study.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    study.add_argument(
+        "--data-dir", type=path_arg, help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from typing import Any, NoReturn, get_origin
 
 from isgd.data import registry as datasets
 from isgd.errors import UsageError
 from isgd.training.config import FIELD_TYPES, FIELDS, OPTIMIZERS, TrainConfig
 
-__all__ = ["HELP", "USAGE_ERROR", "Parser", "UsageError", "add_config_flags", "int_list"]
+__all__ = [
+    "HELP",
+    "USAGE_ERROR",
+    "Parser",
+    "UsageError",
+    "add_config_flags",
+    "int_list",
+    "nonempty_int_list",
+    "path_arg",
+]
 
 log = logging.getLogger("isgd")
 
@@ -67,9 +77,28 @@ HELP = {
 }
 
 
+# a value that starts with "-" but is a number or a comma-separated list of numbers (``--tune-lrs
+# -0.1,0.1``, ``--milestones -5``) is the option's value, not an unknown option: the option's own
+# check then refuses it by name (no option of isgd looks like a negative number)
+_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_NEGATIVE_NUMBERS = re.compile(rf"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,\s*{_NUMBER})*,?$")
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBERS  # argparse's own: one number only
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def path_arg(text: str) -> str:
+    """A path given on the command line: an empty one is refused (it is never what was meant:
+    ``--out ''`` would otherwise fall back to the default directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or directory name")
+    return text
 
 
 def int_list(text: str) -> list[int]:
@@ -79,6 +108,14 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of integers: {text!r}"
         ) from None
+
+
+def nonempty_int_list(text: str) -> list[int]:
+    """:func:`int_list` where an empty list means nothing (seeds, process counts, sizes)."""
+    values = int_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"an empty list: {text!r} (give N,N,...)")
+    return values
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +139,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_and_progress_flags(parser: argparse.ArgumentParser, progress: str) -> None:
-    parser.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    parser.add_argument(
+        "--data-dir", type=path_arg, help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data"
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ from isgd.cli.common import (
     UsageError,
     add_config_flags,
     add_data_and_progress_flags,
-    int_list,
+    nonempty_int_list,
+    path_arg,
 )
 from isgd.training.config import FIELDS, PRESETS
 
 log = logging.getLogger("isgd")
+MAX_SEEDS = 10_000  # --seeds N: runs per arm (each a training run); more is a typo
 
 
 def add_parser(commands: Any) -> None:
@@ -24,7 +27,9 @@ def add_parser(commands: Any) -> None:
         "compare", help="arms x seeds: time and passes to a target accuracy, with a report"
     )
     compare.add_argument("--preset", choices=sorted(PRESETS), help="base configuration")
-    compare.add_argument("--config", metavar="FILE.toml", help="base configuration keys")
+    compare.add_argument(
+        "--config", type=path_arg, metavar="FILE.toml", help="base configuration keys"
+    )
     compare.add_argument(
         "--arm",
         action="append",
@@ -33,7 +38,9 @@ def add_parser(commands: Any) -> None:
         help="an arm; the first is the baseline (default: sgd, isgd)",
     )
     compare.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5)")
-    compare.add_argument("--seed-list", type=int_list, metavar="S,S,...", help="explicit seeds")
+    compare.add_argument(
+        "--seed-list", type=nonempty_int_list, metavar="S,S,...", help="explicit seeds"
+    )
     compare.add_argument(
         "--target",
         type=float,
@@ -43,7 +50,7 @@ def add_parser(commands: Any) -> None:
     compare.add_argument(
         "--tune-lrs",
         metavar="LR,LR,...",
-        help="tune each arm's learning rate over these first (equal budget)",
+        help="tune each arm's learning rate over these rates (> 0) first (equal budget)",
     )
     compare.add_argument(
         "--tune-iters",
@@ -57,15 +64,19 @@ def add_parser(commands: Any) -> None:
         help="also train the baseline for as many iterations as each ISGD arm made training "
         "steps (its passes; with --lower-quantile, its backward passes)",
     )
-    compare.add_argument("--out", metavar="DIR", help="comparison directory (must not exist)")
+    compare.add_argument(
+        "--out", type=path_arg, metavar="DIR", help="comparison directory (must not exist)"
+    )
     compare.add_argument(
         "--resume",
+        type=path_arg,
         metavar="DIR",
         help="continue an interrupted comparison DIR (its plan; --seeds/--seed-list may change "
         "the seeds: more add runs, fewer summarise the first ones)",
     )
     compare.add_argument(
         "--retarget",
+        type=path_arg,
         metavar="DIR",
         help="summarise a finished comparison DIR again for --target (no training)",
     )
@@ -84,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.target is None or not 0 < args.target <= 1:
             raise UsageError(f"--retarget needs --target, a fraction in (0, 1], got {args.target}")
+        _check_comparison_dir(Path(args.retarget))
         destination = retarget(Path(args.retarget), args.target)
         print((destination / "report.md").read_text().split("\n## Runs")[0])
         log.info("report and figures for target %g in %s", args.target, destination)
@@ -91,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume_comparison(args, overrides)
     base = resolve_config(args.preset, args.config, overrides)
+    for spec in args.arms or []:
+        _refuse_repeated_keys(spec)
     arms = [parse_arm(spec) for spec in (args.arms or ["sgd", "isgd"])]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
@@ -108,13 +122,17 @@ def run(args: argparse.Namespace) -> int:
                 f"arm {arm.name} sets seed: all arms share the seeds (--seeds / --seed-list), "
                 "which is what pairs them"
             )
-        apply(base, arm.overrides, f"arm {arm.name}").validate()
+        config = apply(base, arm.overrides, f"arm {arm.name}").validate()
+        if config.uses_isgd and not config.epochs and config.window > config.iters:
+            raise UsageError(  # as isgd train refuses it, before any arm has run
+                f"arm {arm.name}: window {config.window} is longer than the run's "
+                f"{config.iters} iterations: ISGD would never act; lower the window"
+            )
     if args.equal_compute and not any(apply(base, a.overrides, a.name).uses_isgd for a in arms):
         raise UsageError("--equal-compute matches an ISGD arm's passes, but no arm uses ISGD")
     n_seeds = 5 if args.seeds is None else args.seeds
+    _check_seeds(args)
     seeds = args.seed_list if args.seed_list else list(range(n_seeds))
-    if not seeds or n_seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {n_seeds}")
     target = args.target if args.target is not None else base.target_accuracy
     if not 0 < target <= 1:
         raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
@@ -124,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
             tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v.strip()]
         except ValueError:
             raise UsageError(f"--tune-lrs: not a list of numbers: {args.tune_lrs!r}") from None
-        if not tune_lrs or min(tune_lrs) <= 0 or (args.tune_iters is not None and tune_iters < 1):
-            raise UsageError("--tune-lrs needs positive rates and --tune-iters >= 1")
+        bad = [lr for lr in tune_lrs if not (math.isfinite(lr) and lr > 0)]
+        if not tune_lrs or bad:
+            raise UsageError(
+                f"--tune-lrs: learning rates must be finite numbers > 0, got {args.tune_lrs!r}"
+            )
+        if args.tune_iters is not None and tune_iters < 1:
+            raise UsageError(f"--tune-iters must be >= 1, got {tune_iters}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"
     plan = ComparisonPlan(
@@ -141,6 +164,48 @@ def run(args: argparse.Namespace) -> int:
     )
     run_comparison(plan, progress=args.progress)
     return _show_report(out)
+
+
+def _refuse_repeated_keys(spec: str) -> None:
+    """``--arm NAME:k=v,k=w``: a key given twice in one arm (the last would silently win)."""
+    keys = [
+        item.partition("=")[0].strip().replace("-", "_")
+        for item in spec.partition(":")[2].split(",")
+        if item.strip()
+    ]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise UsageError(
+            f"--arm {spec}: sets {', '.join(repeated)} more than once; give each key once"
+        )
+
+
+def _check_seeds(args: argparse.Namespace) -> None:
+    """``--seeds N``: 1 <= N <= MAX_SEEDS; ``--seed-list``: each 0 <= seed < 2**32 (a run's)."""
+    from isgd.training.config import MAX_SEED
+
+    if args.seeds is not None and not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must be >= 1 and <= {MAX_SEEDS}, got {args.seeds}")
+    bad = [s for s in args.seed_list or [] if not 0 <= s < MAX_SEED]
+    if bad:
+        raise UsageError(
+            f"--seed-list: seeds must be integers with 0 <= seed < 2**32, got {bad[0]}"
+        )
+
+
+def _check_comparison_dir(path: Path) -> None:
+    """``--retarget DIR`` reads a comparison: anything else is named as such."""
+    from isgd.experiments.compare import PLAN_FILE
+
+    if not path.exists():
+        raise UsageError(f"--retarget {path}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"--retarget {path} is a file, not a comparison directory")
+    if not (path / PLAN_FILE).is_file() and not (path / "summary.json").is_file():
+        raise UsageError(
+            f"--retarget {path} is not a comparison directory (no {PLAN_FILE} or summary.json); "
+            "give the --out of an isgd compare"
+        )
 
 
 def _given(args: argparse.Namespace, overrides: dict[str, Any], *more: str) -> list[str]:
@@ -186,10 +251,9 @@ def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> i
             f"--resume continues the saved plan; drop {', '.join(given)} (only --seeds or "
             "--seed-list may change)"
         )
+    _check_seeds(args)
     plan, _ = load_plan(Path(args.resume))
     seeds = args.seed_list or (plan.seeds if args.seeds is None else list(range(args.seeds)))
-    if not seeds:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     plan = dataclasses.replace(plan, seeds=seeds, data_dir=args.data_dir or plan.data_dir)
     run_comparison(plan, progress=args.progress, resume=True)
     return _show_report(plan.out)

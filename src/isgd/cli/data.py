@@ -11,6 +11,7 @@ from typing import Any
 
 from isgd.cli.common import (
     Parser,
+    path_arg,
 )
 from isgd.data import registry as datasets
 from isgd.errors import ConfigError
@@ -23,10 +24,13 @@ def add_parser(commands: Any) -> None:
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     fetch = data_commands.add_parser("fetch", help="fetch a data set into the data directory")
     fetch.add_argument("name", choices=datasets.FETCHABLE, help=", ".join(datasets.FETCHABLE))
-    fetch.add_argument("--data-dir", help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data")
+    fetch.add_argument(
+        "--data-dir", type=path_arg, help="default: $ISGD_DATA_DIR or ~/.cache/isgd/data"
+    )
     fetch.add_argument(
         "--from",
         dest="source",
+        type=path_arg,
         metavar="PATH",
         help="cifar10 only: a local copy instead of the download (cifar-10-python.tar.gz, its "
         "folder, or an image folder train/<class>/, test/<class>/ or a tar of one)",
@@ -36,8 +40,12 @@ def add_parser(commands: Any) -> None:
         help="pack an image folder (SRC/train/<class>/, SRC/val/<class>/) into memory-mappable "
         "arrays for --dataset packed:DST",
     )
-    pack.add_argument("source", metavar="SRC", help="image folder with train/ and val/ (or test/)")
-    pack.add_argument("destination", metavar="DST", help="packed directory (new or empty)")
+    pack.add_argument(
+        "source", type=path_arg, metavar="SRC", help="image folder with train/ and val/ (or test/)"
+    )
+    pack.add_argument(
+        "destination", type=path_arg, metavar="DST", help="packed directory (new or empty)"
+    )
     pack.add_argument("--size", type=int, default=256, help="resize to SxS (default 256, Caffe)")
     pack.add_argument("--grayscale", action="store_true", help="one channel instead of RGB")
     pack.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")

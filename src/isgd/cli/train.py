@@ -12,6 +12,7 @@ from isgd.cli.common import (
     UsageError,
     add_config_flags,
     add_data_and_progress_flags,
+    path_arg,
 )
 from isgd.training.config import FIELDS, PRESETS
 
@@ -22,9 +23,15 @@ DIST_TIMEOUT = 300.0  # seconds
 def add_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="train a model with ISGD or a baseline")
     train.add_argument("--preset", choices=sorted(PRESETS), help="the paper's baseline solvers")
-    train.add_argument("--config", metavar="FILE.toml", help="TOML file of configuration keys")
-    train.add_argument("--out", metavar="RUN_DIR", help="run directory (must not exist)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument(
+        "--config", type=path_arg, metavar="FILE.toml", help="TOML file of configuration keys"
+    )
+    train.add_argument(
+        "--out", type=path_arg, metavar="RUN_DIR", help="run directory (must not exist)"
+    )
+    train.add_argument(
+        "--resume", type=path_arg, metavar="RUN_DIR", help="continue a run from its checkpoint"
+    )
     add_data_and_progress_flags(train, "progress bar")
     dp = train.add_argument_group("data parallel (torch.distributed; see README)")
     dp.add_argument(

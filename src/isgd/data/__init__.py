@@ -9,6 +9,7 @@ IDX and CIFAR-10 readers and :func:`load_dataset`, which fetches MNIST/Fashion-M
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import zlib
@@ -61,6 +62,13 @@ _MAX_IDX_BYTES = 1 << 34  # a header asking for more than 16 GiB is garbage, not
 
 
 # ----------------------------------------------------------------------------------- IDX files
+def _dims_text(dims: tuple[int, ...]) -> str:
+    """``dims`` for a message: all of a plausible header, the start of a garbage one."""
+    if len(dims) <= 4:
+        return f"dims {dims}"
+    return f"{len(dims)} dims ({', '.join(map(str, dims[:3]))}, ...)"
+
+
 def read_idx(path: str | os.PathLike[str]) -> Tensor:
     """Read an IDX file (raw or gzipped, detected by its magic bytes) into a tensor.
 
@@ -81,10 +89,13 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
                 raise DataError(f"{path}: truncated IDX header")
             dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
             dtype = np.dtype(_IDX_DTYPES[head[2]])
-            count = int(np.prod(dims, dtype=np.int64))
+            count = math.prod(dims)  # a Python int: a garbage header cannot wrap around
             expected = count * dtype.itemsize
             if expected > _MAX_IDX_BYTES:
-                raise DataError(f"{path}: corrupt IDX header (dims {dims})")
+                raise DataError(
+                    f"{path}: corrupt IDX header ({_dims_text(dims)}: over "
+                    f"{_MAX_IDX_BYTES >> 30} GiB of data)"
+                )
             out = np.empty(count, dtype=dtype)
             view, got = memoryview(out).cast("B"), 0  # type: ignore[arg-type]  # numpy stubs
             while got < expected:
@@ -94,11 +105,11 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
                 got += n
             if got < expected:
                 raise DataError(
-                    f"{path}: truncated IDX file: dims {dims} need {expected} data bytes, "
+                    f"{path}: truncated IDX file: {_dims_text(dims)} need {expected} data bytes, "
                     f"found {got}"
                 )
             if f.read(1):
-                raise DataError(f"{path}: corrupt IDX file: data continues past dims {dims}")
+                raise DataError(f"{path}: corrupt IDX file: data continues past {_dims_text(dims)}")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:

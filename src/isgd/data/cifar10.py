@@ -21,12 +21,14 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -137,15 +139,34 @@ def _md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device file"
+    if member.isfifo():
+        return "a FIFO"
+    return "not a regular file"
+
+
 def _safe_members(
     tar: tarfile.TarFile, name: str
 ) -> Iterator[tuple[PurePosixPath, tarfile.TarInfo]]:
+    """The regular files of ``tar``; an unsafe path, a link or a device is refused by name (an
+    extraction that skipped it would be an incomplete data set, silently)."""
     for member in tar:
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts:
             raise DataError(f"{name}: unsafe member path {member.name!r}; refusing")
         if member.isfile():
             yield path, member
+        elif not member.isdir():
+            raise DataError(
+                f"{name}: member {member.name!r} is {_member_kind(member)}; a CIFAR-10 copy "
+                "holds only files and folders: refusing it (nothing was installed)"
+            )
 
 
 def _extract_batches(tarball: Path, staged: Path) -> None:
@@ -179,6 +200,7 @@ def _ingest_local(source: Path, staged: Path) -> dict[str, str]:
             for name in PY_BATCHES:
                 if not (batches[0] / name).is_file():
                     raise DataError(f"{batches[0]}: {name} is missing")
+                _check_python_batch(batches[0] / name)
                 shutil.copyfile(batches[0] / name, staged / name)
             return {"variant": "CIFAR-10", "origin": str(source.resolve())}
         images = _folder_images(source)
@@ -201,6 +223,18 @@ def _ingest_local(source: Path, staged: Path) -> dict[str, str]:
         origin = _write_image_folder(images, staged, str(source))
         return {**origin, "origin": str(source.resolve()), "md5": md5}
     return {**_write_image_folder(images, staged, str(source)), "origin": str(source.resolve())}
+
+
+def _check_python_batch(path: Path) -> None:
+    """A python batch as training will read it: uint8 N×3072 images, one label 0-9 each."""
+    from isgd.data import _cifar_python_batch
+
+    _, y = _cifar_python_batch(path)  # DataError naming the file: not a batch, wrong shape
+    if len(y) == 0:
+        raise DataError(f"{path}: a CIFAR-10 python batch without images")
+    if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise DataError(f"{path}: label {bad} is not a CIFAR-10 class id (0-9)")
 
 
 def _tar_has_batches(tarball: Path) -> bool:
@@ -267,6 +301,8 @@ def _write_image_folder(
     """Decode every image (32×32 RGB, no resizing) into CIFAR-10 binary batches in ``staged``."""
     from PIL import Image, UnidentifiedImageError
 
+    bombs = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
     records: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     formats: Counter[str] = Counter()
     qualities: Counter[int | None] = Counter()
@@ -276,7 +312,20 @@ def _write_image_folder(
                 f"{where}: class folder {label!r} is not a CIFAR-10 class ({', '.join(CLASSES)})"
             )
         try:
-            with Image.open(io.BytesIO(payload)) as image:
+            with warnings.catch_warnings():  # a header claiming a huge image: refused unread
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                opened = Image.open(io.BytesIO(payload))
+        except bombs as e:
+            claimed = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(claimed[1]):,} pixels" if claimed else "an image far larger than 32×32"
+            raise DataError(
+                f"{where}: its header claims {size} (a decompression bomb?); CIFAR-10 images "
+                "are 32×32: refused unread"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise DataError(f"{where}: not a readable image ({e})") from None
+        try:
+            with opened as image:
                 if image.size != (32, 32):
                     raise DataError(
                         f"{where}: {image.size[0]}×{image.size[1]} image; CIFAR-10 images are "

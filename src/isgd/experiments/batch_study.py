@@ -461,10 +461,11 @@ def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, An
     plan.dataset = plan.dataset or preset.dataset
     plan.model = plan.model or preset.model
     check_new_run_dir(plan.out)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    machine = _machine()
     started = time.perf_counter()
     shape = _shape(plan)
+    _check_sizes(plan, shape)  # before the study directory is made
+    plan.out.mkdir(parents=True, exist_ok=True)
+    machine = _machine()
     throughput = measure_throughput(plan, shape)
     targets = measure_passes_to_target(plan)
     result = dict(
@@ -530,27 +531,96 @@ def run_from_args(args) -> int:
     return 0
 
 
+MAX_ALLREDUCE_FLOATS = 10**9  # 4 GB of float32 per process: beyond any model's gradients
+MAX_COUNT = 10**6  # --steps, --repeats, --warmup, --evals-per-epoch: more is a typo
+
+
 def _validate(plan: StudyPlan) -> None:
-    from isgd.training.config import ConfigError
+    """Every flag, before any work (the data set's size is checked by :func:`_check_sizes`)."""
+    from isgd.training.config import MAX_SEED, ConfigError, available_cpus
 
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ConfigError(f"batch-study: {what}")
 
+    cpus = available_cpus()
     need(bool(plan.procs) and min(plan.procs) >= 1, f"--procs must be >= 1, got {plan.procs}")
     need(1 in plan.procs, "--procs must include 1 (the single-process baseline)")
+    need(
+        max(plan.procs) <= cpus,
+        f"--procs {max(plan.procs)}: this machine gives this process {cpus} CPU(s); more "
+        "processes than that only measure contention",
+    )
+    for flag, threads in (("--threads", plan.threads), ("--train-threads", plan.train_threads)):
+        need(
+            1 <= threads <= cpus,
+            f"{flag} must be >= 1 and <= {cpus} (this machine gives this process {cpus} "
+            f"CPU(s)), got {threads}",
+        )
     need(bool(plan.batch_sizes) and min(plan.batch_sizes) >= 1, "--batch-sizes must be >= 1")
     need(plan.batch_sizes == sorted(set(plan.batch_sizes)), "--batch-sizes must increase")
     need(bool(plan.target_batches) and min(plan.target_batches) >= 1, "--target-batches >= 1")
+    need(
+        bool(plan.allreduce_sizes)
+        and min(plan.allreduce_sizes) >= 1
+        and max(plan.allreduce_sizes) <= MAX_ALLREDUCE_FLOATS,
+        f"--allreduce-sizes must be numbers of floats >= 1 and <= 10**9, got "
+        f"{','.join(map(str, plan.allreduce_sizes))}",
+    )
     need(0 < plan.target <= 1, f"--target must be a fraction in (0, 1], got {plan.target}")
-    need(plan.epochs > 0, "--epochs must be > 0")
+    need(
+        math.isfinite(plan.epochs) and 0 < plan.epochs <= 10**6,
+        f"--epochs must be > 0 and <= 10**6, got {plan.epochs}",
+    )
     need(math.isfinite(plan.lr) and plan.lr >= 0, f"--lr must be >= 0, got {plan.lr}")
-    need(min(plan.steps, plan.repeats, plan.evals_per_epoch) >= 1, "steps/repeats must be >= 1")
-    need(plan.warmup >= 0 and plan.threads >= 1, "--warmup >= 0 and --threads >= 1")
+    need(
+        math.isfinite(plan.saturation) and plan.saturation >= 0,
+        f"--saturation must be a finite number >= 0 (a relative growth, 0.1 = 10 %), got "
+        f"{plan.saturation}",
+    )
+    need(
+        min(plan.steps, plan.repeats, plan.evals_per_epoch) >= 1
+        and max(plan.steps, plan.repeats, plan.evals_per_epoch, plan.warmup) <= MAX_COUNT,
+        "--steps, --repeats and --evals-per-epoch must be >= 1 (and <= 10**6)",
+    )
+    need(plan.warmup >= 0, f"--warmup must be >= 0, got {plan.warmup}")
+    need(0 <= plan.seed < MAX_SEED, f"--seed must be >= 0 and < 2**32, got {plan.seed}")
     need(plan.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {plan.device!r}")
     if plan.device == "cuda":
         need(torch.cuda.is_available(), "--device cuda: no CUDA device here")
         need(max(plan.procs) <= torch.cuda.device_count(), "--procs: more processes than GPUs")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_sizes(plan: StudyPlan, shape: dict[str, int]) -> None:
+    """Batches against the data set (a batch beyond it is no training batch) and the memory
+    (one float32 batch of inputs must fit in a quarter of it), before anything is timed."""
+    from isgd.training.config import ConfigError
+
+    n = shape["n"]
+    for flag, batches in (
+        ("--batch-sizes", plan.batch_sizes),
+        ("--target-batches", plan.target_batches),
+    ):
+        if max(batches) > n:
+            raise ConfigError(
+                f"batch-study: {flag} {max(batches)} is larger than the data set "
+                f"({plan.dataset}: {n} training images); use batches <= {n}"
+            )
+    memory = _physical_memory()
+    per_image = 4 * shape["channels"] * shape["size"] ** 2
+    if memory is not None and max(plan.batch_sizes) * per_image > memory // 4:
+        raise ConfigError(
+            f"batch-study: --batch-sizes {max(plan.batch_sizes)}: one batch of inputs alone "
+            f"needs {max(plan.batch_sizes) * per_image / 2**30:.1f} GiB, more than a quarter of "
+            f"this machine's {memory / 2**30:.1f} GiB"
+        )
 
 
 def redraw(out: Path) -> Path:

@@ -45,6 +45,7 @@ __all__ = [
     "plot_runs",
     "spearman",
     "summarize_claims",
+    "time_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,8 +331,8 @@ def _time_unit(seconds: float) -> tuple[float, str]:
 
 def noise_caption(runs: Sequence[Run], x_key: str) -> str:
     """What a figure of these runs cannot show, in words: ISGD runs that never triggered, runs
-    that did identical computation, and (on a time axis) that one run each is not a measurement
-    of speed."""
+    that did identical computation, and (on a time axis) that the times of separate runs differ
+    by the machine's load as well (:func:`time_note`)."""
     notes = []
     idle = [
         r.name
@@ -355,14 +356,27 @@ def noise_caption(runs: Sequence[Run], x_key: str) -> str:
     ]
     if same:
         notes.append(f"identical accuracy at every evaluation: {'; '.join(same)}")
-    if x_key == "time/train_seconds" and len(runs) > 1:
-        notes.append(
-            "one run each on a shared machine: time differences include machine noise "
-            "(`isgd compare` runs seeds and gives intervals)"
-            if not same and not idle
-            else "differences in time between them are machine noise, not speed"
-        )
+    if x_key == "time/train_seconds" and (note := time_note(runs, same=bool(same or idle))):
+        notes.append(note.replace("\n", " "))
     return "\n".join(notes)
+
+
+def time_note(runs: Sequence[Run], same: bool = False) -> str:
+    """Why a wall-clock axis of several runs is no comparison of speed: each run was timed on its
+    own, under whatever else the machine was doing (``same``: they did the same computation).
+    Empty for one run."""
+    if len(runs) < 2:
+        return ""
+    head = f"wall-clock time, measured in {len(runs)} separate runs: machine load differs"
+    if same:
+        return (
+            f"{head} between them,\nand they did the same computation: "
+            "differences in time are machine load, not speed"
+        )
+    return (
+        f"{head} between them, so time differences are not speed:\n"
+        "compare passes (accuracy_vs_passes.png); `isgd compare` runs seeds and gives intervals"
+    )
 
 
 def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> Path:
@@ -404,10 +418,13 @@ def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> P
         for ax in (ax_acc, ax_err):
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     else:
-        xlabel, what = f"training time ({unit}, evaluation excluded)", "training time"
+        xlabel = f"wall-clock training time ({unit}, evaluation excluded)"
+        what = "wall-clock time"
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"Test accuracy vs {what} (zoomed)")
     ax_err.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=f"Test error vs {what}")
-    caption = noise_caption(runs, x_key)
+    caption = noise_caption(runs, "passes")  # what no axis shows: idle or identical runs
+    if x_key == "time/train_seconds" and (note := time_note(runs, same=bool(caption))):
+        fig.suptitle(note, fontsize=10.5, color="#a00000")  # on top: read before the curves
     if caption:
         fig.supxlabel(caption, fontsize=9, color="#444444")
     return _save(fig, path)
@@ -567,15 +584,17 @@ def _file_part(name: str) -> str:
 
 
 def plot_runs(run_dirs: Sequence[RunLike], out_dir: str | PathLike) -> list[Path]:
-    """Write accuracy_vs_time, accuracy_vs_passes, loss_spread and, per run, batch_loss_<name>
-    and batch_heatmap_<name> as PNG into ``out_dir``; return the paths written."""
+    """Write accuracy_vs_passes (the comparison: the work each run did, whatever the machine's
+    load), accuracy_vs_time (secondary: wall-clock time, with :func:`time_note` on it),
+    loss_spread and, per run, batch_loss_<name> and batch_heatmap_<name> as PNG into
+    ``out_dir``; return the paths written."""
     runs = _as_runs(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     colors = [colormaps["tab10"](i % 10) for i in range(len(runs))]
     written = [
-        _accuracy_figure(runs, colors, "time/train_seconds", out / "accuracy_vs_time.png"),
         _accuracy_figure(runs, colors, "passes", out / "accuracy_vs_passes.png"),
+        _accuracy_figure(runs, colors, "time/train_seconds", out / "accuracy_vs_time.png"),
     ]
     for run, color in zip(runs, colors):
         name = _file_part(run.name)

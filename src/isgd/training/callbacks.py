@@ -26,6 +26,7 @@ import math
 import struct
 import sys
 import zlib
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from isgd.errors import RunError
@@ -136,12 +137,21 @@ class ProgressDisplay(Callback):
     """A progress bar (status every 20 iterations) on a terminal, plain status lines every
     ``log_every`` iterations otherwise, and one line per evaluation (no bar off rank 0).
 
+    Both show the ETA of the whole run from the ``EARLY``-th iteration on (a few seconds in):
+    the remaining iterations at this session's wall-clock seconds per iteration (evaluations left
+    out) plus the evaluations still due at the measured cost of one (the one at iteration 0 is
+    the first measurement).
+
     ``enabled``: show the bar (None: when stderr is a terminal); set before the run starts.
     """
+
+    EARLY = 10  # iterations into the session: the first status line, with the first ETA
 
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = enabled
         self._bar: Any = None
+        self._start = self._mark = self._eval_total = 0.0
+        self._evals = self._start_iteration = 0
 
     def on_run_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -156,18 +166,44 @@ class ProgressDisplay(Callback):
             unit="it",
             dynamic_ncols=True,
             mininterval=0.5,
-            smoothing=0.05,
+            # not tqdm's remaining time, which takes the evaluation at iteration 0 for the pace
+            # of the first iterations: the postfix shows the run's ETA (eta_seconds)
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
+        self._start = self._mark = perf_counter()
+        self._eval_total, self._evals = 0.0, 0
+        self._start_iteration = trainer.state.iteration
+
+    def eta_seconds(self, trainer: Trainer) -> float | None:
+        """Seconds left in the run: the remaining iterations and evaluations at this session's
+        pace; None before the first iteration of the session."""
+        done = trainer.state.iteration - self._start_iteration
+        if done <= 0:
+            return None
+        stepping = perf_counter() - self._start - self._eval_total
+        per_eval = self._eval_total / self._evals if self._evals else 0.0
+        return (trainer.total - trainer.state.iteration) * stepping / done + per_eval * (
+            evaluations_left(trainer.state.iteration, trainer.total, trainer.config.eval_every)
+        )
+
+    def eta_text(self, trainer: Trainer) -> str:
+        eta = self.eta_seconds(trainer)
+        return "ETA -" if eta is None else f"ETA {format_duration(eta)}"
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         bar, iteration = self._bar, trainer.state.iteration
         bar.update(1)
-        if bar.disable and iteration % trainer.config.log_every == 0:
+        early = iteration - self._start_iteration == self.EARLY
+        if bar.disable and (early or iteration % trainer.config.log_every == 0):
             log.info("%s", trainer.status_line())
-        elif not bar.disable and iteration % 20 == 0:
-            bar.set_postfix_str(trainer.status_line(short=True), refresh=False)
+        elif not bar.disable and (early or iteration % 20 == 0):
+            status = f"{self.eta_text(trainer)} | {trainer.status_line(short=True)}"
+            bar.set_postfix_str(status, refresh=False)
+        self._mark = perf_counter()  # an evaluation due now starts after the display
 
     def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self._eval_total += perf_counter() - self._mark
+        self._evals += 1
         if record["iteration"]:
             log.info(
                 "eval at iter %d: test accuracy %.2f%%, test loss %.4f (%.1f s of training)",
@@ -181,6 +217,24 @@ class ProgressDisplay(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def evaluations_left(iteration: int, total: int, eval_every: int) -> int:
+    """Evaluations after ``iteration``: every ``eval_every`` iterations and at the last one
+    (:class:`PeriodicEvaluation`)."""
+    if iteration >= total:
+        return 0
+    return total // eval_every - iteration // eval_every + (1 if total % eval_every else 0)
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``4m10s``, ``1h02m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class RankAgreement(Callback):

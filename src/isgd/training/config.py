@@ -19,6 +19,7 @@ import tomli_w
 from isgd.data import registry as datasets
 from isgd.errors import ConfigError
 from isgd.optim import INNER_SOLVERS
+from isgd.spc import MAX_WINDOW
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +28,9 @@ else:  # pragma: no cover
 
 __all__ = [
     "LR_POLICIES",
+    "MAX_ITERS",
+    "MAX_SEED",
+    "MAX_WINDOW",
     "OPTIMIZERS",
     "PRESETS",
     "ConfigError",
@@ -37,6 +41,11 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "isgd", "nesterov", "isgd-nesterov", "adam", "isgd-adam")
 LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
+# upper bounds of the counts (documented in README "Configuration"): far beyond any real run, and
+# small enough that every count, and every seed derived from ``seed`` (seed·1_000_003 + stream, the
+# reshuffling and data-variant streams), fits the 64-bit integers torch takes
+MAX_ITERS = 10**12  # iterations (or epochs × batches per epoch), milestones, step_size, ...
+MAX_SEED = 2**32  # seeds are 0 <= seed < 2**32
 
 
 @dataclasses.dataclass
@@ -124,11 +133,16 @@ class TrainConfig:
             "it down",
         )
         need(self.crop_size >= 0, "crop_size", "must be >= 0 (0: no crop)")
-        need(self.iters >= 1, "iters", "must be >= 1")
+        need(1 <= self.iters <= MAX_ITERS, "iters", "must be >= 1 and <= 10**12")
+        need(0 <= self.seed < MAX_SEED, "seed", "must be an integer with 0 <= seed < 2**32")
+        for key in (k for k, hint in FIELD_TYPES.items() if hint is int):
+            value = getattr(self, key)  # a count no run reaches, or one torch cannot hold
+            need(abs(value) <= MAX_ITERS, key, "must be <= 10**12")
         need(self.step_size >= 1, "step_size", "must be >= 1")
         for key in ("lr", "momentum", "weight_decay", "gamma", "power", "eps", "epochs"):
             value = getattr(self, key)
             need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
+        need(self.epochs <= MAX_ITERS, "epochs", "must be <= 10**12")
         need(self.momentum < 1, "momentum", "must be < 1")
         need(
             math.isfinite(self.sigma_factor) and self.sigma_factor > 0,
@@ -140,6 +154,11 @@ class TrainConfig:
             self.inner_solver in INNER_SOLVERS, "inner_solver", "one of " + ", ".join(INNER_SOLVERS)
         )
         need(self.window == 0 or self.window >= 2, "window", "0 (one epoch) or >= 2 batches")
+        need(
+            self.window <= MAX_WINDOW,
+            "window",
+            "at most 2**31 - 1 batches; ISGD acts only once its window has filled",
+        )
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
         need(
             math.isfinite(self.imbalance) and self.imbalance >= 1,
@@ -157,7 +176,11 @@ class TrainConfig:
             need(self.uses_isgd, "lower_quantile", "a variant of ISGD: needs an isgd optimizer")
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
         need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
-        need(all(m >= 1 for m in self.milestones), "milestones", "iterations >= 1")
+        need(
+            all(1 <= m <= MAX_ITERS for m in self.milestones),
+            "milestones",
+            "iterations >= 1 and <= 10**12",
+        )
         need(self.milestones == sorted(self.milestones), "milestones", "must be increasing")
         if self.lr_policy == "multistep":
             need(bool(self.milestones), "milestones", "the multistep policy needs milestones")
@@ -292,6 +315,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 text
+        raise ConfigError(
+            f"config file {path} is not UTF-8 TOML (byte 0x{err.object[err.start]:02x} at "
+            f"offset {err.start} is not UTF-8 text)"
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
 

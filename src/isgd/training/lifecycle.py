@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from isgd.data import DataSplit
-from isgd.errors import RunError
+from isgd.errors import ConfigError, RunError
 from isgd.training import distributed, runio
-from isgd.training.config import TrainConfig, dump_toml, load_toml, resolve_config
+from isgd.training.config import MAX_ITERS, TrainConfig, dump_toml, load_toml, resolve_config
 from isgd.training.distributed import DistContext
 from isgd.training.train import Trainer, check_checkpoint_config, resume_hint
 
@@ -68,6 +68,36 @@ def prepare_run_dir(run_dir: Path) -> runio.DirectoryLock:
     return lock
 
 
+def check_budget(config: TrainConfig, trainer: Trainer) -> None:
+    """What only the data set's size shows: ``epochs`` too many iterations, a ``window`` that
+    never fills within the run (ISGD would never act)."""
+    if trainer.total > MAX_ITERS:
+        raise ConfigError(
+            f"invalid epochs: {config.epochs:g} ({trainer.n_b} batches per epoch make "
+            f"{trainer.total} iterations; at most 10**12)"
+        )
+    if config.uses_isgd and config.window > trainer.total:
+        raise ConfigError(
+            f"invalid window: {config.window} (ISGD acts only once its window of batches has "
+            f"filled, and this run has {trainer.total} iterations: it would never act; lower "
+            "--window, or 0 for one epoch)"
+        )
+
+
+def _provenance(config: TrainConfig, trainer: Trainer, run_id: str) -> dict[str, Any]:
+    """``provenance.json``: versions, machine, command, the data as results name it, the run id."""
+    record = runio.provenance(config.threads)
+    record["run_id"] = run_id
+    record["data"] = trainer.data.variant or trainer.data.name
+    if trainer.world_size > 1:
+        record["distributed"] = {
+            "world_size": trainer.world_size,
+            "batch_sizes": list(trainer.sizes),
+            "backend": torch.distributed.get_backend(),
+        }
+    return record
+
+
 def train(
     config: TrainConfig,
     run_dir: str | Path,
@@ -90,6 +120,7 @@ def train(
     # fail fast, before loading anything (under dist: rank 0 checks, every rank raises)
     distributed.on_main(ctx, lambda: check_new_run_dir(run_dir))
     trainer = Trainer(config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares)
+    check_budget(config, trainer)
     held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
 
     def create() -> str:
@@ -97,16 +128,7 @@ def train(
         run_id = uuid.uuid4().hex  # checkpoints carry it: one copied from another run is refused
         try:
             runio.atomic_write_text(run_dir / "config.toml", dump_toml(config))
-            record = runio.provenance(config.threads)
-            record["run_id"] = run_id
-            record["data"] = trainer.data.variant or trainer.data.name
-            if ctx is not None:
-                record["distributed"] = {
-                    "world_size": ctx.world_size,
-                    "batch_sizes": list(trainer.sizes),
-                    "backend": torch.distributed.get_backend(),
-                }
-            runio.write_json(run_dir / "provenance.json", record)
+            runio.write_json(run_dir / "provenance.json", _provenance(config, trainer, run_id))
         except runio.WriteError as err:
             todo = (
                 f"continue with: {resume_hint(run_dir, trainer.world_size)}"
@@ -176,6 +198,8 @@ def resume(
         # loaded before the data, so that a bad checkpoint fails fast; a damaged one is moved
         # aside and the previous one used, saying so
         checkpoint, checkpoint_path = runio.load_latest_checkpoint(run_dir / "checkpoints", run_id)
+        if not prov.is_file():  # a kill before provenance.json was renamed into place
+            run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
         if checkpoint is not None:
             where = f"checkpoint {checkpoint_path}"
             check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
@@ -201,6 +225,14 @@ def resume(
             config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
         )
         trainer.run_id = run_id
+        provenance = run_dir / "provenance.json"
+        if trainer.is_main and not provenance.is_file():
+            runio.write_json(provenance, _provenance(config, trainer, run_id))
+            log.warning(
+                "provenance.json was missing from %s (the run was stopped while writing it): "
+                "written again, from this process's versions and machine",
+                run_dir,
+            )
         if checkpoint is None:
             log.info("no checkpoint in %s: starting it from the beginning", run_dir)
             if trainer.is_main:

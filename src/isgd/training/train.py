@@ -805,7 +805,8 @@ class Trainer:
         return self.ranks.digest
 
     def status_line(self, short: bool = False) -> str:
-        """Loss, limit, triggers, images/s (and, unless ``short``, iteration and ETA)."""
+        """Loss, limit, triggers, images/s (and, unless ``short``, iteration and the run's ETA,
+        :meth:`ProgressDisplay.eta_seconds`)."""
         st, chart = self.state, self.chart
         stats = getattr(self.optimizer, "stats", None)
         limit = chart.limit
@@ -817,8 +818,8 @@ class Trainer:
         ]
         if short:
             return " ".join(parts)
-        eta = (self.total - st.iteration) * st.train_seconds / max(st.iteration, 1)
-        return f"iter {st.iteration}/{self.total} " + " | ".join(parts) + f" | ETA {eta:.0f}s"
+        eta = self.display.eta_text(self)
+        return f"iter {st.iteration}/{self.total} " + " | ".join(parts) + f" | {eta}"
 
     def evaluate_and_record(self) -> None:
         """Evaluate on the test split, update the run's best/target figures and hand the

@@ -1,0 +1,117 @@
+"""LossSync: the values of the one all-reduce, checked against hand-computed ones.
+
+Two forked gloo processes on CPU exchange a handful of scalars (no model, no data): a fraction
+of a second. Agreement between ranks alone would not do: a sum instead of the weighted mean,
+a dropped weight or an ignored inf flag are the same on every rank too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from isgd.collective import LossSync
+from tests.fixtures import leave_rank
+
+LOSSES = (1.0, 5.0)  # rank 0, rank 1
+
+
+def _calls(rank: int) -> dict[str, tuple]:
+    """Every case: this rank's arguments to ``LossSync()(loss, weight, found_inf)``."""
+    loss = LOSSES[rank]
+    return {
+        # weighted mean (3·1 + 1·5) / (3 + 1) = 2; a sum gives 8, unweighted losses 1.5 or 3
+        "uneven weights": (loss, (3.0, 1.0)[rank], None),
+        "uneven weights, tensor loss": (torch.tensor(loss), (3, 1)[rank], None),
+        # (1·1 + 4·5) / (1 + 4) = 4.2
+        "weights 1 and 4": (loss, (1.0, 4.0)[rank], None),
+        # no weight: every rank weighs 1, the plain mean (1 + 5) / 2 = 3
+        "no weight": (loss, None, None),
+        "no weight, tensor loss": (torch.tensor([loss]), None, None),
+        # GradScaler's found_inf on one rank only: every rank skips
+        "inf on rank 1 only": (loss, None, torch.tensor((0.0, 1.0)[rank])),
+        "inf on rank 0 only, none passed on rank 1": (
+            loss,
+            None,
+            torch.tensor([1.0]) if rank == 0 else None,
+        ),
+        "no inf anywhere": (loss, None, torch.tensor(0.0)),
+    }
+
+
+EXPECTED = {
+    "uneven weights": (2.0, False),
+    "uneven weights, tensor loss": (2.0, False),
+    "weights 1 and 4": (4.2, False),
+    "no weight": (3.0, False),
+    "no weight, tensor loss": (3.0, False),
+    "inf on rank 1 only": (3.0, True),
+    "inf on rank 0 only, none passed on rank 1": (3.0, True),
+    "no inf anywhere": (3.0, False),
+}
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    try:
+        results = {}
+        for sync_loss in (None, True):  # None: on because the group has 2 processes
+            sync = LossSync(enabled=sync_loss)
+            assert sync.active()
+            for case, (loss, weight, found_inf) in _calls(rank).items():
+                psi, any_inf = sync(loss, weight, found_inf)
+                results[f"{case} (sync_loss={sync_loss})"] = [psi, any_inf]
+        # sync_loss=False: the local loss and the local flag, no collective
+        results["local"] = list(LossSync(enabled=False)(LOSSES[rank], 3.0, torch.tensor(0.0)))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    leave_rank()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gloo on the loopback interface 'lo' (Linux)")
+    out = tmp_path_factory.mktemp("loss-sync")
+    init = f"file://{out / 'rendezvous'}"
+    # fork, not spawn: no second import of torch per rank (seconds); each rank uses one thread
+    ranks = mp.start_processes(
+        _worker, args=(2, init, str(out)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 60
+    while not ranks.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the 2 ranks did not finish within 60 s")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("sync_loss", [None, True])
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_every_rank_gets_the_weighted_mean_and_the_or_of_the_inf_flags(two_ranks, case, sync_loss):
+    key = f"{case} (sync_loss={sync_loss})"
+    expected_psi, expected_inf = EXPECTED[case]
+    for rank, results in enumerate(two_ranks):
+        psi, any_inf = results[key]
+        assert psi == pytest.approx(expected_psi, rel=1e-12), (rank, key)
+        assert any_inf is expected_inf, (rank, key)
+
+
+def test_sync_loss_false_judges_the_local_loss(two_ranks):
+    assert [results["local"] for results in two_ranks] == [[1.0, False], [5.0, False]]
