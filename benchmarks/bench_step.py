@@ -1,5 +1,9 @@
 """Cost of an ISGD step that does not trigger, against a plain ``torch.optim.SGD`` step.
 
+Two ISGD steppers are timed against the bare optimizer: ISGD as published (``max_extra_iters=5``,
+a full chart, no trigger) and ``ISGD(max_extra_iters=0)``, which is how ``isgd train`` runs its
+SGD arm (one optimizer type for every arm): its ratio to bare SGD must sit within noise of 1.
+
 Caffe LeNet, MNIST-shaped input (1×28×28, 10 classes), batch 64, SGD with momentum 0.9 and
 weight decay 5e-4 (the Caffe LeNet solver). Both optimizers run in the same process, their steps
 interleaved one by one (SGD ISGD, ISGD SGD, ...) so that machine drift and other processes' bursts
@@ -12,18 +16,23 @@ Also reports the memory ISGD holds beyond the base optimizer (the ``w_prev`` cop
 step needs) and, for information, the cost of triggered steps.
 
     python benchmarks/bench_step.py [--reps 9] [--steps 200] [--threads 2] [--out FILE.json]
+
+Each ratio is reported as the median over repetitions and a 95 % Student-t interval of the
+geometric mean (over repetitions of the ratio of medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
 
 import torch
+from scipy import stats
 from torch.nn import functional as F
 
 import isgd
@@ -59,17 +68,26 @@ def isgd_stepper(model, opt, x, y):
     return lambda: opt.step(closure)
 
 
-def interleaved(step_a, step_b, steps: int) -> tuple[list[float], list[float]]:
-    """Per-step times of two steppers, alternating step by step (A B, B A, A B, ...), so that
-    machine drift and other processes' bursts hit both alike."""
-    times_a, times_b = [], []
+def interleaved(*steppers, steps: int) -> list[list[float]]:
+    """Per-step times of the steppers, taking turns step by step in a rotating order (A B C,
+    B C A, C A B, ...), so that machine drift and other processes' bursts hit all alike."""
+    times: list[list[float]] = [[] for _ in steppers]
     clock = time.perf_counter
     for i in range(steps):
-        for which in (0, 1) if i % 2 == 0 else (1, 0):
+        for k in range(len(steppers)):
+            which = (i + k) % len(steppers)
             start = clock()
-            (step_a if which == 0 else step_b)()
-            (times_a if which == 0 else times_b).append(clock() - start)
-    return times_a, times_b
+            steppers[which]()
+            times[which].append(clock() - start)
+    return times
+
+
+def geometric_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of ``ratios`` and its 95 % Student-t interval (on the log ratios)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.mean(logs)
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def main() -> None:
@@ -86,35 +104,43 @@ def main() -> None:
     x = torch.rand(args.batch, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), generator=g)
 
-    sgd_model, isgd_model = make(), make()
+    sgd_model, isgd_model, zero_model = make(), make(), make()
     sgd = torch.optim.SGD(sgd_model.parameters(), **SOLVER)
     opt = isgd.ISGD(isgd_model.parameters(), window=937, max_extra_iters=5, **SOLVER)
     for i in range(opt.window):  # a full chart whose limit (~1e3) no loss reaches
         opt.chart.update(1000.0 + (i % 7))
+    zero = isgd.ISGD(zero_model.parameters(), window=937, max_extra_iters=0, **SOLVER)
 
     run_sgd = sgd_stepper(sgd_model, sgd, x, y)
     run_isgd = isgd_stepper(isgd_model, opt, x, y)
-    interleaved(run_sgd, run_isgd, 30)  # warm-up
-    ratios, ratios_mean, t_sgd, t_isgd = [], [], [], []
+    run_zero = isgd_stepper(zero_model, zero, x, y)
+    interleaved(run_sgd, run_isgd, run_zero, steps=30)  # warm-up
+    ratios, ratios_mean, ratios_zero, t_sgd, t_isgd, t_zero = [], [], [], [], [], []
     for rep in range(args.reps):
-        a, b = interleaved(run_sgd, run_isgd, args.steps)
+        a, b, c = interleaved(run_sgd, run_isgd, run_zero, steps=args.steps)
         t_sgd.append(1e3 * statistics.median(a))
         t_isgd.append(1e3 * statistics.median(b))
+        t_zero.append(1e3 * statistics.median(c))
         ratios.append(t_isgd[-1] / t_sgd[-1])
         ratios_mean.append(sum(b) / sum(a))
+        ratios_zero.append(t_zero[-1] / t_sgd[-1])
         print(
-            f"rep {rep}: median SGD {t_sgd[-1]:.3f} ms/step  ISGD {t_isgd[-1]:.3f} ms/step  "
-            f"ratio of medians {ratios[-1]:.4f}  ratio of totals {ratios_mean[-1]:.4f}",
+            f"rep {rep}: median SGD {t_sgd[-1]:.3f} ms/step  ISGD {t_isgd[-1]:.3f}  "
+            f"ISGD(max_extra_iters=0) {t_zero[-1]:.3f}  ratios of medians {ratios[-1]:.4f} / "
+            f"{ratios_zero[-1]:.4f}",
             flush=True,
         )
     assert opt.stats.triggers == 0, "the timed ISGD steps were meant not to trigger"
+    assert all(
+        torch.equal(p, q) for p, q in zip(sgd_model.parameters(), zero_model.parameters())
+    ), "ISGD(max_extra_iters=0) must take the bare optimizer's steps, bit for bit"
 
     # Memory beyond the base optimizer: trigger once so w_prev exists, then count it.
     param_bytes = sum(p.numel() * p.element_size() for p in isgd_model.parameters())
     opt.chart.reset()
     for _ in range(opt.window):
         opt.chart.update(0.0)
-    _, trig_times = interleaved(run_sgd, run_isgd, 20)
+    _, trig_times = interleaved(run_sgd, run_isgd, steps=20)
     trig_ms = 1e3 * statistics.median(trig_times)
     held = sum(w.numel() * w.element_size() for w in (opt._w_prev or []))
     base_state = sum(
@@ -139,6 +165,10 @@ def main() -> None:
         "ratio_of_totals_median": statistics.median(ratios_mean),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_geomean_ci95": geometric_interval(ratios),
+        "zero_extra_ms_per_step_median": statistics.median(t_zero),
+        "zero_extra_ratio_median": statistics.median(ratios_zero),
+        "zero_extra_ratio_geomean_ci95": geometric_interval(ratios_zero),
         "param_bytes": param_bytes,
         "isgd_extra_bytes": held,
         "isgd_extra_over_params": held / param_bytes,

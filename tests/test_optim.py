@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from isgd import ISGD, frozen_batchnorm_stats
+from isgd import ISGD, ForwardOnlyISGD, frozen_batchnorm_stats
 from tests import toy
 from tests.reference_isgd import ReferenceISGD
 
@@ -103,12 +103,13 @@ def test_lockstep_with_reference(kind, nesterov, inner_solver, lower_quantile, s
     data = toy.batches()
     model, ref_model = toy.MODELS[kind](), toy.MODELS[kind]()
     kw = dict(SGD_KW, nesterov=nesterov)
-    opt = ISGD(
+    variant = dict(lower_quantile=lower_quantile) if lower_quantile > 0 else {}
+    opt = (ForwardOnlyISGD if lower_quantile > 0 else ISGD)(
         model.parameters(),
         **kw,
         **dict(ISGD_KW, sigma_factor=sigma_factor),
         inner_solver=inner_solver,
-        lower_quantile=lower_quantile,
+        **variant,
     )
     ref = ReferenceISGD(
         list(ref_model.parameters()),
@@ -447,7 +448,7 @@ def test_state_dict_is_a_snapshot_of_the_chart_and_counters():
     state = opt.state_dict()  # no copy: later steps must not change what was saved
     opt.chart.update(1.0)
     opt.stats.steps += 1
-    assert state["chart"]["losses"] == [0.5] and state["stats"]["steps"] == 0
+    assert state["isgd"]["chart"]["losses"] == [0.5] and state["isgd"]["stats"]["steps"] == 0
 
 
 # ------------------------------------------------------------------ bad arguments
@@ -519,7 +520,7 @@ def _first_triggered_step(opt, model, data):
 def test_own_inner_solvers_leave_the_base_state_to_the_regular_step(inner_solver):
     data = toy.batches()
     model = toy.mlp()
-    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW, inner_solver=inner_solver)
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW, inner_solver=inner_solver, diagnostics=True)
     t, (model_before, state_before) = _first_triggered_step(opt, model, data)
     plain = torch.optim.SGD(model_before.parameters(), **SGD_KW)
     plain.load_state_dict(state_before)
@@ -537,11 +538,11 @@ def test_own_inner_solvers_leave_the_base_state_to_the_regular_step(inner_solver
 def test_momentum_ratio_of_the_shared_base_step():
     data = toy.batches()
     model = toy.mlp()
-    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+    opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW, diagnostics=True)
     _first_triggered_step(opt, model, data)
     assert opt.stats.last.momentum_ratio > 1.0  # the velocity dominates ∇φ (issue 12)
     model = toy.mlp()
-    adam = ISGD(model.parameters(), torch.optim.Adam, lr=1e-3, **ISGD_KW)
+    adam = ISGD(model.parameters(), torch.optim.Adam, lr=1e-3, **ISGD_KW, diagnostics=True)
     _first_triggered_step(adam, model, data)
     assert adam.stats.last.momentum_ratio is None  # no velocity to compare with
 
@@ -558,7 +559,7 @@ def test_momentum_ratio_is_the_mean_of_mu_v_over_grad_phi(inner_solver):
     data = toy.batches()
     model = toy.mlp()
     params = list(model.parameters())
-    opt = ISGD(params, **SGD_KW, **ISGD_KW, inner_solver=inner_solver)
+    opt = ISGD(params, **SGD_KW, **ISGD_KW, inner_solver=inner_solver, diagnostics=True)
     mu = SGD_KW["momentum"]
     ratios = []
     for t in range(10 * toy.N_BATCHES):
@@ -635,9 +636,9 @@ def test_add_param_group_inside_a_triggered_step_extends_the_snapshot():
             break
     else:
         raise AssertionError("no step triggered")
-    opt._velocity()  # the momentum solver's buffer exists before the group joins
+    opt.solver.buffers()  # the momentum solver's buffer exists before the group joins
     opt.add_param_group({"params": hidden.parameters()})
-    assert torch.equal(opt._w_prev[-2], hidden.weight) and len(opt._v) == 2
+    assert torch.equal(opt._w_prev[-2], hidden.weight) and len(opt.solver.v) == 2
     model.zero_grad()
     loss_i = F.cross_entropy(model(x), y)
     loss_i.backward()
@@ -652,3 +653,89 @@ def test_integral_numbers_are_integers():
     opt = ISGD(_params(), lr=0.1, window=np.int64(4), max_extra_iters=np.int32(2))
     assert (opt.window, opt.max_extra_iters) == (4, 2) and type(opt.window) is int
     opt.load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------------ the stop check without backward
+def test_a_closure_may_skip_backward_at_the_stop_check_and_the_weights_are_the_same():
+    """well_trained() in an extra iteration is the stop rule: a closure that returns without
+    backward() when it says True trains to the same bits, and that pass counts as a forward."""
+    data = toy.batches()
+    model_a, model_b = toy.mlp(), toy.mlp()
+    opt_a = ISGD(model_a.parameters(), **SGD_KW, **ISGD_KW)
+    opt_b = ISGD(model_b.parameters(), **SGD_KW, **ISGD_KW)
+    backwards = 0
+
+    def lazy_closure(x, y):
+        def closure():
+            nonlocal backwards
+            opt_b.zero_grad()
+            loss = F.cross_entropy(model_b(x), y)
+            if opt_b.well_trained(loss):
+                return loss
+            loss.backward()
+            backwards += 1
+            return loss
+
+        return closure
+
+    for t in range(10 * toy.N_BATCHES):
+        x, y = data[t % len(data)]
+        opt_a.step(toy.make_closure(model_a, x, y, opt_a.zero_grad))
+        opt_b.step(lazy_closure(x, y))
+        assert opt_b.stats.last == opt_a.stats.last, t
+    assert params_equal(model_a, model_b)
+    a, b = opt_a.stats, opt_b.stats
+    assert (b.passes, b.triggers, b.extra_iters) == (a.passes, a.triggers, a.extra_iters)
+    assert a.forward_passes == 0 and b.forward_passes >= 1
+    assert b.backward_passes == backwards == a.passes - b.forward_passes
+
+
+def test_well_trained_is_false_on_the_regular_pass():
+    opt = ISGD(_params(), lr=0.1, window=2)
+    for loss in (1.0, 2.0):
+        opt.chart.update(loss)
+    assert opt.well_trained(torch.tensor(0.0)) is False  # every batch updates the weights
+
+
+# ------------------------------------------------------------------ the state_dict's layout
+def test_state_dict_has_torch_layout_with_the_hyper_parameters_in_the_groups():
+    opt = ISGD(_params(), torch.optim.Adam, lr=1e-3, window=4, sigma_factor=2.0, eps=0.5)
+    state = opt.state_dict()
+    assert set(state) == {"state", "param_groups", "isgd"} and set(state["isgd"]) == {
+        "chart",
+        "stats",
+    }
+    group = state["param_groups"][0]
+    assert (group["sigma_factor"], group["isgd_eps"], group["eps"]) == (2.0, 0.5, 1e-8)
+    assert opt.defaults["sigma_factor"] == 2.0 and opt.eps == 0.5
+
+
+def test_a_scheduler_style_change_of_sigma_factor_moves_the_limit():
+    opt = ISGD(_params(), lr=0.1, window=2, sigma_factor=3.0)
+    for loss in (1.0, 2.0):
+        opt.chart.update(loss)
+    for group in opt.param_groups:
+        group["sigma_factor"] = 1.0
+    opt.observe(torch.tensor(1.5))
+    assert opt.stats.last.limit == pytest.approx(1.5 + 1.0 * 0.5)
+
+
+def test_load_state_dict_refuses_the_earlier_layout_in_one_line():
+    opt = ISGD(_params(), lr=0.1, window=4)
+    old = {"base": {}, "chart": {}, "stats": {}, "isgd": {}}
+    with pytest.raises(ValueError, match=r"^not an ISGD state_dict of this version") as info:
+        opt.load_state_dict(old)
+    assert "\n" not in str(info.value)
+
+
+def test_groups_disagreeing_on_an_isgd_hyper_parameter_are_refused():
+    model = toy.mlp()
+    with pytest.raises(ValueError, match=r"Invalid param_groups\[1\]: sigma_factor=2.0"):
+        ISGD(
+            [
+                {"params": model[1].parameters()},
+                {"params": model[3].parameters(), "sigma_factor": 2.0},
+            ],
+            lr=0.1,
+            window=4,
+        )

@@ -4,13 +4,16 @@
 >>> opt = isgd.ISGD(model.parameters(), lr=0.01, momentum=0.9, window=n_b)  # doctest: +SKIP
 
 
-The library is this package's top level and imports torch only: :mod:`isgd.optim` (ISGD),
-:mod:`isgd.spc` (the control chart), :mod:`isgd.sampler` (fixed-cycle batches, one process or
-split across ranks), :mod:`isgd.collective` (the all-reduce that makes ranks decide alike) and
-:mod:`isgd.errors`. Everything else — data, training, comparisons, reports, the command line —
-is the application built on it (``docs/design.md``); ``import isgd`` loads none of it.
+The library is this package's top level and imports torch only: :mod:`isgd.optim` (ISGD, the
+paper's method), :mod:`isgd.solvers` (its inner solvers), :mod:`isgd.amp` (GradScaler),
+:mod:`isgd.batchnorm`, :mod:`isgd.forward_only` (a variant), :mod:`isgd.spc` (the control
+chart), :mod:`isgd.sampler` (fixed-cycle batches, one process or split across ranks),
+:mod:`isgd.collective` (the all-reduce that makes ranks decide alike) and :mod:`isgd.errors`.
+Everything else — data, training, comparisons, reports, the command line — is the application
+built on it (``docs/design.md``); ``import isgd`` loads none of it.
 """
 
+from isgd.forward_only import ForwardOnlyISGD
 from isgd.optim import INNER_SOLVERS, ISGD, ISGDStats, StepRecord, frozen_batchnorm_stats
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.spc import LossControlChart
@@ -20,6 +23,7 @@ __all__ = [
     "ISGD",
     "DistributedFixedCycleBatchSampler",
     "FixedCycleBatchSampler",
+    "ForwardOnlyISGD",
     "ISGDStats",
     "LossControlChart",
     "StepRecord",

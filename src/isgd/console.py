@@ -1,6 +1,7 @@
 """The ``isgd`` command's entry point: the command line needs the application's dependencies
 (the ``app`` extra), which a library-only install (``pip install isgd``) does not have. Without
-them it says in one line what to install, instead of a traceback."""
+them it says in one line what to install, instead of a traceback: when ``isgd.cli`` cannot be
+imported, and when a command imports such a dependency lazily."""
 
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ def missing_app_dependency(err: ModuleNotFoundError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         from isgd.cli import main as cli_main
+
+        return cli_main(argv)
     except ModuleNotFoundError as err:
         message = missing_app_dependency(err)
         if message is None:
             raise
         print(message, file=sys.stderr)
-        return 2
-    return cli_main(argv)
+        return 2  # a usage error (isgd.cli.common.USAGE_ERROR)

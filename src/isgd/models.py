@@ -2,7 +2,7 @@
 
 ``lenet`` and ``cifar10-quick`` follow Caffe's prototxts layer by layer, including Caffe's
 ceil-mode pooling and its weight fillers, so that step counts and learning rates from the paper's
-solvers (ISGD.md §6) carry over. The others are the usual PyTorch layouts.
+Caffe solvers carry over. The others are the usual PyTorch layouts.
 """
 
 from __future__ import annotations

@@ -15,42 +15,37 @@ by steps along
     \nabla\phi(w) = (\psi_w(d_t) - \text{limit})\,\nabla\psi_w(d_t)
                   + \frac{\varepsilon}{n_w}\,(w - w_{t-1}),
 
-stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. Which steps is ``inner_solver``:
-the base optimizer's own update, sharing its momentum buffer (``"base"``, the default), plain
-gradient descent :math:`w \leftarrow w - \zeta\,\nabla\phi` with the group's learning rate
-:math:`\zeta` (``"gd"``), or heavy-ball momentum on φ with a buffer started afresh at every
-triggered step (``"momentum"``). See ``docs/algorithm.md`` for the
-mapping between the paper's symbols and the arguments below.
+stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. ``docs/algorithm.md`` maps the
+paper's symbols to the arguments below. Beside this module: :mod:`isgd.spc` (the chart),
+:mod:`isgd.solvers` (the update of the extra iterations), :mod:`isgd.amp` (GradScaler),
+:mod:`isgd.forward_only` (a variant that is not the paper's).
 
-(Why one module of ~740 lines: it is one algorithm. The closure form is written with the
-closure-free methods, the GradScaler paths and the inner solvers are branches of the same step,
-and the BatchNorm guard is used by both forms; split, a reader would follow one update across
-files. Half of the lines are docstrings.)
+(Why one module over 450 lines, ~700: the paper's method in its two forms — the closure ``step``
+is written with the closure-free methods ``observe``/``above_limit``/``subproblem_grad_`` it
+shares with loops that own ``backward()`` — its hyper-parameters in the parameter groups and
+torch's ``state_dict`` layout, and the step record and counters the trainer and the integrations
+log. The mixed precision, the inner solvers, the BatchNorm guard, the argument checks and the
+forward-only variant are in their own modules.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, SupportsIndex
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-from isgd._numbers import is_real as _is_real
+from isgd import amp
+from isgd._checks import NONFINITE, check_bool, check_hyper_parameters, check_loss, check_lr
+from isgd.batchnorm import frozen_batchnorm_stats
 from isgd.collective import LossSync
-from isgd.spc import (
-    MAX_LOSS,
-    LossControlChart,
-    check_counter,
-    check_same_window,
-    finite_loss,
-)
+from isgd.solvers import INNER_SOLVERS, InnerSolver, make_solver, momentum_ratio
+from isgd.spc import MAX_LOSS, LossControlChart, check_counter, check_same_window, finite_loss
 
 __all__ = [
     "INNER_SOLVERS",
@@ -62,8 +57,6 @@ __all__ = [
 ]
 
 LossClosure = Callable[[], Tensor]
-INNER_SOLVERS = ("base", "gd", "momentum")  # the update of the extra iterations (see ISGD)
-NONFINITE = ("raise", "skip")  # what a NaN/inf regular loss does (see ISGD)
 
 
 @dataclass
@@ -78,19 +71,21 @@ class StepRecord:
     skipped: bool = False  # a GradScaler found inf/NaN gradients: no update this step
     extra_iters: int = 0  # subproblem updates applied
     loss_after: float | None = None  # last ψ evaluated on d_t in the extra iterations
-    # ‖momentum term‖ / ‖∇φ‖ in the subproblem updates (mean over them; None: none, or no
-    # momentum-SGD base): how much of an extra iteration is the velocity, how much the chase
+    # ISGD(diagnostics=True): ‖momentum term‖ / ‖∇φ‖ in the subproblem updates (mean; None: off,
+    # none, or no velocity): how much of an extra iteration is the velocity, how much the chase
     momentum_ratio: float | None = None
-    # the variant's lower limit (lower_quantile of the window) and whether ψ fell below it:
-    # a forward-only step, no backward wanted and no update applied
+    # isgd.forward_only's lower limit (lower_quantile of the window) and whether ψ fell below
+    # it: a forward-only step, no backward wanted and no update applied
     lower_limit: float | None = None
     forward_only: bool = False
 
 
 @dataclass
 class ISGDStats:
-    """Cumulative counters; ``passes`` counts every loss evaluation (forward, and backward where
-    the loop ran one), the extra iterations included."""
+    """Cumulative counters. ``passes`` counts every loss evaluation (a forward, and a backward
+    where the loop ran one), the extra iterations included; ``forward_passes`` those of them that
+    ran no backward: forward-only steps (``isgd.forward_only``) and stop checks a closure answered
+    without ``backward()`` after :meth:`ISGD.well_trained` said so."""
 
     steps: int = 0
     triggers: int = 0
@@ -98,16 +93,38 @@ class ISGDStats:
     extra_iters: int = 0
     passes: int = 0
     forward_only: int = 0  # steps below the lower limit (variant): passes without a backward
+    forward_passes: int = 0  # passes without a backward: forward-only steps and stop checks
     last: StepRecord = field(default_factory=StepRecord)
 
     @property
     def backward_passes(self) -> int:
-        """Passes that wanted a backward: all but the forward-only steps'."""
-        return self.passes - self.forward_only
+        """Passes that wanted a backward: all but the ``forward_passes``."""
+        return self.passes - self.forward_passes
 
     @property
     def trigger_rate(self) -> float:
         return self.triggers / self.steps if self.steps else 0.0
+
+    def metrics(self, prefix: str = "isgd/") -> dict[str, float]:
+        """The names every loop logs (``isgd train``, Lightning's ``ISGDCallback``, Hugging
+        Face's ``ISGDTrainer``), all cumulative since the start but the last step's ``loss`` (ψ)
+        and ``limit`` (absent before the chart is full): ``steps``, ``triggers``,
+        ``extra_iters``, ``passes``, ``backward_passes``, ``forward_only``, ``nonfinite``,
+        ``trigger_rate``."""
+        values: dict[str, float] = {
+            "steps": self.steps,
+            "triggers": self.triggers,
+            "extra_iters": self.extra_iters,
+            "passes": self.passes,
+            "backward_passes": self.backward_passes,
+            "forward_only": self.forward_only,
+            "nonfinite": self.nonfinite,
+            "trigger_rate": self.trigger_rate,
+            "loss": self.last.loss,
+        }
+        if self.last.limit is not None:
+            values["limit"] = self.last.limit
+        return {prefix + name: value for name, value in values.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +141,10 @@ class ISGDStats:
             )
         counters = {
             name: check_counter(state.get(name, 0), f"stats.{name}")  # absent before the variant
-            for name in ("steps", "triggers", "extra_iters", "passes", "forward_only", "nonfinite")
+            for name in (
+                *("steps", "triggers", "extra_iters", "passes"),
+                *("forward_only", "forward_passes", "nonfinite"),
+            )
         }
         last = state["last"]
         known = {f.name for f in fields(StepRecord)}
@@ -134,6 +154,20 @@ class ISGDStats:
         for name, value in counters.items():
             setattr(self, name, value)
         self.last = StepRecord(**last)
+
+
+class _Hyper:
+    """One of ISGD's hyper-parameters: optimizer-wide, carried by every parameter group (as
+    torch's groups carry ``lr``) and read from the first."""
+
+    def __init__(self, key: str | None = None) -> None:
+        self.key = key  # the group key, if not the name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.key or name
+
+    def __get__(self, opt: Any, owner: type | None = None) -> Any:
+        return self if opt is None else opt.param_groups[0][self.name]
 
 
 class ISGD(Optimizer):
@@ -149,68 +183,52 @@ class ISGD(Optimizer):
             w ← inner_step(w, (ψ' − limit)·∇ψ' + (ε/n_w)·(w − w_{t−1}))   # base_step by default
         chart ← chart + ψ
 
-    **Variant, not the paper's method** (``lower_quantile`` = q > 0): the patent's abstract (US
-    10,572,800 B2) also promises fewer iterations for well-trained batches. With q > 0, a step
-    whose ψ is below the lower limit — the q-quantile of the window, read before ψ joins — is
-    *forward-only*: ψ joins the chart, no update is applied, and :meth:`well_trained` tells the
-    loop beforehand so that it can skip ``backward()`` (the compute saved). The paper's ISGD is
-    q = 0, the default.
-
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
         base_optimizer: the optimizer *class* whose update rule ISGD applies (``torch.optim.SGD``
             by default; SGD with momentum or Nesterov, Adam and AdamW are tested).
         window: batches per epoch :math:`n_b`; the chart holds the last ``window`` losses. An
-            integer (``int``, ``numpy.int64``, ...) in [2, 2**31 − 1] (``isgd.spc.MAX_WINDOW``).
-            The first ``window`` steps fill the chart and are plain base-optimizer steps, so a
-            window longer than the run makes ISGD the base optimizer throughout. Structural: a
-            state saved with another window is refused by :meth:`load_state_dict`.
+            integer in [2, 2**31 − 1] (``isgd.spc.MAX_WINDOW``). The first ``window`` steps fill
+            the chart and are plain base-optimizer steps. Structural: a state saved with another
+            window is refused by :meth:`load_state_dict`.
         sigma_factor: ``k`` in ``limit = mean + k·sigma`` (default 3).
         max_extra_iters: the paper's ``stop``: extra iterations at most per triggered step.
-            0 makes ISGD exactly the base optimizer. Default 5 (the paper is silent; see
-            ``docs/algorithm.md``).
+            0 makes ISGD exactly the base optimizer. Default 5 (see ``docs/algorithm.md``).
         eps: the conservative weight :math:`\varepsilon` ("preferably 0.1" in the paper).
-        inner_solver: the update of the extra iterations. ``"base"`` (default): the base
-            optimizer's step with ∇φ as the gradient (its momentum buffer, weight decay and
-            state shared with the regular steps). ``"gd"``: ``w ← w − lr·∇φ``, no momentum, no
-            weight decay, the base's state untouched (the reading that the paper's solver is
-            gradient descent on φ with step ζ). ``"momentum"``: ``v ← μ·v + ∇φ; w ← w − lr·v``
-            with the group's ``momentum`` μ and ``v`` zeroed at each triggered step. The paper
-            does not say which; ``docs/algorithm.md`` has the measurement.
-        lower_quantile: q of the variant above (0: off, the paper's method; else in (0, 1)).
+        inner_solver: the update of the extra iterations (:mod:`isgd.solvers`): ``"base"``
+            (default), the base optimizer's step with ∇φ as the gradient, its state shared with
+            the regular steps; the ablations ``"gd"`` and ``"momentum"``.
         nonfinite: a NaN or infinite regular loss (without a GradScaler, whose found-inf steps
             are skipped as it would) — ``"raise"`` (default): ``FloatingPointError`` before any
             update or state change; ``"skip"``: no update, the loss stays out of the chart, the
-            step is counted in ``stats.nonfinite`` and marked ``skipped`` (OLMo-core's
-            skip-step does the same for loss spikes). A loss of magnitude above 1e100
-            (``isgd.spc.MAX_LOSS``: the chart's float64 sums of squares would overflow) counts
-            as non-finite.
+            step is counted in ``stats.nonfinite`` and marked ``skipped``. A loss of magnitude
+            above 1e100 (``isgd.spc.MAX_LOSS``) counts as non-finite.
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
-            (the regular pass still updates them). Works by watching module calls while the
-            extra iterations run, so no model needs to be passed.
-        process_group, sync_loss: which loss the decisions read (:class:`isgd.collective.LossSync`).
-            By default (``sync_loss=None``), when ``torch.distributed`` is initialised with more
-            than one process, every decision reads the process-group mean of the ranks' losses —
-            one all-reduce of three scalars per pass — so all ranks take the same decisions and
-            their collectives stay matched. ``sync_loss=False`` opts out, for loops that already
-            pass a loss that is the same on every rank; ``process_group`` names a group other
-            than the default one.
+            (:func:`frozen_batchnorm_stats`; the regular pass still updates them).
+        diagnostics: record ``stats.last.momentum_ratio`` (:func:`isgd.solvers.momentum_ratio`,
+            two norms and a host sync per extra iteration). Off by default: nothing computed.
+        process_group, sync_loss: which loss the decisions read (:class:`isgd.collective.LossSync`):
+            by default, under ``torch.distributed`` with more than one process, the
+            process-group mean of the ranks' losses (one all-reduce of three scalars per pass),
+            so every rank decides alike. ``sync_loss=False``: the loop passes a global loss.
         **base_kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
 
-    The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
-    ``backward()`` and return the loss — the same contract as ``torch.optim.LBFGS`` (it is called
-    several times per step on a triggered batch). Gradient accumulation belongs *inside* the
-    closure (zero once, back-propagate every micro-batch, return their mean loss); gradients
-    accumulated before :meth:`step` would be discarded by the closure's ``zero_grad`` and are
-    refused. Mixed precision: ``step(closure, grad_scaler=scaler)``, or ``scaler.step(opt,
-    closure)``, with a closure that back-propagates ``scaler.scale(loss)``. For loops that own
-    ``backward()`` use :meth:`observe`, then a bare :meth:`step`, then :meth:`above_limit` and
-    :meth:`subproblem_grad_` for the extra iterations; see ``docs/integrations.md``.
+    ISGD's hyper-parameters but the window (the chart's) ride in ``defaults`` and in every
+    parameter group, beside the base's: ``state_dict()`` has torch's shape, ``{"state",
+    "param_groups"}``, plus ``"isgd": {"chart", "stats"}``, and a scheduler may anneal
+    ``sigma_factor`` as it does ``lr``. They are optimizer-wide: read from the first group.
 
-    With ``lower_quantile`` the closure may ask ``opt.well_trained(loss)`` after its forward
-    pass and return the loss without ``backward()`` when it is True; ISGD then applies no update.
-    The forward pass of such a step has already updated BatchNorm running statistics; a loop
-    that wants them untouched restores them (the trainer does).
+    The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
+    ``backward()`` and return the loss — the contract of ``torch.optim.LBFGS`` (it is called
+    again per extra iteration). It may ask :meth:`well_trained` after its forward pass and, when
+    True, return the loss without ``backward()``: the stop check of an extra iteration, whose
+    gradient ISGD never uses (the weights are the same either way). Gradient accumulation
+    belongs *inside* the closure; gradients accumulated before :meth:`step` are refused.
+    Mixed precision (:mod:`isgd.amp`): ``step(closure, grad_scaler=scaler)``, or
+    ``scaler.step(opt, closure)``, with a closure that back-propagates ``scaler.scale(loss)``.
+    Loops that own ``backward()`` use :meth:`observe`, a bare :meth:`step`, then
+    :meth:`above_limit`, :meth:`subproblem_grad_` and :meth:`subproblem_step_`
+    (``docs/integrations.md``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -219,10 +237,24 @@ class ISGD(Optimizer):
         >>> def closure():
         ...     opt.zero_grad()
         ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     if opt.well_trained(loss):  # optional: a stop check needs no backward
+        ...         return loss
         ...     loss.backward()
         ...     return loss
         >>> loss = opt.step(closure)
     """
+
+    #: the hyper-parameters every group carries (a subclass may add its own)
+    hyper_parameters: tuple[str, ...] = (
+        *("sigma_factor", "max_extra_iters", "isgd_eps", "inner_solver", "nonfinite"),
+        "freeze_bn_stats",
+    )
+    sigma_factor = _Hyper()
+    max_extra_iters = _Hyper()
+    eps = _Hyper("isgd_eps")  # Adam's own eps shares the groups
+    inner_solver = _Hyper()
+    nonfinite = _Hyper()
+    freeze_bn_stats = _Hyper()
 
     def __init__(
         self,
@@ -234,9 +266,9 @@ class ISGD(Optimizer):
         max_extra_iters: int = 5,
         eps: float = 0.1,
         inner_solver: str = "base",
-        lower_quantile: float = 0.0,
         nonfinite: str = "raise",
         freeze_bn_stats: bool = True,
+        diagnostics: bool = False,
         process_group: Any = None,
         sync_loss: bool | None = None,
         **base_kwargs: Any,
@@ -246,51 +278,46 @@ class ISGD(Optimizer):
                 f"Invalid base_optimizer: {base_optimizer!r} (must be a torch.optim.Optimizer "
                 "subclass such as torch.optim.SGD, not an instance)"
             )
-        if base_optimizer is ISGD or base_optimizer is torch.optim.LBFGS:
+        if issubclass(base_optimizer, ISGD) or base_optimizer is torch.optim.LBFGS:
             raise TypeError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot be wrapped")
-        lr = base_kwargs.get("lr")
-        _check_lr(lr)
-        hyper = _check_hyper_parameters(
-            max_extra_iters, eps, inner_solver, lower_quantile, nonfinite, freeze_bn_stats
-        )
-        self.chart = LossControlChart(window, sigma_factor)  # validates window, sigma_factor
+        if "lower_quantile" in base_kwargs and "lower_quantile" not in self.hyper_parameters:
+            raise TypeError(
+                "Invalid argument: lower_quantile (the forward-only variant, not the paper's "
+                "method, is isgd.forward_only.ForwardOnlyISGD)"
+            )
+        check_lr(base_kwargs.get("lr"))
+        given: dict[str, Any] = dict(sigma_factor=sigma_factor, max_extra_iters=max_extra_iters)
+        given |= dict(isgd_eps=eps, inner_solver=inner_solver, nonfinite=nonfinite)
+        given |= dict(freeze_bn_stats=freeze_bn_stats)  # a subclass's arrive in base_kwargs:
+        given |= {k: base_kwargs.pop(k) for k in self.hyper_parameters if k in base_kwargs}
+        hyper = self._check_hyper(given)
+        self.chart = LossControlChart(window, hyper["sigma_factor"])  # validates window
         self.sync = LossSync(process_group, sync_loss)
+        self.diagnostics = check_bool(diagnostics, "diagnostics")
 
-        super().__init__(params, dict(base_kwargs))
+        super().__init__(params, {**base_kwargs, **hyper})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same.
         self.param_groups = self.base_optimizer.param_groups
-        self.defaults = self.base_optimizer.defaults
+        self.defaults = {**self.base_optimizer.defaults, **hyper}
+        self._check_groups(self.param_groups)
 
-        self.max_extra_iters: int = hyper["max_extra_iters"]
-        self.eps: float = hyper["eps"]
-        self.inner_solver: str = hyper["inner_solver"]
-        self.lower_quantile: float = hyper["lower_quantile"]
-        self.nonfinite: str = hyper["nonfinite"]
-        self.freeze_bn_stats: bool = hyper["freeze_bn_stats"]
         self.stats = ISGDStats()
+        self.solver: InnerSolver = make_solver(self.inner_solver, self.base_optimizer)
         self._w_prev: list[Tensor] | None = None  # w_{t−1}, allocated on the first trigger
-        self._v: list[list[Tensor]] | None = None  # inner_solver="momentum": φ's own velocity
-        self._ratios: list[float] = []  # momentum ratios of the step in progress
+        self._ratios: list[float] = []  # diagnostics: momentum ratios of the step in progress
         self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
         self._psi: float | None = None  # the last extra-iteration loss reported
         self._weight: float | None = None  # this rank's weight in the mean loss of the step
         self._observed = False  # observe() ran and the step's update is still to come
-        self._judged: tuple[object, float, StepRecord] | None = (
-            None  # well_trained()'s (loss, ψ, decision)
-        )
+        self._judged: tuple[object, float] | None = None  # well_trained()'s (loss, ψ)
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
         self.in_extra_iteration = False
         self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
 
-    # ------------------------------------------------------------------ hyper-parameters
     @property
     def window(self) -> int:
         return self.chart.window
-
-    @property
-    def sigma_factor(self) -> float:
-        return self.chart.sigma_factor
 
     @property
     def n_w(self) -> int:
@@ -299,6 +326,9 @@ class ISGD(Optimizer):
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self._params() if p.grad is not None]
 
     # ------------------------------------------------------------------ the step
     _step_supports_amp_scaling = True  # GradScaler.step(opt, closure) hands itself to step()
@@ -315,9 +345,9 @@ class ISGD(Optimizer):
 
         Args:
             closure: zeroes the gradients, computes the batch loss, back-propagates it (scaled by
-                ``grad_scaler`` if one is used) and returns it; called once more per extra
-                iteration. ``None`` is the closure-free form: the loop has back-propagated and
-                called :meth:`observe`; ``step()`` then applies the base update.
+                ``grad_scaler`` if one is used) unless :meth:`well_trained` says it need not, and
+                returns it; called once more per extra iteration. ``None`` is the closure-free
+                form: the loop has back-propagated and called :meth:`observe`.
             weight: this rank's weight in the process-group mean of the loss (its sample count
                 when ranks hold batches of different sizes); ignored in a single process.
             grad_scaler: a ``torch.amp.GradScaler``; gradients of every pass are unscaled and
@@ -328,18 +358,13 @@ class ISGD(Optimizer):
         if closure is None:
             self._closure_free_step(grad_scaler)
             return None
-        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
-            raise RuntimeError(
-                "ISGD.step(closure) was called by a GradScaler that does not hand itself over "
-                "(a wrapper changed step's signature, as accelerate's AcceleratedOptimizer does "
-                "under fp16): call the ISGD optimizer's step(closure, grad_scaler=scaler) "
-                "directly, then scaler.update()"
-            )
+        if grad_scaler is None:
+            amp.refuse_attribute_closure(self)
         self._refuse_outside_grads()
         with torch.enable_grad():
             loss = closure()
-        _check_loss(loss)
-        found_inf = _unscale_once(grad_scaler, self)
+        check_loss(loss)
+        found_inf = amp.scaler_found_inf(grad_scaler, self)
         n_extra = self.observe(loss, weight=weight, found_inf=found_inf)
         self._observed = False
         if not (self.stats.last.skipped or self.stats.last.forward_only):
@@ -347,8 +372,10 @@ class ISGD(Optimizer):
         for _ in range(n_extra):
             with self.extra_pass(), torch.enable_grad():
                 loss_i = closure()
-            _check_loss(loss_i)
-            found_inf = None if grad_scaler is None else self.unscale_(grad_scaler)
+            check_loss(loss_i)
+            no_backward = self._told_to_stop(loss_i)  # the closure skipped backward()
+            unscale = grad_scaler is not None and not no_backward
+            found_inf = self.unscale_(grad_scaler) if unscale else None  # type: ignore[arg-type]
             if not self.above_limit(loss_i, found_inf=found_inf):
                 break
             self.subproblem_grad_()
@@ -357,44 +384,34 @@ class ISGD(Optimizer):
         return loss
 
     def _closure_free_step(self, grad_scaler: torch.amp.GradScaler | None) -> None:
-        if not self._observed and grad_scaler is not None:
+        if not self._observed:
             raise TypeError(
                 "Invalid closure: None (GradScaler.step(opt) without a closure cannot re-run the "
                 "batch for ISGD's extra iterations: call opt.step(closure, grad_scaler=scaler) "
                 "with a closure that back-propagates scaler.scale(loss), or opt.observe(loss) "
                 "before scaler.step(opt) in a loop that owns backward())"
-            )
-        if not self._observed:
-            raise TypeError(
-                "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
+                if grad_scaler is not None
+                else "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
                 "computes the batch loss, calls backward() and returns the loss, or, in a loop "
                 "that owns backward(), opt.observe(loss) before a bare opt.step(); frameworks: "
                 "see isgd.integrations)"
             )
         self._observed = False
         if self.stats.last.forward_only or self.stats.last.skipped:
-            return None  # no update; gradients, if the loop computed them anyway, are ignored
+            return  # no update; gradients, if the loop computed them anyway, are ignored
         if grad_scaler is not None:  # GradScaler.step(opt) handed itself over
-            found_inf = _unscale_once(grad_scaler, self)
-        else:  # GradScaler's attribute protocol (found_inf / grad_scale set on the optimizer)
-            found_inf = _unscale_by(self._grads(), getattr(self, "grad_scale", None))
-            outer = getattr(self, "found_inf", None)
-            if outer is not None:
-                found_inf = outer if found_inf is None else found_inf + outer
+            found_inf = amp.scaler_found_inf(grad_scaler, self)
+        else:  # or set grad_scale / found_inf on the optimizer
+            found_inf = amp.attribute_found_inf(self, self._grads())
         if found_inf is not None and float(found_inf) > 0:
             self._skip_step()
-            return None
+            return
         self.base_optimizer.step()
-        return None
 
     # ------------------------------------------------------------------ closure-free form
     @torch.no_grad()
     def observe(
-        self,
-        loss: Tensor | float,
-        *,
-        weight: float | None = None,
-        found_inf: Tensor | None = None,
+        self, loss: Tensor | float, *, weight: float | None = None, found_inf: Tensor | None = None
     ) -> int:
         """Report the regular loss ψ of this step, *before* the base optimizer's step.
 
@@ -406,14 +423,12 @@ class ISGD(Optimizer):
         in the same all-reduce, and inf on any rank makes the step a skipped one everywhere.
         Reads the loss once (one host-device sync).
         """
-        _check_loss(loss, "ISGD.observe(loss)", allow_number=True)
-        judged = None  # well_trained() synced and judged this loss already: not twice
-        if self._judged is not None and self._judged[0] is loss and found_inf is None:
-            _, psi, judged = self._judged
-            any_inf = False
+        check_loss(loss, "ISGD.observe(loss)", allow_number=True)
+        judged, self._judged = self._judged, None  # well_trained() synced this loss already
+        if judged is not None and judged[0] is loss and found_inf is None:
+            psi, any_inf = judged[1], False
         else:
             psi, any_inf = self.sync(loss, weight, found_inf)
-        self._judged = None
         if not finite_loss(psi) and not any_inf and self.nonfinite == "raise":
             beyond = f" (beyond ±{MAX_LOSS:g}: non-finite for ISGD)" if math.isfinite(psi) else ""
             raise FloatingPointError(
@@ -422,7 +437,7 @@ class ISGD(Optimizer):
                 "ISGD(nonfinite='skip') skips such steps instead (counted in stats.nonfinite)"
             )
         self._weight = weight
-        record = judged or self._judge(psi, any_inf)
+        record = self._judge(psi, any_inf)
         if not finite_loss(psi) and not any_inf:  # nonfinite="skip"
             record.skipped = True
             self.stats.nonfinite += 1
@@ -431,6 +446,7 @@ class ISGD(Optimizer):
         self.stats.steps += 1
         self.stats.passes += 1
         self.stats.forward_only += record.forward_only
+        self.stats.forward_passes += record.forward_only
         self.stats.last = record
         self._psi = None
         self._observed = True
@@ -439,52 +455,63 @@ class ISGD(Optimizer):
             return 0
         self.stats.triggers += 1
         self._limit = record.limit
-        self._v, self._ratios = None, []
+        self.solver = make_solver(self.inner_solver, self.base_optimizer)  # state afresh
+        self._ratios = []
         if self.eps > 0:
             self._snapshot_w_prev()
         return self.max_extra_iters
 
     def _judge(self, psi: float, any_inf: bool) -> StepRecord:
         """The decision on ψ against the chart as it stands (before ψ joins it)."""
+        self.chart.sigma_factor = self.sigma_factor  # the groups' (a scheduler may change it)
         mean, sigma, limit = self.chart.statistics()
         finite = not any_inf and finite_loss(psi)
         triggered = finite and self.max_extra_iters > 0 and limit is not None and psi > limit
-        lower = self.chart.quantile(self.lower_quantile) if self.lower_quantile > 0 else None
-        forward_only = finite and not triggered and lower is not None and psi < lower
-        return StepRecord(
-            psi, mean, sigma, limit, triggered, skipped=any_inf, lower_limit=lower,
-            forward_only=forward_only,
-        )  # fmt: skip
+        return StepRecord(psi, mean, sigma, limit, triggered, skipped=any_inf)
 
     @torch.no_grad()
     def well_trained(self, loss: Tensor | float, *, weight: float | None = None) -> bool:
-        """True when the regular loss ψ is below the variant's lower limit (``lower_quantile``
-        of the window): the step about to be observed will be forward-only, so the loop can
-        skip ``backward()``. Always False with ``lower_quantile`` = 0 (no sync, no host read).
-        Call it with the loss that :meth:`observe` (or the closure's return) will report; under
-        data parallelism every rank must call it (one all-reduce, reused by :meth:`observe`)."""
-        if self.lower_quantile <= 0:
+        """True when the pass that computed ``loss`` needs no ``backward()``: the closure may
+        return the loss without it, and the pass counts in ``stats.forward_passes``.
+
+        In the paper's method that is the stop check of an extra iteration (inside
+        :meth:`extra_pass`): ψ' ≤ limit ends the extra iterations, and the gradient of that pass
+        would never be used. On the regular pass it is False, at no cost (``weight`` is for
+        subclasses judging that pass; extra passes use the regular pass's). Under data
+        parallelism every rank must call it (one all-reduce, reused by :meth:`above_limit`)."""
+        if not self.in_extra_iteration or self._limit is None:
             return False
-        psi, any_inf = self.sync(loss, weight, None)
-        record = self._judge(psi, any_inf)
-        self._judged = (loss, psi, record)
-        return record.forward_only
+        psi, _ = self.sync(loss, self._weight, None)
+        self._judged = (loss, psi)
+        return not psi > self._limit
+
+    def _told_to_stop(self, loss: object) -> bool:
+        """:meth:`well_trained` answered True for this pass: its closure ran no backward()."""
+        j, limit = self._judged, self._limit
+        return j is not None and j[0] is loss and limit is not None and not j[1] > limit
 
     def above_limit(self, loss: Tensor | float, *, found_inf: Tensor | None = None) -> bool:
         """Report the loss ψ' of an extra iteration; True while it is still above the limit.
 
         When True, the loop runs backward (if not done yet), calls :meth:`subproblem_grad_` and
-        the base optimizer's step; when False it stops the extra iterations. ψ' is the
+        :meth:`subproblem_step_`; when False it stops the extra iterations. ψ' is the
         process-group mean under data parallelism (one all-reduce, with ``found_inf``: non-finite
         gradients on any rank also stop the extra iterations on every rank).
         """
         if self._limit is None:
             raise RuntimeError("above_limit() called outside a triggered step (see observe())")
-        psi, any_inf = self.sync(loss, self._weight, found_inf)  # the stop rule needs ψ'
+        judged, self._judged = self._judged, None
+        told = judged is not None and judged[0] is loss and found_inf is None
+        if told:  # well_trained() judged this pass (and the closure was told the answer)
+            psi, any_inf = judged[1], False  # type: ignore[index]
+        else:
+            psi, any_inf = self.sync(loss, self._weight, found_inf)  # the stop rule needs ψ'
         self.stats.passes += 1
         self.stats.last.loss_after = psi
         self._psi = psi
-        return not any_inf and psi > self._limit
+        above = not any_inf and psi > self._limit
+        self.stats.forward_passes += told and not above  # a stop check without backward()
+        return above
 
     def _skip_step(self) -> None:
         """The update of the step just observed is not applied (non-finite gradients)."""
@@ -512,9 +539,6 @@ class ISGD(Optimizer):
                 "accumulation), or zero the gradients before step()"
             )
 
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params() if p.grad is not None]
-
     @contextlib.contextmanager
     def extra_pass(self) -> Iterator[None]:
         """Wrap the forward/backward of one extra iteration in a loop that owns them: BatchNorm
@@ -534,7 +558,7 @@ class ISGD(Optimizer):
         once between updates — the regular pass's — hence this. ``None`` if the scaler is off."""
         if not grad_scaler.is_enabled():
             return None
-        return _unscale_by(self._grads(), torch.tensor(grad_scaler.get_scale()))
+        return amp.unscale_grads(self._grads(), torch.tensor(grad_scaler.get_scale()))
 
     @torch.no_grad()
     def subproblem_grad_(self) -> None:
@@ -559,69 +583,25 @@ class ISGD(Optimizer):
 
     @torch.no_grad()
     def subproblem_step_(self) -> None:
-        """Apply the ``inner_solver``'s update with the subproblem gradient in ``p.grad`` (after
+        """Apply the inner solver's update with the subproblem gradient in ``p.grad`` (after
         :meth:`subproblem_grad_`). For ``"base"`` this is ``base_optimizer.step()``, which a loop
         under a GradScaler may call through ``scaler.step(opt.base_optimizer)`` instead."""
-        self._record_momentum_ratio()
-        if self.inner_solver == "base":
-            self.base_optimizer.step()
-            return
-        velocity = self._velocity() if self.inner_solver == "momentum" else None
-        for i, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            direction = [p.grad for p in params if p.grad is not None]
-            if velocity is not None:
-                v = [velocity[i][j] for j, p in enumerate(group["params"]) if p.grad is not None]
-                torch._foreach_mul_(v, float(group.get("momentum", 0.0)))
-                torch._foreach_add_(v, direction)
-                direction = v
-            lr = group["lr"]
-            torch._foreach_add_(params, direction, alpha=-float(lr))
-
-    def _velocity(self) -> list[list[Tensor]]:  # per group, per parameter
-        if self._v is None:
-            self._v = [[torch.zeros_like(p) for p in g["params"]] for g in self.param_groups]
-        return self._v
-
-    def _record_momentum_ratio(self) -> None:
-        """‖momentum term‖ / ‖∇φ‖ of the update about to be applied, kept for the step record.
-        Only in extra iterations; norms only (no copies) and one host sync."""
-        if self.inner_solver == "base" and not isinstance(self.base_optimizer, torch.optim.SGD):
-            return  # no velocity to compare with (Adam's moments are not one)
-        grads, momentum_norms = [], []
-        for i, group in enumerate(self.param_groups):
-            mu = float(group.get("momentum", 0.0) or 0.0)
-            buffers = []
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                grads.append(p.grad)
-                if self.inner_solver == "momentum" and self._v is not None:
-                    buffers.append(self._v[i][j])
-                elif self.inner_solver == "base":
-                    buf = self.base_optimizer.state.get(p, {}).get("momentum_buffer")
-                    if buf is not None:
-                        buffers.append(buf)
-            if buffers and mu:  # ‖μ·v‖ = μ‖v‖; "gd" has none
-                momentum_norms.append(mu * torch.stack(torch._foreach_norm(buffers)).norm())
-        if not grads:
-            return
-        g = torch.stack(torch._foreach_norm(grads)).norm()
-        m = torch.stack(momentum_norms).norm() if momentum_norms else g.new_zeros(())
-        ratio = float(m / g)  # the one host sync; ∇φ = 0 gives inf/NaN, not recorded
-        if math.isfinite(ratio):
-            self._ratios.append(ratio)
-            self.stats.last.momentum_ratio = sum(self._ratios) / len(self._ratios)
+        if self.diagnostics:
+            ratio = momentum_ratio(self.solver)
+            if ratio is not None:
+                self._ratios.append(ratio)
+                self.stats.last.momentum_ratio = sum(self._ratios) / len(self._ratios)
+        self.solver.step()
 
     def _snapshot_w_prev(self) -> None:
         params = self._params()
         if (
             self._w_prev is None
+            or len(self._w_prev) != len(params)
             or any(
                 w.shape != p.shape or w.device != p.device or w.dtype != p.dtype
                 for w, p in zip(self._w_prev, params)
             )
-            or len(self._w_prev) != len(params)
         ):
             self._w_prev = [
                 torch.empty_like(p, memory_format=torch.preserve_format) for p in params
@@ -630,204 +610,101 @@ class ISGD(Optimizer):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Base optimizer state, the chart and the counters: enough to resume bit-identically."""
-        return {
-            "base": self.base_optimizer.state_dict(),
-            "chart": self.chart.state_dict(),
-            "stats": self.stats.state_dict(),
-            "isgd": {
-                "window": self.window,
-                "sigma_factor": self.sigma_factor,
-                "max_extra_iters": self.max_extra_iters,
-                "eps": self.eps,
-                "inner_solver": self.inner_solver,
-                "lower_quantile": self.lower_quantile,
-                "nonfinite": self.nonfinite,
-                "freeze_bn_stats": self.freeze_bn_stats,
-            },
-        }
+        """torch's ``{"state", "param_groups"}`` (the base optimizer's, ISGD's hyper-parameters in
+        the groups) and ``"isgd": {"chart", "stats"}``: enough to resume bit-identically."""
+        state = self.base_optimizer.state_dict()
+        state["isgd"] = {"chart": self.chart.state_dict(), "stats": self.stats.state_dict()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. The whole state is checked before anything
         changes (the base optimizer's by ``torch.optim``). The window is structural: a state
-        saved with another window is refused. The other saved hyper-parameters win over the
-        constructor's, as ``param_groups``' do in ``torch.optim`` (older files lack some)."""
+        saved with another window is refused. The saved hyper-parameters win over the
+        constructor's, as ``param_groups``' do in ``torch.optim``."""
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
             )
-        missing = {"base", "chart", "stats"} - set(state_dict)
-        if missing:
+        if "base" in state_dict:
             raise ValueError(
-                f"not an ISGD state_dict: missing {sorted(missing)} (a plain optimizer's "
-                "state_dict goes to ISGD.base_optimizer.load_state_dict)"
+                "not an ISGD state_dict of this version: {base, chart, stats, isgd} is the "
+                "layout before isgd 0.2, which is not read (start the run again)"
             )
-        saved = state_dict.get("isgd", {})
-        chart_state = state_dict["chart"]
-        if not isinstance(saved, dict):
-            raise TypeError(f"Invalid isgd: {type(saved).__name__} (the saved hyper-parameters)")
-        for where in (saved, chart_state):
-            if isinstance(where, dict) and "window" in where:
-                check_same_window(where["window"], self.window, "this optimizer")
+        isgd = state_dict.get("isgd")
+        missing = {"state", "param_groups", "isgd"} - set(state_dict)
+        if missing or not isinstance(isgd, dict) or {"chart", "stats"} - set(isgd):
+            raise ValueError(
+                f"not an ISGD state_dict: missing {sorted(missing) or ['isgd.chart/stats']} (a "
+                "plain optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
+            )
+        chart_state = isgd["chart"]
+        if isinstance(chart_state, dict) and "window" in chart_state:
+            check_same_window(chart_state["window"], self.window, "this optimizer")
         LossControlChart(self.window).load_state_dict(chart_state)  # checks it, changes nothing
-        ISGDStats().load_state_dict(state_dict["stats"])  # the same
-        hyper = _check_hyper_parameters(*(saved.get(k, getattr(self, k)) for k in _HYPER))
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        ISGDStats().load_state_dict(isgd["stats"])  # the same
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+            raise ValueError("Invalid param_groups: a non-empty list of dicts (torch's layout)")
+        hyper = self._check_groups(groups)
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "isgd"})
         self.param_groups = self.base_optimizer.param_groups
-        self.chart.load_state_dict(chart_state)  # sigma_factor with it
-        self.stats.load_state_dict(state_dict["stats"])
-        for name, value in hyper.items():
-            setattr(self, name, value)
+        for group in self.param_groups:
+            group.update(hyper)  # normalised: numpy.int64(5) → 5
+        self.chart.load_state_dict(chart_state)
+        self.chart.sigma_factor = hyper["sigma_factor"]
+        self.stats.load_state_dict(isgd["stats"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, as for any ``torch.optim`` optimizer — also mid-training: the
         new parameters join :math:`n_w`, the snapshot :math:`w_{t-1}` of a step in progress and
-        ``inner_solver="momentum"``'s velocity, and gradients they hold already (back-propagated
-        before they joined) are not mistaken for gradients accumulated outside the closure."""
+        the inner solver's state, and gradients they hold already (back-propagated before they
+        joined) are not mistaken for gradients accumulated outside the closure. ISGD's
+        hyper-parameters are the optimizer's: a group may only repeat them."""
         if isinstance(param_group, dict):
-            _check_lr(param_group.get("lr"))
+            check_lr(param_group.get("lr"))
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
+        if isinstance(param_group, dict):
+            param_group = {
+                **{k: self.param_groups[0][k] for k in self.hyper_parameters},
+                **param_group,
+            }
+            self._check_groups([self.param_groups[0], param_group])
         self.base_optimizer.add_param_group(param_group)
         new = self.param_groups[-1]["params"]
         if self._grad_marks is not None:
             self._grad_marks += [None if p.grad is None else p.grad._version for p in new]
         if self._w_prev is not None:  # w_{t-1} of the new parameters: as they are
             self._w_prev += [p.detach().clone(memory_format=torch.preserve_format) for p in new]
-        if self._v is not None:
-            self._v.append([torch.zeros_like(p) for p in new])
+        self.solver.add_param_group(new)
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The hyper-parameters the groups carry, checked: present, valid, the same in each."""
+        first = groups[0]
+        missing = [k for k in self.hyper_parameters if k not in first]
+        if missing:
+            raise ValueError(
+                f"Invalid param_groups: missing {missing} (ISGD's hyper-parameters; a plain "
+                "optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
+            )
+        hyper = self._check_hyper({k: first[k] for k in self.hyper_parameters})
+        for i, group in enumerate(groups[1:], 1):
+            for k in self.hyper_parameters:
+                if k not in group or group[k] != first[k]:
+                    raise ValueError(
+                        f"Invalid param_groups[{i}]: {k}={group.get(k)!r} where the first group "
+                        f"has {first[k]!r} (ISGD's hyper-parameters are optimizer-wide)"
+                    )
+        return hyper
+
+    def _check_hyper(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters checked and normalised; a subclass checks those it adds."""
+        return check_hyper_parameters(values)
 
     def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in self.hyper_parameters)
         return (
-            f"ISGD(base={type(self.base_optimizer).__name__}, window={self.window}, "
-            f"sigma_factor={self.sigma_factor}, max_extra_iters={self.max_extra_iters}, "
-            f"eps={self.eps}, inner_solver={self.inner_solver!r}, "
-            f"lower_quantile={self.lower_quantile}, nonfinite={self.nonfinite!r}, "
-            f"freeze_bn_stats={self.freeze_bn_stats}, "
-            f"groups={self.base_optimizer.param_groups!r})"
+            f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
+            f"window={self.window}, {hyper}, groups={self.base_optimizer.param_groups!r})"
         )
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats() -> Iterator[None]:
-    """Inside this block, BatchNorm/InstanceNorm running statistics end as they started.
-
-    Every normalisation module that runs in training mode with ``track_running_stats`` has its
-    ``running_mean``, ``running_var`` and ``num_batches_tracked`` saved and restored on exit.
-    Batch statistics are still used for normalisation, exactly as in the regular pass.
-    Implemented with a global forward pre-hook, so it needs no model reference: the first call of
-    a module not seen yet saves every normalisation module *under* it, so a model compiled with
-    ``torch.compile`` (whose submodules run inside the graph, without hooks) is covered through
-    the one call of its ``OptimizedModule``.
-    """
-    seen: set[int] = set()
-    saved: list[tuple[Tensor, Tensor]] = []
-
-    def hook(module: torch.nn.Module, _args: Any) -> None:
-        if id(module) in seen:
-            return
-        for sub in module.modules():
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats:
-                buffers = (sub.running_mean, sub.running_var, sub.num_batches_tracked)
-                saved.extend((b, b.detach().clone()) for b in buffers if b is not None)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
-
-
-def _check_loss(loss: object, where: str = "closure result", allow_number: bool = False) -> None:
-    if allow_number and _is_real(loss):
-        return
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        what = type(loss).__name__ if not isinstance(loss, Tensor) else f"shape {tuple(loss.shape)}"
-        raise TypeError(
-            f"Invalid {where}: {what} (the batch loss must be a one-element tensor"
-            + (" or a number" if allow_number else "")
-            + "; the closure computes it, calls backward() and returns it)"
-        )
-
-
-def _unscale_once(scaler: torch.amp.GradScaler | None, opt: Optimizer) -> Tensor | None:
-    """The scaler's own unscale of this step (unless the loop already called it): gradients
-    unscaled in place, the found-inf flag it recorded returned."""
-    if scaler is None or not scaler.is_enabled():
-        return None
-    state = scaler._per_optimizer_states[id(opt)]
-    if state["stage"] is OptState.READY:
-        scaler.unscale_(opt)
-    flags = list(state["found_inf_per_device"].values())
-    return torch.stack([f.to(flags[0].device) for f in flags]).sum() if flags else None
-
-
-def _unscale_by(grads: list[Tensor], scale: Tensor | None) -> Tensor | None:
-    if scale is None:
-        return None
-    found = torch.zeros((), device="cpu")
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    for device, group in by_device.items():
-        flag = torch.zeros(1, device=device)
-        inv = scale.to(device=device, dtype=torch.float64).reciprocal().float().reshape(1)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
-        found = found + flag.cpu().sum()
-    return found
-
-
-def _check_lr(lr: object) -> None:
-    if lr is not None and not (isinstance(lr, Tensor) or (_is_real(lr) and lr >= 0)):
-        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
-
-
-def _check_hyper_parameters(
-    max_extra_iters: object,
-    eps: object,
-    inner_solver: object,
-    lower_quantile: object,
-    nonfinite: object,
-    freeze_bn_stats: object,
-) -> dict[str, Any]:
-    """ISGD's hyper-parameters but the window and sigma_factor (the chart's), checked and
-    normalised (``numpy.int64(5)`` → 5); the constructor's and :meth:`ISGD.load_state_dict`'s."""
-    if isinstance(max_extra_iters, bool) or not isinstance(max_extra_iters, SupportsIndex):
-        raise TypeError(f"Invalid max_extra_iters: {max_extra_iters!r} (must be an integer)")
-    if operator.index(max_extra_iters) < 0:
-        raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
-    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
-    if inner_solver not in INNER_SOLVERS:
-        raise ValueError(
-            f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
-        )
-    if not _is_real(lower_quantile) or not 0 <= lower_quantile < 1:
-        raise ValueError(
-            f"Invalid lower_quantile: {lower_quantile!r} (0: off, else a fraction in (0, 1))"
-        )
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE)})")
-    kind = type(freeze_bn_stats)
-    if not (isinstance(freeze_bn_stats, bool) or (kind.__module__, kind.__name__) in _NP_BOOLS):
-        raise TypeError(f"Invalid freeze_bn_stats: {freeze_bn_stats!r} (must be True or False)")
-    return {
-        "max_extra_iters": operator.index(max_extra_iters),
-        "eps": float(eps),
-        "inner_solver": str(inner_solver),
-        "lower_quantile": float(lower_quantile),
-        "nonfinite": str(nonfinite),
-        "freeze_bn_stats": bool(freeze_bn_stats),
-    }
-
-
-# the saved hyper-parameters, in _check_hyper_parameters' order
-_HYPER = "max_extra_iters", "eps", "inner_solver", "lower_quantile", "nonfinite", "freeze_bn_stats"
-_NP_BOOLS = {("numpy", "bool"), ("numpy", "bool_")}  # NumPy's booleans, without importing it

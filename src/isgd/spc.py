@@ -64,7 +64,7 @@ class LossControlChart:
     def __init__(self, window: int, sigma_factor: float = 3.0) -> None:
         window = check_window(window)
         self.window = window
-        self.sigma_factor = _check_sigma_factor(sigma_factor)
+        self.sigma_factor = check_sigma_factor(sigma_factor)
         self._losses: deque[float] = deque(maxlen=window)
         self._shift = 0.0  # c: the sums below are of (ψ − c) and (ψ − c)²
         self._sum = 0.0
@@ -195,7 +195,7 @@ class LossControlChart:
         if missing:
             raise ValueError(f"LossControlChart state is missing {sorted(missing)}")
         check_same_window(state["window"], self.window, "this chart")
-        sigma_factor = _check_sigma_factor(state["sigma_factor"])
+        sigma_factor = check_sigma_factor(state["sigma_factor"])
         losses = state["losses"]
         if not isinstance(losses, (list, tuple)) or len(losses) > self.window:
             raise ValueError(
@@ -275,7 +275,7 @@ def check_counter(value: object, name: str) -> int:
     return count
 
 
-def _check_sigma_factor(sigma_factor: object) -> float:
+def check_sigma_factor(sigma_factor: object) -> float:
     if not _is_real(sigma_factor) or not math.isfinite(sigma_factor) or sigma_factor <= 0:
         raise ValueError(f"Invalid sigma_factor: {sigma_factor!r} (must be a finite number > 0)")
     return float(sigma_factor)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -505,7 +507,7 @@ CLI_CASES = [  # (setup, what the error line must contain, further check)
     ),
     (
         c_checkpoint_of_an_older_format,
-        "ckpt-00000040.pt is a checkpoint of format 0, this isgd reads format 1: resume with "
+        "ckpt-00000040.pt is a checkpoint of format 0, this isgd reads format 2: resume with "
         "the isgd version that wrote it, or delete it to resume from the previous checkpoint "
         "ckpt-00000020.pt",
         None,
@@ -925,8 +927,16 @@ def a_resume_nothing(c: Ctx):
     resume(c.tmp / "nothing")
 
 
+def save_with_header(path: Path, state: dict) -> None:
+    """``state`` as a checkpoint file with a valid header and digest, whatever it holds."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path.write_bytes(runio.CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
 def a_load_pickle_payload(c: Ctx):
-    torch.save({"format": 1, "x": Payload(c.tmp / "marker")}, c.tmp / "evil.pt")
+    save_with_header(c.tmp / "evil.pt", {"format": 2, "x": Payload(c.tmp / "marker")})
     try:
         load_checkpoint(c.tmp / "evil.pt")
     finally:
@@ -934,7 +944,7 @@ def a_load_pickle_payload(c: Ctx):
 
 
 def a_load_older_format(c: Ctx):
-    torch.save({"format": 0}, c.tmp / "old.pt")
+    save_with_header(c.tmp / "old.pt", {"format": 0})
     load_checkpoint(c.tmp / "old.pt")
 
 
@@ -1046,7 +1056,7 @@ def a_isgd_loss_too_large(c: Ctx):
 def a_isgd_load_negative_counter(c: Ctx):
     opt = ISGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, window=4)
     state = opt.state_dict()
-    state["stats"]["steps"] = -5
+    state["isgd"]["stats"]["steps"] = -5
     try:
         opt.load_state_dict(state)
     finally:
@@ -1075,7 +1085,7 @@ API_CASES = [
     (a_train_into_existing_dir, RunError, "already exists and is not empty"),
     (a_resume_nothing, RunError, "is not a run directory"),
     (a_load_pickle_payload, RunError, "refusing to load checkpoint .*nothing from it was executed"),
-    (a_load_older_format, RunError, "is a checkpoint of format 0, this isgd reads format 1"),
+    (a_load_older_format, RunError, "is a checkpoint of format 0, this isgd reads format 2"),
     (a_load_empty_file, RunError, r"not an isgd checkpoint \(no header\); delete it to restart"),
     (a_write_on_a_full_disk, WriteError, r"cannot write .*file: no space left on device"),
     (a_jsonl_in_a_missing_directory, WriteError, "cannot write .*steps.jsonl: No such file"),

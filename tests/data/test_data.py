@@ -216,7 +216,7 @@ def test_cifar10_missing_says_where_to_put_it(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ real MNIST
 def _present(name: str) -> Path | None:
     directory = default_data_dir() / name
-    return directory if all(fetching._find_idx_file(directory, n) for n in IDX_NAMES) else None
+    return directory if all(fetching.find_idx_file(directory, n) for n in IDX_NAMES) else None
 
 
 @pytest.mark.mnist

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from isgd import ISGD
+from isgd import ISGD, ForwardOnlyISGD
 from isgd.data import DataSplit
 from isgd.data.variants import (
     class_weights,
@@ -138,7 +138,9 @@ def _same(a, b) -> bool:
 def test_forward_only_steps_change_nothing_and_are_counted(form):
     data = toy.batches()
     model = toy.small_cnn(batchnorm=True)
-    opt = ISGD(model.parameters(), lr=0.05, momentum=0.9, window=toy.N_BATCHES, lower_quantile=0.5)
+    opt = ForwardOnlyISGD(
+        model.parameters(), lr=0.05, momentum=0.9, window=toy.N_BATCHES, lower_quantile=0.5
+    )
     seen = {True: 0, False: 0}
     for t in range(6 * toy.N_BATCHES):
         x, y = data[t % len(data)]
@@ -186,7 +188,12 @@ def test_forward_only_steps_change_nothing_and_are_counted(form):
     assert opt.stats.forward_only == seen[True]
     assert opt.stats.passes - opt.stats.forward_only == opt.stats.backward_passes
     # a checkpoint carries the counter and the option
-    other = ISGD(toy.small_cnn(batchnorm=True).parameters(), lr=0.05, window=toy.N_BATCHES)
+    other = ForwardOnlyISGD(
+        toy.small_cnn(batchnorm=True).parameters(),
+        lr=0.05,
+        window=toy.N_BATCHES,
+        lower_quantile=0.1,
+    )
     other.load_state_dict(opt.state_dict())
     assert other.lower_quantile == 0.5 and other.stats.forward_only == seen[True]
 
@@ -195,14 +202,16 @@ def test_well_trained_is_false_without_the_variant_and_before_the_window_fills()
     model = toy.small_cnn()
     off = ISGD(model.parameters(), lr=0.1, window=2)
     assert off.well_trained(torch.tensor(-1.0)) is False
-    on = ISGD(model.parameters(), lr=0.1, window=2, lower_quantile=0.5)
+    on = ForwardOnlyISGD(model.parameters(), lr=0.1, window=2, lower_quantile=0.5)
     on.chart.update(1.0)
     assert on.well_trained(torch.tensor(-1.0)) is False  # window not full: no lower limit
     on.chart.update(2.0)
     assert on.well_trained(torch.tensor(0.5)) is True
     assert on.well_trained(torch.tensor(1.0)) is False  # strictly below the quantile (1.0)
     with pytest.raises(ValueError, match="lower_quantile"):
-        ISGD(model.parameters(), lr=0.1, window=2, lower_quantile=1.0)
+        ForwardOnlyISGD(model.parameters(), lr=0.1, window=2, lower_quantile=1.0)
+    with pytest.raises(TypeError, match="ForwardOnlyISGD"):  # not the paper's method: not ISGD's
+        ISGD(model.parameters(), lr=0.1, window=2, lower_quantile=0.5)
 
 
 def toy_config(**changes) -> TrainConfig:

@@ -45,7 +45,7 @@ def test_eta_counts_remaining_iterations_and_evaluations(monkeypatch, caplog):
         config=SimpleNamespace(log_every=100, eval_every=100),
     )
     trainer.status_line = lambda: f"iter {state.iteration} | {display.eta_text(trainer)}"
-    caplog.set_level(logging.INFO, logger="isgd.training.train")
+    caplog.set_level(logging.INFO, logger="isgd.training.callbacks")
     display.on_run_start(trainer)
     assert display.eta_text(trainer) == "ETA -"
     clock[0] += 3.0
@@ -73,7 +73,7 @@ def test_a_run_shows_its_eta_from_the_tenth_iteration(tiny_idx_dir: Path, tmp_pa
         threads=1,
         tensorboard=False,
     ).validate()
-    caplog.set_level(logging.INFO, logger="isgd.training.train")
+    caplog.set_level(logging.INFO, logger="isgd.training.callbacks")
     train(config, tmp_path / "run", progress=False)
     status = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
     assert [s.split()[1] for s in status] == ["10/30", "20/30"]

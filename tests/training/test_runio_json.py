@@ -1,5 +1,5 @@
 """One JSON convention: strict JSON (no NaN/Infinity tokens), non-finite floats as the strings
-"inf", "-inf", "nan", read back as floats; files in the old convention still read."""
+"inf", "-inf", "nan", read back as floats; bare NaN/Infinity tokens are refused."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def test_non_finite_floats_round_trip_through_strict_json(tmp_path):
     assert next(runio.read_jsonl(tmp_path / "r.jsonl"))["missed"] == math.inf
 
 
-def test_old_files_with_bare_nan_and_infinity_still_read(tmp_path):
-    (tmp_path / "old.jsonl").write_text('{"t": Infinity, "loss": NaN}\n{"t": 3}\n')
-    rows = list(runio.read_jsonl(tmp_path / "old.jsonl"))
-    assert rows[0]["t"] == math.inf and math.isnan(rows[0]["loss"]) and rows[1]["t"] == 3
+def test_bare_nan_and_infinity_are_refused_naming_file_and_line(tmp_path):
+    (tmp_path / "old.jsonl").write_text('{"t": 3}\n{"t": Infinity, "loss": NaN}\n{"t": 4}\n')
+    with pytest.raises(runio.RunError, match=r"old\.jsonl:2: malformed JSON \(Infinity is not"):
+        list(runio.read_jsonl(tmp_path / "old.jsonl"))
 
 
 def test_the_jsonl_reader_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):

@@ -128,21 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("isgd: interrupted", file=sys.stderr)
         return 130
-    except ModuleNotFoundError as err:  # a command's lazily imported dependency
-        from isgd.console import missing_app_dependency
-
-        message = missing_app_dependency(err)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return USAGE_ERROR
+    # a missing application dependency (ModuleNotFoundError) goes up to isgd.console.main
 
 
 def _rank_count() -> int:
     from isgd.training.distributed import env_world_size
 
     return env_world_size()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

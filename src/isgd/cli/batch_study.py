@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from isgd.cli.common import (
@@ -60,4 +61,13 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from isgd.experiments.batch_study import run_from_args
 
-    return run_from_args(args)
+    result = run_from_args(args)
+    out = Path(result["plan"]["out"])
+    print((out / "report.md").read_text())
+    best = result["combined"]["best"]
+    log.info(
+        "report, figures and raw data in %s%s",
+        out,
+        f"; best batch size {best['global_batch']}" if best else "",
+    )
+    return 0

@@ -27,11 +27,11 @@ from isgd.data.sources import (
     SOURCES,
     DataError,
     DataSource,
-    _find_idx_file,
-    _open_maybe_gzip,
-    _resolve,
     default_data_dir,
     fetch,
+    find_idx_file,
+    open_maybe_gzip,
+    resolve_data_dir,
     verify_files,
 )
 
@@ -47,6 +47,7 @@ __all__ = [
     "load_cifar10",
     "load_dataset",
     "load_idx_dir",
+    "read_cifar_python_batch",
     "read_idx",
     "verify_files",
 ]
@@ -77,7 +78,7 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
     """
     path = Path(path)
     try:
-        with _open_maybe_gzip(path) as f:
+        with open_maybe_gzip(path) as f:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
                 raise DataError(f"{path}: not an IDX file (bad magic {head.hex() or 'empty'})")
@@ -229,7 +230,7 @@ def load_idx_dir(
     ``num_classes`` defaults to the largest label + 1; ``hint`` ends the missing-files message.
     """
     directory = Path(directory)
-    paths = {n: _find_idx_file(directory, n) for n in IDX_NAMES}
+    paths = {n: find_idx_file(directory, n) for n in IDX_NAMES}
     missing = [n for n, p in paths.items() if p is None]
     if missing:
         raise DataError(
@@ -294,7 +295,9 @@ CIFAR_PY_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 CIFAR_BIN_FILES = tuple(f"{n}.bin" for n in CIFAR_PY_FILES)
 
 
-def _cifar_python_batch(path: Path) -> tuple[Tensor, Tensor]:
+def read_cifar_python_batch(path: Path) -> tuple[Tensor, Tensor]:
+    """Images ``N×3×32×32`` uint8 and labels of one CIFAR-10 python batch, unpickled with only
+    numpy arrays, dicts, lists and bytes allowed; :class:`DataError` for anything else."""
     try:
         with open(path, "rb") as f:
             batch = _RestrictedUnpickler(f, encoding="bytes").load()
@@ -340,7 +343,7 @@ def load_cifar10(directory: str | os.PathLike[str]) -> DataSplit:
         directory / "cifar-10-batches-bin",
     ):
         for names, reader in (
-            (CIFAR_PY_FILES, _cifar_python_batch),
+            (CIFAR_PY_FILES, read_cifar_python_batch),
             (CIFAR_BIN_FILES, _cifar_binary_batch),
         ):
             if all((folder / n).is_file() for n in names):
@@ -375,7 +378,7 @@ def load_dataset(
         from isgd.data.packed import load_packed
 
         return load_packed(Path(name[7:]).expanduser(), name=name)
-    root = _resolve(data_dir)
+    root = resolve_data_dir(data_dir)
     if name in SOURCES:
         source = SOURCES[name]
         if download:

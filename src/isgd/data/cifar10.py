@@ -227,9 +227,9 @@ def _ingest_local(source: Path, staged: Path) -> dict[str, str]:
 
 def _check_python_batch(path: Path) -> None:
     """A python batch as training will read it: uint8 N×3072 images, one label 0-9 each."""
-    from isgd.data import _cifar_python_batch
+    from isgd.data import read_cifar_python_batch
 
-    _, y = _cifar_python_batch(path)  # DataError naming the file: not a batch, wrong shape
+    _, y = read_cifar_python_batch(path)  # DataError naming the file: not a batch, wrong shape
     if len(y) == 0:
         raise DataError(f"{path}: a CIFAR-10 python batch without images")
     if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):

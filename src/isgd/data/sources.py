@@ -42,6 +42,9 @@ __all__ = [
     "DataSource",
     "default_data_dir",
     "fetch",
+    "find_idx_file",
+    "open_maybe_gzip",
+    "resolve_data_dir",
     "verify_files",
 ]
 
@@ -58,12 +61,14 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "isgd" / "data"
 
 
-def _resolve(data_dir: str | os.PathLike[str] | None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """``data_dir`` (``~`` expanded), or :func:`default_data_dir` when None."""
     return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
 
 
 # ------------------------------------------------------------------------- files in a folder
-def _open_maybe_gzip(path: Path) -> BinaryIO:
+def open_maybe_gzip(path: Path) -> BinaryIO:
+    """``path`` opened for reading, decompressed when its bytes are gzipped (whatever its name)."""
     f = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
     if f.read(2) == _GZIP_MAGIC:
         f.close()
@@ -72,7 +77,7 @@ def _open_maybe_gzip(path: Path) -> BinaryIO:
     return f
 
 
-def _find_idx_file(directory: Path, name: str) -> Path | None:
+def find_idx_file(directory: Path, name: str) -> Path | None:
     """``train-images-idx3-ubyte`` also matches ``train-images.idx3-ubyte`` and ``*.gz``."""
     for stem in (name, name.replace("-idx", ".idx")):
         for candidate in (directory / stem, directory / f"{stem}.gz"):
@@ -86,7 +91,7 @@ def _md5(path: Path) -> str:
     """md5 of the file's bytes, decompressed first when it is gzipped."""
     h = hashlib.md5()
     try:
-        with _open_maybe_gzip(path) as f:
+        with open_maybe_gzip(path) as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     except (OSError, EOFError, zlib.error) as e:
@@ -109,7 +114,7 @@ def verify_files(
     """
     directory = Path(directory)
     suffix = f"; {hint}" if hint else ""
-    found = {n: _find_idx_file(directory, n) for n in checksums}
+    found = {n: find_idx_file(directory, n) for n in checksums}
     paths = {n: p for n, p in found.items() if p is not None}
     missing = [n for n in checksums if n not in paths]
     if missing:
@@ -239,7 +244,7 @@ def _fetch_deb_fashion(work: Path, dest: Path, checksums: Mapping[str, str]) -> 
         found = sorted(root.rglob(f"{name}.gz")) + sorted(root.rglob(name))
         if not found:
             raise DataError(f"{debs[0].name} has no {name}(.gz); {hint}")
-        with _open_maybe_gzip(found[0]) as src:
+        with open_maybe_gzip(found[0]) as src:
             _install(src, work, dest / name, md5, f"{debs[0].name}:{found[0].relative_to(root)}")
 
 
@@ -283,7 +288,7 @@ def fetch(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
             f"cannot fetch {name!r}: fetchable data sets are {', '.join(SOURCES)}"
             + ("; CIFAR-10 must be supplied by the user" if name == "cifar10" else "")
         )
-    source, root = SOURCES[name], _resolve(data_dir)
+    source, root = SOURCES[name], resolve_data_dir(data_dir)
     dest = root / source.subdir
     if dest.is_dir():
         try:

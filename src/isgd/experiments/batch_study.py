@@ -1,6 +1,7 @@
 r"""``isgd batch-study``: the best batch size for the machine at hand (claim C4).
 
-The model of ``shared/ISGD.md`` §4, each term measured here::
+The time to a target accuracy under synchronous data parallelism, modelled as below, each term
+measured here::
 
     T_iter(b, k)  ≈ T_compute(b / k) + T_sync(n_w, k)     # k processes, global batch b
     throughput    = b / T_iter(b, k)                      # saturates once each worker is busy
@@ -326,7 +327,7 @@ def measure_passes_to_target(plan: StudyPlan) -> list[dict[str, Any]]:
     class StopAtTarget(Callback):
         def on_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
             if trainer.state.target:  # reached: this evaluation ends the run
-                trainer.total = trainer.state.iteration
+                trainer.cancel_run("the target accuracy is reached")
 
     data = load_dataset(plan.dataset, plan.data_dir)
     records = []
@@ -484,8 +485,8 @@ def run_study(plan: StudyPlan, command: list[str] | None = None) -> dict[str, An
     return result
 
 
-def run_from_args(args) -> int:
-    """``isgd batch-study``: the plan from the flags, then :func:`run_study`."""
+def run_from_args(args) -> dict[str, Any]:
+    """``isgd batch-study``: the plan from the flags, then :func:`run_study`; its result."""
     out = (
         Path(args.out)
         if args.out
@@ -520,15 +521,7 @@ def run_from_args(args) -> int:
     }
     plan = StudyPlan.quick(out, **given) if args.quick else StudyPlan(out, **given)
     _validate(plan)
-    result = run_study(plan, ["isgd", *args.argv])
-    print((plan.out / "report.md").read_text())
-    best = result["combined"]["best"]
-    log.info(
-        "report, figures and raw data in %s%s",
-        plan.out,
-        f"; best batch size {best['global_batch']}" if best else "",
-    )
-    return 0
+    return run_study(plan, ["isgd", *args.argv])
 
 
 MAX_ALLREDUCE_FLOATS = 10**9  # 4 GB of float32 per process: beyond any model's gradients

@@ -18,8 +18,8 @@ optimizer step:
    BatchNorm statistics frozen), stop once ψ′ ≤ limit, clip ∇ψ′ to ``max_grad_norm``, form ∇φ,
    apply the base update;
 5. the Trainer's LR schedule step — once per regular step — and its logging, to which ISGD's
-   statistics are added (``isgd/trigger_rate``, ``isgd/triggers``, ``isgd/extra_iters``,
-   ``isgd/limit``).
+   statistics are added (``ISGDStats.metrics()``: the names and meanings ``isgd train`` and
+   Lightning's ``ISGDCallback`` log too, e.g. ``isgd/triggers``, ``isgd/extra_iters``).
 
 The training batches come in ISGD's fixed cycle (one permutation, seeded by ``args.seed``, the same
 every epoch) unless ``fixed_cycle=False``. Pass the optimizer in: ``optimizers=(isgd.ISGD(...),
@@ -42,7 +42,7 @@ from isgd.optim import ISGD
 
 __all__ = ["ISGDTrainer"]
 
-log = logging.getLogger("isgd.integrations.huggingface")
+log = logging.getLogger(__name__)
 
 
 class ISGDTrainer(Trainer):
@@ -94,14 +94,7 @@ class ISGDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.optimizer is not None:
-            stats = self.isgd.stats
-            logs = {
-                **logs,
-                "isgd/trigger_rate": stats.trigger_rate,
-                "isgd/triggers": stats.triggers,
-                "isgd/extra_iters": stats.extra_iters,
-                **({"isgd/limit": stats.last.limit} if stats.last.limit is not None else {}),
-            }
+            logs = {**logs, **self.isgd.stats.metrics()}
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ the ISGD parts of a step

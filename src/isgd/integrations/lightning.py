@@ -13,9 +13,10 @@ the same decisions). What the callback adds:
 - **the step's own loss**: ``training_step`` runs again for every extra iteration, and its
   ``self.log`` calls would make the last extra pass's loss the step's (and bias epoch means);
   the callback drops ``log`` calls made during extra iterations;
-- **ISGD's statistics** through the module's logger, every step: ``isgd/loss`` (the regular ψ),
-  ``isgd/limit``, ``isgd/triggered``, ``isgd/extra_iters``, ``isgd/trigger_rate``,
-  ``isgd/triggers_total``, ``isgd/passes_total``.
+- **ISGD's statistics** through the module's logger, every step: ``ISGDStats.metrics()``, the
+  names and meanings ``isgd train`` and the Hugging Face ``ISGDTrainer`` log too — cumulative
+  counters (``isgd/triggers``, ``isgd/extra_iters``, ``isgd/passes``, ``isgd/trigger_rate``,
+  ...) and the last step's ``isgd/loss`` (the regular ψ) and ``isgd/limit``.
 
 Example::
 
@@ -91,19 +92,9 @@ class ISGDCallback(pl.Callback):
     ) -> None:
         for i, opt in enumerate(self._optimizers):
             prefix = self.prefix if len(self._optimizers) == 1 else f"{self.prefix}{i}/"
-            stats, last = opt.stats, opt.stats.last
-            values = {
-                "loss": last.loss,
-                "triggered": float(last.triggered),
-                "extra_iters": float(last.extra_iters),
-                "trigger_rate": stats.trigger_rate,
-                "triggers_total": float(stats.triggers),
-                "passes_total": float(stats.passes),
-            }
-            if last.limit is not None:
-                values["limit"] = last.limit
+            values = opt.stats.metrics(prefix)
             pl_module.log_dict(
-                {prefix + k: v for k, v in values.items() if math.isfinite(v)},
+                {k: float(v) for k, v in values.items() if math.isfinite(v)},
                 on_step=True,
                 on_epoch=False,
                 batch_size=1,  # one value per step; identical on every rank (no sync needed)

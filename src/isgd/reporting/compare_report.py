@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,9 @@ def _band(curves, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     for i, (x, err) in enumerate(curves):
         inside = (grid >= x[0]) & (grid <= x[-1])
         ys[i, inside] = np.interp(grid[inside], x, err)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -128,38 +126,29 @@ def _time_to_target_figure(records, arms, path: Path) -> Path:
 
 
 def _spread_figure(records, arms, path: Path) -> Path:
-    from isgd.reporting.plots import summarize_claims
+    """loss_spread.png: per arm, the median over its seeds of each epoch's σ and CV (the epochs
+    complete in every seed that has one)."""
+    from isgd.reporting.plots import SpreadLine, spread_figure, summarize_claims
 
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax_std, ax_cv = fig.subplots(1, 2)
+    lines: list[SpreadLine] = []
     for colour, arm in zip(COLOURS * 4, arms):
         runs = [Path(r["run_dir"]) for r in records if r["arm"] == arm]
-        claims = summarize_claims(runs) if runs else {}
-        for key, ax in (("loss_std", ax_std), ("loss_cv", ax_cv)):
-            series = [c[key] for c in claims.values() if c.get(key)]
-            if not series:
-                continue
-            n = min(len(s) for s in series)
-            table = np.array([[np.nan if v is None else v for v in s[:n]] for s in series])
-            ax.plot(np.arange(n), np.nanmedian(table, 0), "o-", color=colour, label=arm)
-    for ax, label in ((ax_std, "σ of batch losses"), (ax_cv, "σ / mean of batch losses")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        else:  # no full epoch recorded (or no step records): say so instead of an empty plot
-            ax.text(
-                0.5,
-                0.5,
-                "no complete epoch of step records",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-    fig.suptitle("Spread of the batch losses within each epoch (median over seeds) — claim C2")
-    return _save(fig, path)
+        claims = [c for c in summarize_claims(runs).values() if c["epochs"]] if runs else []
+        if not claims:
+            continue
+        epochs = sorted(set.intersection(*(set(c["epochs"]) for c in claims)))
+        std, cv = (_median_over_seeds(claims, epochs, key) for key in ("loss_std", "loss_cv"))
+        lines.append((arm, colour, epochs, std, cv))
+    return spread_figure(lines, path, "median over seeds")
+
+
+def _median_over_seeds(claims: list[dict[str, Any]], epochs: list[int], key: str) -> np.ndarray:
+    """The median over seeds of the per-epoch series ``key`` at ``epochs`` (null: NaN)."""
+    by_epoch = [dict(zip(c["epochs"], c[key])) for c in claims]
+    table = np.array([[seed[e] for e in epochs] for seed in by_epoch], dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch that is NaN in every seed
+        return np.nanmedian(table, 0)
 
 
 def idle_arms(result: dict[str, Any]) -> list[str]:

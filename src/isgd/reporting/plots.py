@@ -39,11 +39,13 @@ from isgd.training import runio
 __all__ = [
     "PlotError",
     "Run",
+    "SpreadLine",
     "Steps",
     "load_run",
     "noise_caption",
     "plot_runs",
     "spearman",
+    "spread_figure",
     "summarize_claims",
     "time_note",
 ]
@@ -550,23 +552,24 @@ def _heatmap_figure(run: Run, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _spread_figure(runs: list[Run], colors: list, path: Path) -> Path:
+_Series = Sequence[float] | np.ndarray
+SpreadLine = tuple[str, Any, _Series, _Series, _Series]  # label, colour, epochs, σ, CV
+
+
+def spread_figure(lines: Sequence[SpreadLine], path: Path, note: str = "") -> Path:
+    """The C2 figure ``loss_spread.png`` (of ``isgd plot`` and of ``isgd compare``): σ and CV of
+    the regular batch losses per complete epoch, one line per ``(label, colour, epochs, σ, CV)``;
+    ``note`` is a second line under the title."""
     fig, (ax_std, ax_cv) = _figure(12, 4.8, 2)
-    all_std, left_out = [], []
-    for run, color in zip(runs, colors):
-        table = _epoch_table(run)
-        if len(table.epochs) == 0:
-            continue
-        c = _claims(run, table)
-        style = {"marker": "o", "ms": 4 if len(table.epochs) <= 40 else 2, "color": color}
-        ax_std.plot(table.epochs, c["loss_std"], label=run.name, **style)
-        ax_cv.plot(table.epochs, c["loss_cv"], label=run.name, **style)
-        all_std.extend(c["loss_std"])
-        left_out += [f"{run.name}: {e}" for e in table.incomplete]
-    if not all_std:
+    lines = [line for line in lines if len(line[2])]
+    if not lines:
         _empty(fig, [ax_std, ax_cv], "no complete epoch yet")
         return _save(fig, path)
-    if _spans_decades(np.array(all_std), ratio=10):
+    for label, color, epochs, std, cv in lines:
+        style = {"marker": "o", "ms": 4 if len(epochs) <= 40 else 2, "color": color}
+        ax_std.plot(epochs, std, label=label, **style)
+        ax_cv.plot(epochs, cv, label=label, **style)
+    if _spans_decades(np.concatenate([np.asarray(line[3], dtype=float) for line in lines]), 10):
         _log_ticks(ax_std)
     ax_cv.legend(fontsize=9)
     for ax in (ax_std, ax_cv):
@@ -574,9 +577,23 @@ def _spread_figure(runs: list[Run], colors: list, path: Path) -> Path:
         ax.set_xlabel("epoch")
     ax_std.set(ylabel="σ of batch losses", title="Spread within each epoch: standard deviation")
     ax_cv.set(ylabel="CV = σ / mean", title="Spread relative to the mean: coefficient of variation")
-    note = f"\nincomplete epochs left out: {'; '.join(left_out)}" if left_out else ""
-    fig.suptitle(f"Spread of the regular batch losses per epoch (C2){note}", fontsize=11)
+    title = "Spread of the regular batch losses per epoch (C2)"
+    fig.suptitle(f"{title}\n{note}" if note else title, fontsize=11)
     return _save(fig, path)
+
+
+def _spread_of_runs(runs: list[Run], colors: list, path: Path) -> Path:
+    lines: list[SpreadLine] = []
+    left_out: list[str] = []
+    for run, color in zip(runs, colors):
+        table = _epoch_table(run)
+        if len(table.epochs) == 0:
+            continue
+        c = _claims(run, table)
+        lines.append((run.name, color, table.epochs, c["loss_std"], c["loss_cv"]))
+        left_out += [f"{run.name}: {e}" for e in table.incomplete]
+    note = f"incomplete epochs left out: {'; '.join(left_out)}" if left_out else ""
+    return spread_figure(lines, path, note)
 
 
 def _file_part(name: str) -> str:
@@ -600,6 +617,6 @@ def plot_runs(run_dirs: Sequence[RunLike], out_dir: str | PathLike) -> list[Path
         name = _file_part(run.name)
         written.append(_batch_loss_figure(run, color, out / f"batch_loss_{name}.png"))
         written.append(_heatmap_figure(run, out / f"batch_heatmap_{name}.png"))
-    written.append(_spread_figure(runs, colors, out / "loss_spread.png"))
+    written.append(_spread_of_runs(runs, colors, out / "loss_spread.png"))
     log.info("wrote %d figures to %s", len(written), out)
     return written

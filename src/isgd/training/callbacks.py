@@ -1,6 +1,6 @@
-"""Components of the training loop: each reacts to the loop's events and keeps its own state.
+"""Components of the training loop: each observes the loop's events and owns its state.
 
-:meth:`isgd.training.train.Trainer.run` calls, for every callback in order:
+:meth:`isgd.training.train.Trainer.train_iteration` calls, for every callback in order:
 
 ==================================  ==============================================================
 ``on_run_start(trainer)``           before the loop (a resumed run: before its next step)
@@ -10,12 +10,13 @@
 ``on_run_end(trainer)``             last, always (after an error too): release what was opened
 ==================================  ==============================================================
 
-OLMo-core's callbacks are the model. The trainer's own, in order: :class:`RunRecords` (the files),
-:class:`ProgressDisplay` (the terminal), :class:`RankAgreement` (data parallel),
-:class:`PeriodicEvaluation` and :class:`PeriodicCheckpoints` (when to evaluate and to checkpoint);
-a caller's come after them (``Trainer(..., callbacks=[...])``).
-A callback may end the run early by setting ``trainer.total = trainer.state.iteration`` (the batch
-study stops a run at its target so).
+OLMo-core's ``Callback(Stateful)`` is the model: a callback that carries state across a resume
+returns it from :meth:`Callback.state_dict` and takes it back in :meth:`Callback.load_state_dict`;
+the checkpoint holds it under the class's name. The trainer's own, in order: :class:`RunRecords`
+(the files), :class:`ProgressDisplay` (the terminal), :class:`RankAgreement` (data parallel); a
+caller's come after them (``Trainer(..., callbacks=[...])``). When to evaluate and to checkpoint
+is the loop's own text, not a callback. A callback may end the run early with
+``trainer.cancel_run(reason)`` (the batch study stops a run at its target so).
 """
 
 from __future__ import annotations
@@ -37,20 +38,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Callback",
-    "PeriodicCheckpoints",
-    "PeriodicEvaluation",
     "ProgressDisplay",
     "RankAgreement",
     "RunRecords",
 ]
 
-log = logging.getLogger("isgd.training.train")
+log = logging.getLogger(__name__)
 
 TENSORBOARD_KEYS = ("test/loss", "test/accuracy", "train/loss", "lr", "isgd/triggers")
 
 
 class Callback:
-    """A component of the loop; every hook does nothing unless overridden."""
+    """A component of the loop; every hook does nothing unless overridden, and a callback
+    without state returns ``{}`` from :meth:`state_dict` (nothing is checkpointed for it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def on_run_start(self, trainer: Trainer) -> None:
         pass
@@ -221,7 +227,7 @@ class ProgressDisplay(Callback):
 
 def evaluations_left(iteration: int, total: int, eval_every: int) -> int:
     """Evaluations after ``iteration``: every ``eval_every`` iterations and at the last one
-    (:class:`PeriodicEvaluation`)."""
+    (:meth:`isgd.training.train.Trainer.train_iteration`)."""
     if iteration >= total:
         return 0
     return total // eval_every - iteration // eval_every + (1 if total % eval_every else 0)
@@ -248,6 +254,12 @@ class RankAgreement(Callback):
         self.digest = 0
         self.checks = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "checks": self.checks} if self.digest else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.digest, self.checks = state.get("digest", 0), state.get("checks", 0)
+
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if trainer.dist is None:
             return
@@ -271,9 +283,8 @@ class RankAgreement(Callback):
         st = trainer.state
         fingerprint = distributed.digest(
             [p.detach() for p in trainer.model.parameters()],
-            trainer.optimizer.state_dict(),
-            trainer.chart.state_dict(),
-            [st.iteration, st.passes, st.skipped, self.digest],
+            trainer.optimizer.state_dict(),  # the base optimizer's, the chart, the counters
+            [st.iteration, self.digest],
         )
         distributed.check_identical(
             trainer.dist,
@@ -282,24 +293,3 @@ class RankAgreement(Callback):
             f"{st.iteration}",
         )
         self.checks += 1
-
-
-class PeriodicEvaluation(Callback):
-    """Evaluate every ``eval_every`` iterations and at the last one (untimed)."""
-
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        iteration = trainer.state.iteration
-        if iteration % trainer.config.eval_every == 0 or iteration == trainer.total:
-            trainer.evaluate_and_record()
-
-
-class PeriodicCheckpoints(Callback):
-    """Checkpoint every ``checkpoint_every`` iterations before the last one (the end writes
-    ``model.pt`` instead); none while batches are being skipped for non-finite losses, since the
-    weights may have diverged."""
-
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        st = trainer.state
-        due = st.iteration % trainer.config.checkpoint_every == 0 and not st.skipped_in_a_row
-        if due and st.iteration < trainer.total:
-            trainer.checkpoint()

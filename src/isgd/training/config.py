@@ -48,6 +48,11 @@ MAX_ITERS = 10**12  # iterations (or epochs × batches per epoch), milestones, s
 MAX_SEED = 2**32  # seeds are 0 <= seed < 2**32
 
 
+# on_nonfinite, the command line's word for what a NaN/inf batch loss does, → the library's
+# ISGD(nonfinite=...): the one policy, named for users as "stop the run" or "skip the batch"
+NONFINITE_POLICY = {"stop": "raise", "skip": "skip"}
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. Field names are the TOML keys and, with ``-`` for ``_``, the flags."""
@@ -106,6 +111,12 @@ class TrainConfig:
     def uses_isgd(self) -> bool:
         return self.optimizer.startswith("isgd")
 
+    @property
+    def nonfinite(self) -> str:
+        """``on_nonfinite`` in the library's words, ``ISGD(nonfinite=...)``: ``stop`` is
+        ``"raise"`` (the run then stops with NonFiniteError), ``skip`` is ``"skip"``."""
+        return NONFINITE_POLICY[self.on_nonfinite]
+
     def validate(self) -> TrainConfig:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
@@ -159,7 +170,7 @@ class TrainConfig:
             "window",
             "at most 2**31 - 1 batches; ISGD acts only once its window has filled",
         )
-        need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "one of stop, skip")
+        need(self.on_nonfinite in NONFINITE_POLICY, "on_nonfinite", "one of stop, skip")
         need(
             math.isfinite(self.imbalance) and self.imbalance >= 1,
             "imbalance",

@@ -1,7 +1,7 @@
 r"""Data-parallel ISGD on ``torch.distributed``: process groups, uneven shares, the distributed
 fixed-cycle sampler, collective agreement and failure reporting.
 
-Synchronous data parallelism (``shared/ISGD.md`` §4). Every global fixed batch of ``B`` samples is
+Synchronous data parallelism (docs/algorithm.md). Every global fixed batch of ``B`` samples is
 split across the ``W`` ranks, rank ``r`` taking ``n_r`` of them (``Σ n_r = B``; even, or by
 *shares* for heterogeneous workers). Rank ``r`` back-propagates
 
@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import re
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,30 +180,6 @@ def is_collective_failure(err: BaseException) -> bool:
     if dist_error is not None and isinstance(err, dist_error):
         return True
     return isinstance(err, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(err)))
-
-
-# ---------------------------------------------------------------------- the collective decision
-def global_mean_loss(
-    loss_sum: torch.Tensor, batch_size: int, signum: int | None = None, with_stop: bool = False
-) -> tuple[float, int | None]:
-    """ψ = allreduce(Σ_local ℓ) / B, the global mean batch loss, in float64.
-
-    An all-reduce leaves the same bytes on every rank, so every rank judges the same ψ against
-    the same chart and takes the same decision. ``with_stop`` adds this rank's stop request
-    (``signum``: SIGINT, SIGTERM or None) to the same all-reduce and returns the request every
-    rank then honours (SIGINT if any rank has one, else SIGTERM if any, else None).
-    """
-    value = loss_sum.detach().to(torch.float64).reshape(1)
-    if with_stop:
-        votes = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
-        value = torch.cat([value, torch.tensor(votes, dtype=torch.float64, device=value.device)])
-    dist.all_reduce(value)
-    reduced = value.tolist()  # one host-device sync per pass: ISGD reads ψ anyway
-    psi = reduced[0] / batch_size
-    if not with_stop:
-        return psi, None
-    stop = signal.SIGINT if reduced[1] > 0 else signal.SIGTERM if reduced[2] > 0 else None
-    return psi, stop
 
 
 # ---------------------------------------------------------------------- agreement

@@ -3,7 +3,8 @@
 The launcher is torch's own elastic agent (``torch.distributed.run``), run in this process: it
 starts N workers on this machine, each a ``python -m isgd train`` with torchrun's environment
 (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ...), watches them, and stops the
-others as soon as one fails. Here its failure report becomes one line and an exit code.
+others as soon as one fails. Here its failure report becomes a :class:`DistributedError`, which
+the command line prints in one line and exits with (4).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from isgd.errors import DistributedError
 from isgd.training import runio
+from isgd.training.distributed import first_line
 
 __all__ = ["launch_local", "worker_argv"]
 
@@ -49,7 +52,9 @@ def worker_argv(argv: Sequence[str], *, out: str | None, threads: bool) -> list[
 
 
 def launch_local(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
-    """Run ``isgd <argv>`` as ``nproc`` processes on this machine; returns the exit code.
+    """Run ``isgd <argv>`` as ``nproc`` processes on this machine; returns the exit code, or
+    raises :class:`DistributedError` when a worker failed without saying why or the launcher
+    itself failed.
 
     On CPU each worker gets ``OMP_NUM_THREADS=1`` (unless set) and, on Linux, gloo is kept on the
     loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless set).
@@ -78,20 +83,17 @@ def launch_local(argv: Sequence[str], nproc: int, run_dir: Path) -> int:
     except SignalException as err:  # Ctrl-C or SIGTERM to the launcher: the workers got it too
         return 128 + int(err.sigval)
     except Exception as err:  # the launcher itself failed: rendezvous, ports, spawning
-        from isgd.training.distributed import first_line
-
-        print(
-            f"isgd: error: could not run {nproc} processes under torchrun "
-            f"({type(err).__name__}: {first_line(err)})",
-            file=sys.stderr,
-        )
-        return DIST_FAILED
+        raise DistributedError(
+            f"could not run {nproc} processes under torchrun "
+            f"({type(err).__name__}: {first_line(err)})"
+        ) from err
     return 0
 
 
 def _report_failure(err, nproc: int, run_dir: Path) -> int:
-    """The launcher's line: quiet when a worker already reported the cause (bad input, a
-    non-finite loss, an interruption), else which rank ended and how, and what to do."""
+    """The exit code when a worker already reported the cause (bad input, a non-finite loss, an
+    interruption); else :class:`DistributedError` saying which rank ended and how, and what to
+    do."""
     failures = sorted(err.failures.items())
     for _, failure in failures:
         if failure.exitcode in _OWN_REPORT:
@@ -112,9 +114,7 @@ def _report_failure(err, nproc: int, run_dir: Path) -> int:
         parts.append(f"rank {rank} (pid {failure.pid}) {how}")
     last = runio.latest_checkpoint(run_dir / "checkpoints")
     kept = f"the last checkpoint is {last}" if last else "there is no checkpoint yet"
-    print(
-        f"isgd: error: {', '.join(parts)}, so the job of {nproc} processes stopped; {kept}; "
-        f"resume with: isgd train --nproc {nproc} --resume {run_dir}",
-        file=sys.stderr,
+    raise DistributedError(
+        f"{', '.join(parts)}, so the job of {nproc} processes stopped; {kept}; "
+        f"resume with: isgd train --nproc {nproc} --resume {run_dir}"
     )
-    return DIST_FAILED

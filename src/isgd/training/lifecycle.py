@@ -20,11 +20,12 @@ from isgd.errors import ConfigError, RunError
 from isgd.training import distributed, runio
 from isgd.training.config import MAX_ITERS, TrainConfig, dump_toml, load_toml, resolve_config
 from isgd.training.distributed import DistContext
-from isgd.training.train import Trainer, check_checkpoint_config, resume_hint
+from isgd.training.signals import resume_hint
+from isgd.training.train import Trainer
 
 __all__ = ["check_new_run_dir", "is_debris", "prepare_run_dir", "resume", "train"]
 
-log = logging.getLogger("isgd.training.train")
+log = logging.getLogger(__name__)
 
 
 def is_debris(path: Path) -> bool:
@@ -200,9 +201,7 @@ def resume(
         checkpoint, checkpoint_path = runio.load_latest_checkpoint(run_dir / "checkpoints", run_id)
         if not prov.is_file():  # a kill before provenance.json was renamed into place
             run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
-        if checkpoint is not None:
-            where = f"checkpoint {checkpoint_path}"
-            check_checkpoint_config(checkpoint, config, where, run_dir / "config.toml")
+        if checkpoint is not None:  # its configuration is checked by Trainer.restore
             names = ["metrics.jsonl"] + (["steps.jsonl"] if config.step_records else [])
             for name in names:
                 if not (run_dir / name).is_file():

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from isgd.errors import RunError, WriteError
+from isgd.errors import CorruptCheckpoint, RunError, WriteError
+from isgd.training.distributed import first_line
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,12 @@ __all__ = [
     "save_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 1
+# 2: the checkpoint is the composition of its parts' state_dict()s (isgd.training.train); older
+# formats are refused in load_checkpoint, in one line
+CHECKPOINT_FORMAT = 2
 # A checkpoint file is this header, the SHA-256 of the rest, then torch.save's bytes: written in
-# one atomic write, so the digest always travels with the bytes it covers. (Files written before
-# the digest — a bare torch.save zip — still load, unverified.)
+# one atomic write, so the digest always travels with the bytes it covers.
 CHECKPOINT_MAGIC = b"isgd-checkpoint\x00sha256\x00"
-
-
-class CorruptCheckpoint(RunError):
-    """A checkpoint that fails its integrity check, cannot be read, or belongs to another run."""
 
 
 _WRITE_REASONS = {
@@ -209,7 +207,7 @@ class DirectoryLock:
 # ---------------------------------------------------------------------- JSON
 # One convention for every file isgd writes: strict JSON (RFC 8259 has no NaN or Infinity), with
 # the non-finite floats written as the strings "inf", "-inf" and "nan" — a missed target is
-# "inf" — and read back as floats. Files written before (bare NaN/Infinity) still read.
+# "inf" — and read back as floats. Bare NaN/Infinity tokens are not JSON and are refused.
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -240,8 +238,16 @@ def _restore(value: Any) -> Any:
 
 
 def loads(text: str) -> Any:
-    """Parse JSON written by :func:`dumps` (or by older versions, with bare NaN/Infinity)."""
-    return json.loads(text, object_hook=lambda d: {k: _restore(v) for k, v in d.items()})
+    """Parse JSON written by :func:`dumps`; a bare NaN/Infinity token is a ``JSONDecodeError``."""
+
+    def refuse(token: str) -> Any:
+        raise json.JSONDecodeError(f"{token} is not JSON (isgd writes it as a string)", text, 0)
+
+    return json.loads(
+        text,
+        object_hook=lambda d: {k: _restore(v) for k, v in d.items()},
+        parse_constant=refuse,
+    )
 
 
 def read_json(path: Path) -> Any:
@@ -374,8 +380,6 @@ def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
                 f"checkpoint {path} is damaged: its SHA-256 digest does not match its contents "
                 f"(a flipped bit, a truncated or edited file); {fallback}"
             )
-    elif raw.startswith(b"PK"):  # written before the digest: a bare torch.save zip
-        payload = raw
     else:
         raise CorruptCheckpoint(f"{path} is not an isgd checkpoint (no header); {fallback}")
     try:
@@ -399,7 +403,7 @@ def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
     except Exception as err:  # a truncated or corrupt file raises almost anything
         raise CorruptCheckpoint(
             f"cannot load checkpoint {path}: the file is truncated or corrupt "
-            f"({type(err).__name__}: {_first_line(err)}); {fallback}"
+            f"({type(err).__name__}: {first_line(err)}); {fallback}"
         ) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CorruptCheckpoint(f"{path} is not an isgd checkpoint (no format field); {fallback}")
@@ -458,12 +462,6 @@ def _fallback_hint(path: Path) -> str:
     if older:
         return f"delete it to resume from the previous checkpoint {older[-1].name}"
     return "delete it to restart the run from the beginning with --resume"
-
-
-def _first_line(err: BaseException) -> str:
-    """The first sentence of the error's first line (torch's messages run on for a while)."""
-    text = str(err).strip()
-    return text.splitlines()[0].split(". ")[0][:200] if text else "no detail"
 
 
 # ---------------------------------------------------------------------- provenance

@@ -1,0 +1,71 @@
+"""Checks of ISGD's arguments, with messages that name the value (as ``torch.optim``'s do)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, SupportsIndex
+
+from torch import Tensor
+
+from isgd._numbers import is_real as _is_real
+from isgd.solvers import INNER_SOLVERS
+from isgd.spc import check_sigma_factor
+
+NONFINITE = ("raise", "skip")  # what a NaN/inf regular loss does (see ISGD)
+
+
+def check_hyper_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """ISGD's hyper-parameters (but the window, the chart's) under their group keys, checked and
+    normalised (``numpy.int64(5)`` → 5); other keys (a subclass's, checked by it) pass unchanged.
+    ε is ``isgd_eps`` in the groups: Adam's own ``eps`` shares them."""
+    max_extra_iters, eps = values["max_extra_iters"], values["isgd_eps"]
+    inner_solver, nonfinite = values["inner_solver"], values["nonfinite"]
+    if isinstance(max_extra_iters, bool) or not isinstance(max_extra_iters, SupportsIndex):
+        raise TypeError(f"Invalid max_extra_iters: {max_extra_iters!r} (must be an integer)")
+    if operator.index(max_extra_iters) < 0:
+        raise ValueError(f"Invalid max_extra_iters: {max_extra_iters} (must be >= 0)")
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
+    if inner_solver not in INNER_SOLVERS:
+        raise ValueError(
+            f"Invalid inner_solver: {inner_solver!r} (one of {', '.join(INNER_SOLVERS)})"
+        )
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE)})")
+    return {
+        **values,
+        "sigma_factor": check_sigma_factor(values["sigma_factor"]),
+        "max_extra_iters": operator.index(max_extra_iters),
+        "isgd_eps": float(eps),
+        "inner_solver": str(inner_solver),
+        "nonfinite": str(nonfinite),
+        "freeze_bn_stats": check_bool(values["freeze_bn_stats"], "freeze_bn_stats"),
+    }
+
+
+def check_loss(loss: object, where: str = "closure result", allow_number: bool = False) -> None:
+    if allow_number and _is_real(loss):
+        return
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        what = type(loss).__name__ if not isinstance(loss, Tensor) else f"shape {tuple(loss.shape)}"
+        raise TypeError(
+            f"Invalid {where}: {what} (the batch loss must be a one-element tensor"
+            + (" or a number" if allow_number else "")
+            + "; the closure computes it, calls backward() and returns it)"
+        )
+
+
+def check_lr(lr: object) -> None:
+    if lr is not None and not (isinstance(lr, Tensor) or (_is_real(lr) and lr >= 0)):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
+
+
+def check_bool(value: object, name: str) -> bool:
+    kind = type(value)
+    if not (isinstance(value, bool) or (kind.__module__, kind.__name__) in NP_BOOLS):
+        raise TypeError(f"Invalid {name}: {value!r} (must be True or False)")
+    return bool(value)
+
+
+NP_BOOLS = {("numpy", "bool"), ("numpy", "bool_")}  # NumPy's booleans, without importing it
