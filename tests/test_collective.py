@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from isgd import ISGD
 from isgd.collective import LossSync
 from tests.fixtures import leave_rank
 
@@ -76,11 +77,43 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                 results[f"{case} (sync_loss={sync_loss})"] = [psi, any_inf]
         # sync_loss=False: the local loss and the local flag, no collective
         results["local"] = list(LossSync(enabled=False)(LOSSES[rank], 3.0, torch.tensor(0.0)))
+        results |= _carried(rank)
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()
     finally:
         dist.destroy_process_group()
     leave_rank()
+
+
+def _carried(rank: int) -> dict[str, list]:
+    """Values carried in the loss message: summed across ranks, the loss judged as without."""
+    out: dict[str, list] = {}
+    sync = LossSync()
+    sync.carry([float(rank == 0), 0.0, 2.5 * (rank + 1)])  # rank 0 votes SIGINT
+    out["carry: psi"] = [sync(LOSSES[rank], (3.0, 1.0)[rank])[0]]
+    out["carry: sums"] = list(sync.carried or [])
+    sync(LOSSES[rank])  # the next call carries nothing (a 3-value message) and keeps the sums
+    out["carry: sums after a plain call"] = list(sync.carried or [])
+    local = LossSync(enabled=False)
+    local.carry([1, 2])
+    local(LOSSES[rank])
+    out["carry: local"] = list(local.carried or [])
+    # through ISGD.step: the regular pass's all-reduce carries them (no collective of their own)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = ISGD(model.parameters(), lr=0.1, window=2, sync_loss=True)
+    x = torch.full((4, 2), float(rank + 1))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    opt.sync.carry([0.0, float(rank == 1)])  # rank 1 votes SIGTERM
+    opt.step(closure)
+    out["carry: step"] = opt.sync.carried or []
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +148,12 @@ def test_every_rank_gets_the_weighted_mean_and_the_or_of_the_inf_flags(two_ranks
 
 def test_sync_loss_false_judges_the_local_loss(two_ranks):
     assert [results["local"] for results in two_ranks] == [[1.0, False], [5.0, False]]
+
+
+def test_carried_values_ride_the_loss_message_summed_across_ranks(two_ranks):
+    for results in two_ranks:
+        assert results["carry: psi"] == [pytest.approx(2.0, rel=1e-12)]  # as without them
+        assert results["carry: sums"] == [1.0, 0.0, 7.5]  # 2.5 + 5.0
+        assert results["carry: sums after a plain call"] == [1.0, 0.0, 7.5]
+        assert results["carry: step"] == [0.0, 1.0]
+    assert [results["carry: local"] for results in two_ranks] == [[1.0, 2.0], [1.0, 2.0]]

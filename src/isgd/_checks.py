@@ -1,4 +1,5 @@
-"""Checks of ISGD's arguments, with messages that name the value (as ``torch.optim``'s do)."""
+"""Checks of ISGD's arguments and of its closure contract, with messages that name the value
+(as ``torch.optim``'s do)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import operator
 from typing import Any, SupportsIndex
 
+import torch
 from torch import Tensor
 
 from isgd._numbers import is_real as _is_real
@@ -53,6 +55,47 @@ def check_loss(loss: object, where: str = "closure result", allow_number: bool =
             f"Invalid {where}: {what} (the batch loss must be a one-element tensor"
             + (" or a number" if allow_number else "")
             + "; the closure computes it, calls backward() and returns it)"
+        )
+
+
+def check_closure_given(observed: bool, grad_scaler: object) -> None:
+    """``ISGD.step()`` without a closure is the closure-free form: ``observe()`` came first."""
+    if observed:
+        return
+    raise TypeError(
+        "Invalid closure: None (GradScaler.step(opt) without a closure cannot re-run the "
+        "batch for ISGD's extra iterations: call opt.step(closure, grad_scaler=scaler) "
+        "with a closure that back-propagates scaler.scale(loss), or opt.observe(loss) "
+        "before scaler.step(opt) in a loop that owns backward())"
+        if grad_scaler is not None
+        else "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
+        "computes the batch loss, calls backward() and returns the loss, or, in a loop "
+        "that owns backward(), opt.observe(loss) before a bare opt.step(); frameworks: "
+        "see isgd.integrations)"
+    )
+
+
+def grad_marks(params: list[Tensor]) -> list[int | None]:
+    """The versions of the parameters' gradients (``None``: no gradient), to tell later whether
+    anything back-propagated into them since."""
+    return [None if p.grad is None else p.grad._version for p in params]
+
+
+def check_no_outside_grads(params: list[Tensor], marks: list[int | None] | None) -> None:
+    """Refuse gradients back-propagated since ``marks`` were taken (the last ``ISGD.step``): the
+    closure's ``zero_grad()`` would discard them."""
+    touched = [
+        p.grad
+        for i, p in enumerate(params)
+        if p.grad is not None
+        and (marks is None or len(marks) != len(params) or marks[i] != p.grad._version)
+    ]
+    if touched and bool(torch.stack(torch._foreach_norm(touched)).sum() > 0):
+        raise RuntimeError(
+            "ISGD.step(closure): the parameters hold gradients back-propagated outside the "
+            "closure (gradient accumulation?), which the closure's zero_grad() would discard; "
+            "run every micro-batch inside the closure (docs/integrations.md#gradient-"
+            "accumulation), or zero the gradients before step()"
         )
 
 

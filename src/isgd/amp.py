@@ -23,7 +23,13 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-__all__ = ["attribute_found_inf", "refuse_attribute_closure", "scaler_found_inf", "unscale_grads"]
+__all__ = [
+    "attribute_found_inf",
+    "bare_step_found_inf",
+    "refuse_attribute_closure",
+    "scaler_found_inf",
+    "unscale_grads",
+]
 
 
 def scaler_found_inf(scaler: torch.amp.GradScaler | None, opt: Optimizer) -> Tensor | None:
@@ -63,6 +69,16 @@ def attribute_found_inf(opt: Optimizer, grads: list[Tensor]) -> Tensor | None:
     if outer is not None:
         found_inf = outer if found_inf is None else found_inf + outer
     return found_inf
+
+
+def bare_step_found_inf(
+    opt: Optimizer, scaler: torch.amp.GradScaler | None, grads: list[Tensor]
+) -> Tensor | None:
+    """The found-inf flag of a bare ``step()`` after ``observe()``: through the scaler that
+    handed itself over (form 2), else through the attributes (form 3); ``None``: neither."""
+    if scaler is not None:
+        return scaler_found_inf(scaler, opt)
+    return attribute_found_inf(opt, grads)
 
 
 def refuse_attribute_closure(opt: Optimizer) -> None:

@@ -13,11 +13,17 @@ with one all-reduce of three float64 scalars per pass (``[w_r ψ_r, w_r, inf_r]`
 bytes on every rank, hence the same decision on every rank, by construction. ``inf_r`` carries a
 GradScaler's found-inf flag in the same message, so a skipped step is skipped on every rank alike.
 ``w_r`` is 1 unless the loop says otherwise (uneven per-rank batches: the local sample count).
+
+A loop may send a few numbers of its own in the same message (:meth:`LossSync.carry`), e.g. the
+ranks' votes to stop at the next step boundary (``isgd train``: SIGINT/SIGTERM): they ride the
+next all-reduce — in ``ISGD.step``, the regular pass's — and their sums across ranks are read back
+from :attr:`LossSync.carried`, with no collective of their own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,6 +54,16 @@ class LossSync:
             raise ValueError("Invalid sync_loss: False with a process_group (choose one)")
         self.process_group = process_group
         self.enabled = enabled
+        self._outgoing: list[float] | None = None  # carry()'s values, for the next call
+        #: the sums across ranks of the values :meth:`carry` sent (``None``: not sent yet)
+        self.carried: list[float] | None = None
+
+    def carry(self, values: Sequence[float]) -> None:
+        """Send ``values`` with the next call's all-reduce (appended to ``[wψ, w, inf]``);
+        after it, :attr:`carried` holds their sums across ranks (in one process, the values
+        themselves). Every rank must carry as many values, before the same call."""
+        self._outgoing = [float(v) for v in values]
+        self.carried = None
 
     def active(self) -> bool:
         if self.enabled is False:
@@ -70,20 +86,27 @@ class LossSync:
         active."""
         if weight is not None and not (_is_real(weight) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"Invalid weight: {weight!r} (must be a finite number > 0)")
+        outgoing, self._outgoing = self._outgoing, None
         if not self.active():
+            if outgoing is not None:
+                self.carried = outgoing
             psi = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             return psi, bool(found_inf is not None and float(found_inf) > 0)
         w = 1.0 if weight is None else float(weight)
         device = self._device(loss)
-        message = torch.zeros(3, dtype=torch.float64, device=device)
+        message = torch.zeros(3 + len(outgoing or ()), dtype=torch.float64, device=device)
         message[0] = (loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss)).to(
             device=device, dtype=torch.float64
         ).reshape(()) * w
         message[1] = w
         if found_inf is not None:
             message[2] = found_inf.detach().to(device=device, dtype=torch.float64).sum()
+        if outgoing:
+            message[3:] = torch.tensor(outgoing, dtype=torch.float64)
         dist.all_reduce(message, group=self.process_group)
-        total, weights, infs = message.tolist()
+        total, weights, infs, *carried = message.tolist()
+        if outgoing is not None:
+            self.carried = carried
         return total / weights, infs > 0
 
     def _device(self, loss: Tensor | float) -> torch.device:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from isgd._groups import Hyper
 from isgd._numbers import is_real as _is_real
-from isgd.optim import ISGD, StepRecord, _Hyper
+from isgd.optim import ISGD, StepRecord
 from isgd.spc import finite_loss
 
 __all__ = ["ForwardOnlyISGD"]
@@ -39,7 +40,7 @@ class ForwardOnlyISGD(ISGD):
     """
 
     hyper_parameters = (*ISGD.hyper_parameters, "lower_quantile")
-    lower_quantile = _Hyper()
+    lower_quantile = Hyper()
 
     def __init__(
         self,

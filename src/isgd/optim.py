@@ -18,14 +18,8 @@ by steps along
 stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. ``docs/algorithm.md`` maps the
 paper's symbols to the arguments below. Beside this module: :mod:`isgd.spc` (the chart),
 :mod:`isgd.solvers` (the update of the extra iterations), :mod:`isgd.amp` (GradScaler),
+:mod:`isgd._groups` (parameter groups and ``state_dict``), :mod:`isgd.stats` (the step record),
 :mod:`isgd.forward_only` (a variant that is not the paper's).
-
-(Why one module over 450 lines, ~600: the paper's method in its two forms — the closure ``step``
-is written with the closure-free methods ``observe``/``above_limit``/``subproblem_grad_`` it
-shares with loops that own ``backward()`` — and its hyper-parameters in the parameter groups and
-torch's ``state_dict`` layout. The step record and counters (:mod:`isgd.stats`), the mixed
-precision, the inner solvers, the BatchNorm guard, the argument checks and the forward-only
-variant are in their own modules.)
 """
 
 from __future__ import annotations
@@ -40,11 +34,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from isgd import amp
-from isgd._checks import NONFINITE, check_bool, check_hyper_parameters, check_loss, check_lr
+from isgd._checks import (
+    NONFINITE,
+    check_bool,
+    check_closure_given,
+    check_loss,
+    check_no_outside_grads,
+    grad_marks,
+)
+from isgd._groups import Hyper, WrappedOptimizer
 from isgd.batchnorm import frozen_batchnorm_stats
 from isgd.collective import LossSync
 from isgd.solvers import INNER_SOLVERS, InnerSolver, make_solver, momentum_ratio
-from isgd.spc import MAX_LOSS, LossControlChart, check_same_window, finite_loss
+from isgd.spc import MAX_LOSS, LossControlChart, finite_loss
 from isgd.stats import ISGDStats, StepRecord
 
 __all__ = [
@@ -59,21 +61,7 @@ __all__ = [
 LossClosure = Callable[[], Tensor]
 
 
-class _Hyper:
-    """One of ISGD's hyper-parameters: optimizer-wide, carried by every parameter group (as
-    torch's groups carry ``lr``) and read from the first."""
-
-    def __init__(self, key: str | None = None) -> None:
-        self.key = key  # the group key, if not the name
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = self.key or name
-
-    def __get__(self, opt: Any, owner: type | None = None) -> Any:
-        return self if opt is None else opt.param_groups[0][self.name]
-
-
-class ISGD(Optimizer):
+class ISGD(WrappedOptimizer):
     r"""Inconsistent SGD around a base optimizer.
 
     Per step, with ψ the regular loss of batch :math:`d_t` and :math:`w_{t-1}` the weights before
@@ -90,10 +78,9 @@ class ISGD(Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
         base_optimizer: the optimizer *class* whose update rule ISGD applies (``torch.optim.SGD``
             by default; SGD with momentum or Nesterov, Adam and AdamW are tested).
-        window: batches per epoch :math:`n_b`; the chart holds the last ``window`` losses. An
-            integer in [2, 2**31 − 1] (``isgd.spc.MAX_WINDOW``). The first ``window`` steps fill
-            the chart and are plain base-optimizer steps. Structural: a state saved with another
-            window is refused by :meth:`load_state_dict`.
+        window: batches per epoch :math:`n_b`, an integer >= 2: the chart holds the last
+            ``window`` losses; the first ``window`` steps fill it and are plain base steps.
+            Structural: :meth:`load_state_dict` refuses a state saved with another window.
         sigma_factor: ``k`` in ``limit = mean + k·sigma`` (default 3).
         max_extra_iters: the paper's ``stop``: extra iterations at most per triggered step.
             0 makes ISGD exactly the base optimizer. Default 5 (see ``docs/algorithm.md``).
@@ -101,25 +88,21 @@ class ISGD(Optimizer):
         inner_solver: the update of the extra iterations (:mod:`isgd.solvers`): ``"base"``
             (default), the base optimizer's step with ∇φ as the gradient, its state shared with
             the regular steps; the ablations ``"gd"`` and ``"momentum"``.
-        nonfinite: a NaN or infinite regular loss (without a GradScaler, whose found-inf steps
-            are skipped as it would) — ``"raise"`` (default): ``FloatingPointError`` before any
-            update or state change; ``"skip"``: no update, the loss stays out of the chart, the
-            step is counted in ``stats.nonfinite`` and marked ``skipped``. A loss of magnitude
-            above 1e100 (``isgd.spc.MAX_LOSS``) counts as non-finite.
+        nonfinite: a regular loss NaN, infinite or beyond ±1e100 (a GradScaler's found-inf steps
+            are skipped, as it would) — ``"raise"`` (default): ``FloatingPointError`` before any
+            change; ``"skip"``: no update, out of the chart, counted in ``stats.nonfinite``.
         freeze_bn_stats: keep BatchNorm running statistics unchanged by the extra passes
             (:func:`frozen_batchnorm_stats`; the regular pass still updates them).
         diagnostics: record ``stats.last.momentum_ratio`` (:func:`isgd.solvers.momentum_ratio`,
             two norms and a host sync per extra iteration). Off by default: nothing computed.
         process_group, sync_loss: which loss the decisions read (:class:`isgd.collective.LossSync`):
-            by default, under ``torch.distributed`` with more than one process, the
-            process-group mean of the ranks' losses (one all-reduce of three scalars per pass),
-            so every rank decides alike. ``sync_loss=False``: the loop passes a global loss.
+            by default, with several processes, the process-group mean of the ranks' losses (one
+            all-reduce per pass): every rank decides alike. ``sync_loss=False``: a global loss.
         **base_kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
+        ``docs/algorithm.md`` says why each default, and what the paper leaves open.
 
-    ISGD's hyper-parameters but the window (the chart's) ride in ``defaults`` and in every
-    parameter group, beside the base's: ``state_dict()`` has torch's shape, ``{"state",
-    "param_groups"}``, plus ``"isgd": {"chart", "stats"}``, and a scheduler may anneal
-    ``sigma_factor`` as it does ``lr``. They are optimizer-wide: read from the first group.
+    ISGD's hyper-parameters but the window ride in every parameter group, as ``lr`` does, and
+    ``state_dict()`` has torch's shape plus ``"isgd": {"chart", "stats"}`` (:mod:`isgd._groups`).
 
     The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
     ``backward()`` and return the loss — the contract of ``torch.optim.LBFGS`` (it is called
@@ -152,12 +135,12 @@ class ISGD(Optimizer):
         *("sigma_factor", "max_extra_iters", "isgd_eps", "inner_solver", "nonfinite"),
         "freeze_bn_stats",
     )
-    sigma_factor = _Hyper()
-    max_extra_iters = _Hyper()
-    eps = _Hyper("isgd_eps")  # Adam's own eps shares the groups
-    inner_solver = _Hyper()
-    nonfinite = _Hyper()
-    freeze_bn_stats = _Hyper()
+    sigma_factor = Hyper()
+    max_extra_iters = Hyper()
+    eps = Hyper("isgd_eps")  # Adam's own eps shares the groups
+    inner_solver = Hyper()
+    nonfinite = Hyper()
+    freeze_bn_stats = Hyper()
 
     def __init__(
         self,
@@ -176,34 +159,14 @@ class ISGD(Optimizer):
         sync_loss: bool | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
-            raise TypeError(
-                f"Invalid base_optimizer: {base_optimizer!r} (must be a torch.optim.Optimizer "
-                "subclass such as torch.optim.SGD, not an instance)"
-            )
-        if issubclass(base_optimizer, ISGD) or base_optimizer is torch.optim.LBFGS:
-            raise TypeError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot be wrapped")
-        if "lower_quantile" in base_kwargs and "lower_quantile" not in self.hyper_parameters:
-            raise TypeError(
-                "Invalid argument: lower_quantile (the forward-only variant, not the paper's "
-                "method, is isgd.forward_only.ForwardOnlyISGD)"
-            )
-        check_lr(base_kwargs.get("lr"))
         given: dict[str, Any] = dict(sigma_factor=sigma_factor, max_extra_iters=max_extra_iters)
         given |= dict(isgd_eps=eps, inner_solver=inner_solver, nonfinite=nonfinite)
-        given |= dict(freeze_bn_stats=freeze_bn_stats)  # a subclass's arrive in base_kwargs:
-        given |= {k: base_kwargs.pop(k) for k in self.hyper_parameters if k in base_kwargs}
-        hyper = self._check_hyper(given)
+        given |= dict(freeze_bn_stats=freeze_bn_stats)  # a subclass's arrive in base_kwargs
+        hyper = self._hyper_from(base_optimizer, given, base_kwargs)  # checked (isgd._groups)
         self.chart = LossControlChart(window, hyper["sigma_factor"])  # validates window
         self.sync = LossSync(process_group, sync_loss)
         self.diagnostics = check_bool(diagnostics, "diagnostics")
-
-        super().__init__(params, {**base_kwargs, **hyper})
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same.
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults = {**self.base_optimizer.defaults, **hyper}
-        self._check_groups(self.param_groups)
+        self._wrap(params, base_optimizer, base_kwargs, hyper)  # the base shares its groups
 
         self.stats = ISGDStats()
         self.solver: InnerSolver = make_solver(self.inner_solver, self.base_optimizer)
@@ -263,7 +226,7 @@ class ISGD(Optimizer):
             return None
         if grad_scaler is None:
             amp.refuse_attribute_closure(self)
-        self._refuse_outside_grads()
+        check_no_outside_grads(self._params(), self._grad_marks)
         with torch.enable_grad():
             loss = closure()
         check_loss(loss)
@@ -283,29 +246,15 @@ class ISGD(Optimizer):
                 break
             self.subproblem_grad_()
             self.subproblem_step_()
-        self._grad_marks = [None if p.grad is None else p.grad._version for p in self._params()]
+        self._grad_marks = grad_marks(self._params())  # p.grad as step() leaves it
         return loss
 
     def _closure_free_step(self, grad_scaler: torch.amp.GradScaler | None) -> None:
-        if not self._observed:
-            raise TypeError(
-                "Invalid closure: None (GradScaler.step(opt) without a closure cannot re-run the "
-                "batch for ISGD's extra iterations: call opt.step(closure, grad_scaler=scaler) "
-                "with a closure that back-propagates scaler.scale(loss), or opt.observe(loss) "
-                "before scaler.step(opt) in a loop that owns backward())"
-                if grad_scaler is not None
-                else "Invalid closure: None (ISGD.step needs a closure that zeroes the gradients, "
-                "computes the batch loss, calls backward() and returns the loss, or, in a loop "
-                "that owns backward(), opt.observe(loss) before a bare opt.step(); frameworks: "
-                "see isgd.integrations)"
-            )
+        check_closure_given(self._observed, grad_scaler)  # observe() came first
         self._observed = False
         if self.stats.last.forward_only or self.stats.last.skipped:
             return  # no update; gradients, if the loop computed them anyway, are ignored
-        if grad_scaler is not None:  # GradScaler.step(opt) handed itself over
-            found_inf = amp.scaler_found_inf(grad_scaler, self)
-        else:  # or set grad_scale / found_inf on the optimizer
-            found_inf = amp.attribute_found_inf(self, self._grads())
+        found_inf = amp.bare_step_found_inf(self, grad_scaler, self._grads())
         if found_inf is not None and float(found_inf) > 0:
             self._skip_step()
             return
@@ -424,24 +373,6 @@ class ISGD(Optimizer):
         record.triggered, record.skipped = False, True
         self._limit = None
 
-    def _refuse_outside_grads(self) -> None:
-        """Gradients back-propagated since the last step would be zeroed by the closure."""
-        marks = self._grad_marks
-        params = self._params()
-        touched = [
-            p.grad
-            for i, p in enumerate(params)
-            if p.grad is not None
-            and (marks is None or len(marks) != len(params) or marks[i] != p.grad._version)
-        ]
-        if touched and bool(torch.stack(torch._foreach_norm(touched)).sum() > 0):
-            raise RuntimeError(
-                "ISGD.step(closure): the parameters hold gradients back-propagated outside the "
-                "closure (gradient accumulation?), which the closure's zero_grad() would discard; "
-                "run every micro-batch inside the closure (docs/integrations.md#gradient-"
-                "accumulation), or zero the gradients before step()"
-            )
-
     @contextlib.contextmanager
     def extra_pass(self) -> Iterator[None]:
         """Wrap the forward/backward of one extra iteration in a loop that owns them: BatchNorm
@@ -497,117 +428,18 @@ class ISGD(Optimizer):
         self.solver.step()
 
     def _snapshot_w_prev(self) -> None:
-        params = self._params()
-        if (
-            self._w_prev is None
-            or len(self._w_prev) != len(params)
-            or any(
-                w.shape != p.shape or w.device != p.device or w.dtype != p.dtype
-                for w, p in zip(self._w_prev, params)
-            )
-        ):
-            self._w_prev = [
-                torch.empty_like(p, memory_format=torch.preserve_format) for p in params
-            ]
-        torch._foreach_copy_(self._w_prev, [p.detach() for p in params])
+        params = [p.detach() for p in self._params()]
+        layout = [(p.shape, p.device, p.dtype) for p in params]
+        if self._w_prev is None or [(w.shape, w.device, w.dtype) for w in self._w_prev] != layout:
+            self._w_prev = [torch.empty_like(p) for p in params]  # preserve_format
+        torch._foreach_copy_(self._w_prev, params)  # w_{t-1}: one copy, reused across triggers
 
-    # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict[str, Any]:
-        """torch's ``{"state", "param_groups"}`` (the base optimizer's, ISGD's hyper-parameters in
-        the groups) and ``"isgd": {"chart", "stats"}``: enough to resume bit-identically."""
-        state = self.base_optimizer.state_dict()
-        state["isgd"] = {"chart": self.chart.state_dict(), "stats": self.stats.state_dict()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output. The whole state is checked before anything
-        changes (the base optimizer's by ``torch.optim``). The window is structural: a state
-        saved with another window is refused. The saved hyper-parameters win over the
-        constructor's, as ``param_groups``' do in ``torch.optim``."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(
-                f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
-            )
-        if "base" in state_dict:
-            raise ValueError(
-                "not an ISGD state_dict of this version: {base, chart, stats, isgd} is the "
-                "layout before isgd 0.2, which is not read (start the run again)"
-            )
-        isgd = state_dict.get("isgd")
-        missing = {"state", "param_groups", "isgd"} - set(state_dict)
-        if missing or not isinstance(isgd, dict) or {"chart", "stats"} - set(isgd):
-            raise ValueError(
-                f"not an ISGD state_dict: missing {sorted(missing) or ['isgd.chart/stats']} (a "
-                "plain optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
-            )
-        chart_state = isgd["chart"]
-        if isinstance(chart_state, dict) and "window" in chart_state:
-            check_same_window(chart_state["window"], self.window, "this optimizer")
-        LossControlChart(self.window).load_state_dict(chart_state)  # checks it, changes nothing
-        ISGDStats().load_state_dict(isgd["stats"])  # the same
-        groups = state_dict["param_groups"]
-        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
-            raise ValueError("Invalid param_groups: a non-empty list of dicts (torch's layout)")
-        hyper = self._check_groups(groups)
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "isgd"})
-        self.param_groups = self.base_optimizer.param_groups
-        for group in self.param_groups:
-            group.update(hyper)  # normalised: numpy.int64(5) → 5
-        self.chart.load_state_dict(chart_state)
-        self.chart.sigma_factor = hyper["sigma_factor"]
-        self.stats.load_state_dict(isgd["stats"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, as for any ``torch.optim`` optimizer — also mid-training: the
-        new parameters join :math:`n_w`, the snapshot :math:`w_{t-1}` of a step in progress and
-        the inner solver's state, and gradients they hold already (back-propagated before they
-        joined) are not mistaken for gradients accumulated outside the closure. ISGD's
-        hyper-parameters are the optimizer's: a group may only repeat them."""
-        if isinstance(param_group, dict):
-            check_lr(param_group.get("lr"))
-        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
-            super().add_param_group(param_group)
-            return
-        if isinstance(param_group, dict):
-            param_group = {
-                **{k: self.param_groups[0][k] for k in self.hyper_parameters},
-                **param_group,
-            }
-            self._check_groups([self.param_groups[0], param_group])
-        self.base_optimizer.add_param_group(param_group)
-        new = self.param_groups[-1]["params"]
+    def _params_joined(self, params: list[Tensor]) -> None:
+        """Parameters added mid-training join :math:`n_w`, the snapshot :math:`w_{t-1}` of a
+        step in progress (as they are) and the inner solver's state; gradients they hold already
+        are not mistaken for gradients accumulated outside the closure."""
         if self._grad_marks is not None:
-            self._grad_marks += [None if p.grad is None else p.grad._version for p in new]
-        if self._w_prev is not None:  # w_{t-1} of the new parameters: as they are
-            self._w_prev += [p.detach().clone(memory_format=torch.preserve_format) for p in new]
-        self.solver.add_param_group(new)
-
-    def _check_groups(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
-        """The hyper-parameters the groups carry, checked: present, valid, the same in each."""
-        first = groups[0]
-        missing = [k for k in self.hyper_parameters if k not in first]
-        if missing:
-            raise ValueError(
-                f"Invalid param_groups: missing {missing} (ISGD's hyper-parameters; a plain "
-                "optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
-            )
-        hyper = self._check_hyper({k: first[k] for k in self.hyper_parameters})
-        for i, group in enumerate(groups[1:], 1):
-            for k in self.hyper_parameters:
-                if k not in group or group[k] != first[k]:
-                    raise ValueError(
-                        f"Invalid param_groups[{i}]: {k}={group.get(k)!r} where the first group "
-                        f"has {first[k]!r} (ISGD's hyper-parameters are optimizer-wide)"
-                    )
-        return hyper
-
-    def _check_hyper(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The hyper-parameters checked and normalised; a subclass checks those it adds."""
-        return check_hyper_parameters(values)
-
-    def __repr__(self) -> str:
-        hyper = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in self.hyper_parameters)
-        return (
-            f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
-            f"window={self.window}, {hyper}, groups={self.base_optimizer.param_groups!r})"
-        )
+            self._grad_marks += grad_marks(params)
+        if self._w_prev is not None:
+            self._w_prev += [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+        self.solver.add_param_group(params)

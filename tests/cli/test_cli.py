@@ -225,9 +225,9 @@ def test_window_sets_the_charts_length(idx_dir, tmp_path, optimizer):
 def test_per_batch_preparation_trains_the_same_model(idx_dir, tmp_path, isgd_run, monkeypatch):
     """A set too large to normalise up front (ImageNet) is prepared batch by batch: the same
     numbers, so the same model, as the whole-set path."""
-    import isgd.training.train
+    import isgd.training.data_setup
 
-    monkeypatch.setattr(isgd.training.train, "PREPARE_ONCE_MAX_BYTES", 0)
+    monkeypatch.setattr(isgd.training.data_setup, "PREPARE_ONCE_MAX_BYTES", 0)
     out = tmp_path / "per-batch"
     assert main(base_args(idx_dir, out, "--optimizer", "isgd")) == 0
     assert (out / "model.pt").read_bytes() == (isgd_run / "model.pt").read_bytes()

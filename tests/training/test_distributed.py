@@ -23,6 +23,7 @@ from isgd import FixedCycleBatchSampler
 from isgd.cli import main
 from isgd.data.preprocess import Preprocess
 from isgd.training import distributed, runio
+from isgd.training.callbacks import Callback
 from isgd.training.config import resolve_config
 from isgd.training.distributed import (
     DistributedFixedCycleBatchSampler,
@@ -33,7 +34,7 @@ from isgd.training.distributed import (
 )
 from isgd.training.launch import worker_argv
 from isgd.training.lifecycle import prepare_run_dir
-from isgd.training.train import Trainer
+from isgd.training.train import Trainer, TrainingInterrupted
 
 # the one-process tests are fast; the multi-process ones (marked slow) run in make test only
 
@@ -195,9 +196,31 @@ def _rank_worker(rank: int, port: int, idx_dir: str, out: str) -> None:
                 "summary": summary,
             }
             torch.save(state, Path(out) / f"{name}-rank{rank}.pt")
+        # rank 1 alone gets SIGTERM after iteration 50's regular pass: its vote rides step 51's
+        # loss all-reduce, and both ranks stop after iteration 51
+        run_dir = Path(out) / "signal"
+        config = resolve_config(overrides=dict(TRAIN, dataset=f"idx:{idx_dir}"))
+        trainer = Trainer(config, run_dir, dist=ctx, callbacks=[_SigtermAt(50 if rank else -1)])
+        if rank == 0:
+            prepare_run_dir(run_dir)
+        try:
+            trainer.run(progress=False)
+        except TrainingInterrupted as err:
+            torch.save([int(err.signum), err.iteration], Path(out) / f"signal-rank{rank}.pt")
         finished = True
     finally:
         distributed.shutdown(ctx, finished)
+
+
+class _SigtermAt(Callback):
+    """A SIGTERM received by this rank just after iteration ``at`` (as the handler records it)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        if record["iteration"] == self.at:
+            trainer._signals.signum = signal.SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +294,15 @@ def test_uneven_shares_give_the_result_of_even_shares(two_ranks):
     assert uneven.keys() == even.keys()
     for key in even:
         assert float((uneven[key] - even[key]).norm() / even[key].norm()) < 5e-3, key
+
+
+@pytest.mark.slow
+def test_one_ranks_stop_vote_rides_the_loss_message_and_stops_every_rank_alike(two_ranks):
+    for rank in (0, 1):  # the vote of rank 1 after step 50 went out with step 51's loss
+        assert torch.load(two_ranks / f"signal-rank{rank}.pt") == [int(signal.SIGTERM), 51]
+    run = two_ranks / "signal"
+    assert (run / "checkpoints" / "ckpt-00000051.pt").exists()
+    assert len((run / "steps.jsonl").read_text().splitlines()) == 51
 
 
 def _child_with_rank(parent: int, rank: int) -> int | None:

@@ -3,7 +3,8 @@ test shards, the agreed stop and the one-line report of a failed collective.
 
 Each rank trains its share of every global batch under DistributedDataParallel; ISGD's own
 all-reduce (:class:`isgd.collective.LossSync`, weighted by the ranks' sample counts) makes every
-decision alike, and :func:`agreed_stop` makes every rank stop at the same step boundary.
+decision alike and carries the ranks' stop votes, by which :func:`agreed_stop` makes every rank
+stop at the same step boundary.
 """
 
 from __future__ import annotations
@@ -130,12 +131,13 @@ def calibrate(trainer: Trainer) -> list[int]:
 
 def agreed_stop(trainer: Trainer, signals: StopSignals) -> int | None:
     """The stop request to honour now: this process's, or under data parallelism the one
-    every rank agrees on (one all-reduce of two floats per step)."""
+    every rank agrees on. Those votes rode the last step's loss all-reduce (no collective of
+    their own: :meth:`isgd.collective.LossSync.carry`), so a signal that comes after that
+    step's regular pass is honoured one step later, on every rank alike."""
     if trainer.dist is None:
         return signals.signum
-    votes = torch.tensor(signals.votes(), dtype=torch.float64, device=trainer.device)
-    torch.distributed.all_reduce(votes)
-    return signals.from_votes(votes.tolist())
+    votes = trainer.optimizer.sync.carried
+    return None if votes is None else signals.from_votes(votes)
 
 
 def collective_error(trainer: Trainer, err: BaseException) -> DistributedError:

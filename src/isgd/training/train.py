@@ -18,14 +18,14 @@ checkpoint (:class:`TrainingInterrupted`); a non-finite loss stops the run befor
 skips that batch. A file that cannot be written raises :class:`runio.WriteError`.
 
 Data parallel (``dist``, :mod:`isgd.training.distributed`): each rank trains its share of every
-global batch under DistributedDataParallel and ranks agree on every decision (ISGD's all-reduce)
-and on stopping (one all-reduce of the stop requests per step). Evaluation is sharded across
-ranks; rank 0 alone writes files.
+global batch under DistributedDataParallel and ranks agree on every decision and on stopping
+(ISGD's all-reduce carries the stop requests: :meth:`isgd.collective.LossSync.carry`).
+Evaluation is sharded across ranks; rank 0 alone writes files.
 
-Why ~700 lines, not 600: :class:`Trainer` owns the parts a checkpoint composes (data and
-preprocessing, model, optimizer, schedule, loop state, callbacks) and their set-up; the
-data-parallel parts, evaluation and signals are modules of their own. Moving the data set-up out
-is the next cut.
+:class:`Trainer` owns the parts a checkpoint composes; their set-up and the concerns beside the
+loop are modules of their own: the data (:mod:`~isgd.training.data_setup`), the optimizer
+(:mod:`~isgd.training.optimizer`), non-finite losses (:mod:`~isgd.training.nonfinite`), the
+data-parallel parts (:mod:`~isgd.training.parallel`), evaluation and signals.
 """
 
 from __future__ import annotations
@@ -42,17 +42,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from isgd.data import DataError, DataSplit, Preprocess, load_dataset
-from isgd.data.variants import class_weights, make_variant
+from isgd.batchnorm import frozen_batchnorm_stats
+from isgd.data import DataSplit, Preprocess
 from isgd.errors import NonFiniteError, RunError, TrainingInterrupted
 from isgd.models import build_model
-from isgd.optim import ISGD, StepRecord
+from isgd.optim import StepRecord
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
-from isgd.training import distributed, parallel, runio
+from isgd.training import distributed, nonfinite, parallel, runio
 from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
-from isgd.training.config import ConfigError, TrainConfig, lr_factor
+from isgd.training.config import TrainConfig, lr_factor
+from isgd.training.data_setup import setup_data
 from isgd.training.distributed import DistContext
 from isgd.training.evaluation import Evaluation, evaluate
+from isgd.training.optimizer import build_optimizer
 from isgd.training.signals import StopSignals, resume_hint
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingInterrupted",
+    "build_optimizer",
     "evaluate",
     "resume_hint",
 ]
@@ -69,48 +72,6 @@ log = logging.getLogger(__name__)
 
 # configuration keys a checkpoint cannot be resumed under once changed
 _STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size", "crop_size", "window")
-_MAX_SKIP_WARNINGS = 10
-PREPARE_ONCE_MAX_BYTES = 2**31  # a training set larger than this as float32 is prepared per batch
-
-
-def build_optimizer(
-    config: TrainConfig, model: nn.Module, n_b: int, *, data_parallel: bool = False
-) -> ISGD:
-    """ISGD around the base that ``config.optimizer`` names; ``sgd``, ``nesterov`` and ``adam``
-    are ``ISGD(base, max_extra_iters=0)``, the base optimizer exactly (its chart only records).
-    ``data_parallel``: decisions read the process-group mean loss (ISGD's ``sync_loss``)."""
-    family = config.optimizer.removeprefix("isgd").lstrip("-") or "sgd"
-    base: type[torch.optim.Optimizer]
-    kwargs: dict[str, Any]
-    if family == "adam":
-        base, kwargs = torch.optim.Adam, dict(lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        base = torch.optim.SGD
-        kwargs = dict(
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=family == "nesterov",
-        )
-    optimizer: type[ISGD] = ISGD
-    if config.lower_quantile > 0:  # the forward-only variant, not the paper's method
-        from isgd.forward_only import ForwardOnlyISGD
-
-        optimizer, kwargs["lower_quantile"] = ForwardOnlyISGD, config.lower_quantile
-    return optimizer(
-        model.parameters(),
-        base,
-        window=config.chart_window(n_b),
-        sigma_factor=config.sigma_factor,
-        max_extra_iters=config.max_extra_iters if config.uses_isgd else 0,
-        eps=config.eps,
-        inner_solver=config.inner_solver,
-        nonfinite=config.nonfinite,
-        freeze_bn_stats=config.freeze_bn_stats,
-        diagnostics=True,  # steps.jsonl records momentum_ratio
-        sync_loss=data_parallel,
-        **kwargs,
-    )
 
 
 @dataclass
@@ -147,6 +108,18 @@ class Trainer:
     a failed construction), then back to what it was.
     """
 
+    # the data, set by data_setup.setup_data
+    data: DataSplit
+    sampler: FixedCycleBatchSampler | DistributedFixedCycleBatchSampler
+    n_b: int  # batches per epoch
+    total: int  # iterations of the run
+    pre: Preprocess
+    x_train: Tensor | None  # None: prepared per batch
+    y_train: Tensor
+    class_weight: Tensor | None
+    x_test: Tensor  # uint8
+    y_test: Tensor
+
     def __init__(self, config: TrainConfig, *args: Any, **kwargs: Any) -> None:
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(config.threads)
@@ -180,61 +153,8 @@ class Trainer:
         self.is_main = self.dist is None or self.dist.is_main
         self.world_size = 1 if self.dist is None else self.dist.world_size
         self.device = parallel.device_for(config, self.dist)
-        self.data = make_variant(
-            data if data is not None else _load_data(config.dataset, data_dir),
-            imbalance=config.imbalance,
-            label_noise=config.label_noise,
-            seed=config.seed,
-        )
-        height, width = self.data.x_train.shape[2:]
-        if height != width:
-            raise DataError(
-                f"{config.dataset}: the images are {height}×{width} pixels, but the models take "
-                "square images (N×S×S); crop or pad them to a square"
-            )
-        if config.crop_size > height:
-            raise ConfigError(
-                f"invalid crop_size: {config.crop_size} (the {config.dataset} images are "
-                f"{height}×{width} pixels)"
-            )
-        self.sampler: FixedCycleBatchSampler | DistributedFixedCycleBatchSampler
         self._batches: Tensor | None = None  # this epoch's batches (indices), gathered lazily
-        self.sampler = FixedCycleBatchSampler(
-            len(self.data.x_train), config.batch_size, seed=config.seed, reshuffle=config.reshuffle
-        )
-        self.n_b = len(self.sampler)
-        if config.epochs > 0:
-            self.total = max(1, round(config.epochs * self.n_b))
-        else:
-            self.total = config.iters
-        if self.n_b < 2:
-            raise ConfigError(
-                f"invalid batch_size: {config.batch_size} (the {len(self.data.x_train)} training "
-                "samples make fewer than 2 batches; ISGD's chart needs at least 2)"
-            )
-        self.pre = Preprocess.for_data(
-            self.data,
-            config.normalize,
-            crop_padding=4 if config.augment and not config.crop_size else 0,
-            crop_size=config.crop_size,
-            random_crop=config.augment,
-            flip=config.augment,
-            channels_last=config.channels_last,
-            seed=config.seed + 1,
-        )
-        # Without augmentation a small set is normalised once: a step only gathers rows. An
-        # augmented set, or one whose float copy would pass 2 GiB (ImageNet, memory-mapped from
-        # disk), is prepared batch by batch (the same numbers: the operations are per pixel).
-        per_batch = config.augment or self.data.x_train.numel() * 4 > PREPARE_ONCE_MAX_BYTES
-        self.x_train = None if per_batch else self.pre(self.data.x_train).to(self.device)
-        self.y_train = self.data.y_train.to(self.device)
-        self.class_weight = (
-            class_weights(self.data.y_train, self.data.num_classes).to(self.device)
-            if config.class_weights == "balanced"
-            else None
-        )
-        self.x_test = self.data.x_test  # uint8; evaluation prepares it batch by batch
-        self.y_test = self.data.y_test.to(self.device)
+        setup_data(self, data, data_dir)
 
         torch.manual_seed(config.seed)  # same initialisation for every optimizer of a seed
         self.model = build_model(
@@ -268,10 +188,9 @@ class Trainer:
         self._last_eval: dict[str, Any] = {}
         self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # a skipped batch, or a forward-only step of the lower_quantile variant, must leave
-        # BatchNorm's running statistics as they were: their values before each step
-        rewind = config.on_nonfinite == "skip" or config.lower_quantile > 0
-        self._norm_buffers = _norm_buffers(self.model) if rewind else []
-        self._norm_saved = [b.clone() for b in self._norm_buffers]
+        # BatchNorm's running statistics as they were (frozen_batchnorm_stats in step())
+        self._rewind_batchnorm = config.on_nonfinite == "skip" or config.lower_quantile > 0
+        self._signals = StopSignals()  # run() installs them; under dist, step() sends the votes
 
     # ------------------------------------------------------------------ one step
     def batch(self, iteration: int) -> tuple[int, int, Tensor, Tensor]:
@@ -295,8 +214,6 @@ class Trainer:
         or forward-only step leaves BatchNorm's running statistics as they were."""
         opt, net = self.optimizer, self.net
         regular = True
-        if self._norm_buffers:
-            torch._foreach_copy_(self._norm_saved, self._norm_buffers)
 
         def closure() -> Tensor:
             nonlocal regular
@@ -312,15 +229,18 @@ class Trainer:
             objective.backward()
             return loss
 
-        opt.step(closure, weight=self._weight)
-        record = opt.stats.last
-        if (record.skipped or record.forward_only) and self._norm_buffers:
-            torch._foreach_copy_(self._norm_buffers, self._norm_saved)
+        if self.dist is not None:  # the stop votes ride the regular pass's loss all-reduce
+            opt.sync.carry(self._signals.votes())
+        with frozen_batchnorm_stats(enabled=self._rewind_batchnorm) as batchnorm:
+            opt.step(closure, weight=self._weight)
+            record = opt.stats.last
+            if not (record.skipped or record.forward_only):
+                batchnorm.keep()  # an update was applied: the batch counts in the statistics
         return record
 
     def _losses(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(this process's mean loss ψ_r, what to back-propagate): the batch mean in one process;
-        under data parallelism the sum scaled by W/B (see :meth:`_setup_data_parallel`)."""
+        under data parallelism the sum scaled by W/B (see :func:`parallel.setup`)."""
         if self.dist is None:
             loss = self.loss(logits, y)
             return loss, loss
@@ -347,13 +267,13 @@ class Trainer:
         self.display.enabled = progress
         try:
             self._emit("on_run_start")
-            with StopSignals() as signals:
+            with self._signals:
                 if self.state.iteration == 0:
                     self.evaluate_and_record()
                 self._batches = None
                 while self.state.iteration < self.total and self._cancelled is None:
                     self.train_iteration()
-                    self._signum = parallel.agreed_stop(self, signals)
+                    self._signum = parallel.agreed_stop(self, self._signals)
                     if self._signum is not None and self.state.iteration < self.total:
                         self._interrupt(self._signum)
             self.records.close()  # the last lines on disk before the summary reads them
@@ -379,7 +299,8 @@ class Trainer:
         try:
             record = self.step(x, y)
         except FloatingPointError:  # ISGD(nonfinite="raise"): nothing was updated
-            raise self.nonfinite_error(
+            raise nonfinite.error(
+                self,
                 f"non-finite loss ({float(self._regular_loss)}) at iteration {st.iteration + 1}, "
                 f"batch id {batch_id} (epoch {epoch})",
                 "start a new run with a lower --lr, or with --on-nonfinite skip to skip such "
@@ -391,7 +312,7 @@ class Trainer:
         st.train_seconds += time.perf_counter() - start
         st.iteration += 1
         if record.skipped:
-            self._skipped(record, epoch, batch_id)
+            nonfinite.skipped(self, record, epoch, batch_id)
         else:
             st.skipped_in_a_row = 0
             if record.loss == record.loss:  # finite: ISGD skips every other
@@ -414,56 +335,9 @@ class Trainer:
             if self.is_main:
                 log.info("ending the run at iteration %d: %s", self.state.iteration, reason)
 
-    def _skipped(self, record: StepRecord, epoch: int, batch_id: int) -> None:
-        """ISGD skipped the batch (``on_nonfinite = "skip"``); stop when skipping cannot help:
-        the weights themselves are no longer finite, or a whole epoch was skipped in a row."""
-        st = self.state
-        what = f"non-finite loss ({record.loss}) at iteration {st.iteration}, batch id {batch_id}"
-        if not self.weights_finite():
-            raise self.nonfinite_error(
-                f"{what}: the weights themselves are no longer finite, so skipping batches "
-                "cannot help",
-                "start a new run with a lower --lr",
-            )
-        if st.skipped_in_a_row + 1 >= self.n_b:
-            raise self.nonfinite_error(
-                f"{what}: the last {self.n_b} batches in a row (a whole epoch) had non-finite "
-                "losses, so the model has diverged and skipping batches cannot help",
-                "start a new run with a lower --lr",
-            )
-        st.skipped_in_a_row += 1
-        skipped = self.optimizer.stats.nonfinite
-        if self.is_main and skipped <= _MAX_SKIP_WARNINGS:
-            log.warning(
-                "skipped %s (epoch %d)%s",
-                what,
-                epoch,
-                "; further skipped batches are only counted (summary.json: nonfinite/skipped)"
-                if skipped == _MAX_SKIP_WARNINGS
-                else "",
-            )
-
     def _emit(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
-
-    def weights_finite(self) -> bool:
-        """All weights and buffers finite — on every rank (a collective under ``dist``)."""
-        finite = all(
-            bool(torch.isfinite(v).all())
-            for v in self.model.state_dict().values()
-            if v.is_floating_point()
-        )
-        if self.dist is None:
-            return finite
-        flag = torch.tensor([float(finite)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def nonfinite_error(self, what: str, todo: str) -> NonFiniteError:
-        last = self._last_checkpoint()
-        kept = f"its last good checkpoint {last} is kept" if last else "it had no checkpoint yet"
-        return NonFiniteError(f"{what}; the run stopped and {kept}; {todo}")
 
     def _last_checkpoint(self) -> Path | None:
         return runio.latest_checkpoint(self.run_dir / "checkpoints") if self.is_main else None
@@ -579,12 +453,11 @@ class Trainer:
     def checkpoint(self) -> None:
         """Write a checkpoint of this iteration (after ``on_checkpoint``: the records it covers
         are on disk); under ``dist`` the ranks first prove they hold the same state."""
-        if not self.weights_finite():
-            raise self.nonfinite_error(
-                f"the weights are no longer finite at iteration {self.state.iteration} (the "
-                "last loss was finite); no checkpoint was written with them",
-                "start a new run with a lower --lr",
-            )
+        nonfinite.check_weights(
+            self,
+            f"at iteration {self.state.iteration} (the last loss was finite); no checkpoint "
+            "was written with them",
+        )
         self._emit("on_checkpoint")  # every rank: the rank check is a collective
         rng_by_rank = (
             distributed.all_gather_object(self.dist, torch.get_rng_state())
@@ -625,12 +498,9 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg, st, stats = self.config, self.state, self.optimizer.stats
-        if not self.weights_finite():
-            raise self.nonfinite_error(
-                f"the weights are no longer finite after the last iteration ({st.iteration}); "
-                "model.pt was not written",
-                "start a new run with a lower --lr",
-            )
+        nonfinite.check_weights(
+            self, f"after the last iteration ({st.iteration}); model.pt was not written"
+        )
         self.ranks.check(self)
         if self.is_main:
             runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
@@ -690,30 +560,7 @@ def check_checkpoint_config(
         )
 
 
-def _load_data(name: str, data_dir: str | None) -> DataSplit:
-    try:
-        return load_dataset(name, data_dir)
-    except DataError as err:
-        if not name.startswith("idx:"):
-            raise
-        raise DataError(
-            f"{err}; fix or replace the IDX files in {name[4:]} (uint8 images N×H×W and "
-            "labels N, raw or .gz)"
-        ) from None
-
-
 def _state_dict_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()
-
-
-def _norm_buffers(model: nn.Module) -> list[Tensor]:
-    """The running statistics of ``model``'s normalisation layers (what a step that must leave
-    no trace puts back; the extra iterations use :func:`isgd.frozen_batchnorm_stats`)."""
-    found = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
-            found += [b for b in buffers if b is not None]
-    return found

@@ -1,0 +1,180 @@
+"""ISGD's ``torch.optim`` side: the base optimizer it wraps, its hyper-parameters in the shared
+``param_groups``, and its ``state_dict`` in torch's shape — the plumbing torch's optimizers leave
+to their ``Optimizer`` base class, kept here so that :mod:`isgd.optim` holds the paper's method.
+
+ISGD's hyper-parameters (but the window, the chart's) ride in ``defaults`` and in every parameter
+group, beside the base's, as ``lr`` does: ``state_dict()`` is ``{"state", "param_groups"}`` plus
+``"isgd": {"chart", "stats"}``, and a scheduler may anneal ``sigma_factor`` as it does ``lr``.
+They are optimizer-wide: every group carries the same values, read from the first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.optim import LBFGS, Optimizer
+
+from isgd._checks import check_hyper_parameters, check_lr
+from isgd.spc import LossControlChart, check_same_window
+from isgd.stats import ISGDStats
+
+__all__ = ["Hyper", "WrappedOptimizer"]
+
+
+class Hyper:
+    """One of ISGD's hyper-parameters: optimizer-wide, carried by every parameter group (as
+    torch's groups carry ``lr``) and read from the first."""
+
+    def __init__(self, key: str | None = None) -> None:
+        self.key = key  # the group key, if not the name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.key or name
+
+    def __get__(self, opt: Any, owner: type | None = None) -> Any:
+        return self if opt is None else opt.param_groups[0][self.name]
+
+
+class WrappedOptimizer(Optimizer):
+    """The base class of :class:`isgd.ISGD`: a base optimizer built from its class, sharing its
+    ``param_groups``; the hyper-parameters :attr:`hyper_parameters` in every group; the chart
+    and the counters saved beside torch's state."""
+
+    #: the hyper-parameters every group carries (a subclass may add its own)
+    hyper_parameters: tuple[str, ...] = ()
+    base_optimizer: Optimizer
+    chart: LossControlChart
+    stats: ISGDStats
+
+    def _hyper_from(
+        self, base_optimizer: type[Optimizer], given: dict[str, Any], base_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Check the base optimizer class and the hyper-parameters (``given``, and a subclass's,
+        popped from ``base_kwargs``); return them normalised."""
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+            raise TypeError(
+                f"Invalid base_optimizer: {base_optimizer!r} (must be a torch.optim.Optimizer "
+                "subclass such as torch.optim.SGD, not an instance)"
+            )
+        if issubclass(base_optimizer, WrappedOptimizer) or base_optimizer is LBFGS:
+            raise TypeError(f"Invalid base_optimizer: {base_optimizer.__name__} cannot be wrapped")
+        if "lower_quantile" in base_kwargs and "lower_quantile" not in self.hyper_parameters:
+            raise TypeError(
+                "Invalid argument: lower_quantile (the forward-only variant, not the paper's "
+                "method, is isgd.forward_only.ForwardOnlyISGD)"
+            )
+        check_lr(base_kwargs.get("lr"))
+        given |= {k: base_kwargs.pop(k) for k in self.hyper_parameters if k in base_kwargs}
+        return self._check_hyper(given)
+
+    def _wrap(
+        self,
+        params: Any,
+        base_optimizer: type[Optimizer],
+        base_kwargs: dict[str, Any],
+        hyper: dict[str, Any],
+    ) -> None:
+        """Build the base optimizer over ``params`` and share its groups."""
+        super().__init__(params, {**base_kwargs, **hyper})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults = {**self.base_optimizer.defaults, **hyper}
+        self._check_groups(self.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``{"state", "param_groups"}`` (the base optimizer's, ISGD's hyper-parameters in
+        the groups) and ``"isgd": {"chart", "stats"}``: enough to resume bit-identically."""
+        state = self.base_optimizer.state_dict()
+        state["isgd"] = {"chart": self.chart.state_dict(), "stats": self.stats.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. The whole state is checked before anything
+        changes (the base optimizer's by ``torch.optim``). The window is structural: a state
+        saved with another window is refused. The saved hyper-parameters win over the
+        constructor's, as ``param_groups``' do in ``torch.optim``."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
+            )
+        if "base" in state_dict:
+            raise ValueError(
+                "not an ISGD state_dict of this version: {base, chart, stats, isgd} is the "
+                "layout before isgd 0.2, which is not read (start the run again)"
+            )
+        isgd = state_dict.get("isgd")
+        missing = {"state", "param_groups", "isgd"} - set(state_dict)
+        if missing or not isinstance(isgd, dict) or {"chart", "stats"} - set(isgd):
+            raise ValueError(
+                f"not an ISGD state_dict: missing {sorted(missing) or ['isgd.chart/stats']} (a "
+                "plain optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
+            )
+        chart_state = isgd["chart"]
+        if isinstance(chart_state, dict) and "window" in chart_state:
+            check_same_window(chart_state["window"], self.chart.window, "this optimizer")
+        LossControlChart(self.chart.window).load_state_dict(chart_state)  # checks, changes nothing
+        ISGDStats().load_state_dict(isgd["stats"])  # the same
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+            raise ValueError("Invalid param_groups: a non-empty list of dicts (torch's layout)")
+        hyper = self._check_groups(groups)
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "isgd"})
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            group.update(hyper)  # normalised: numpy.int64(5) → 5
+        self.chart.load_state_dict(chart_state)
+        self.chart.sigma_factor = hyper["sigma_factor"]
+        self.stats.load_state_dict(isgd["stats"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as for any ``torch.optim`` optimizer — also mid-training (the
+        new parameters go to :meth:`_params_joined`). ISGD's hyper-parameters are the
+        optimizer's: a group may only repeat them."""
+        if isinstance(param_group, dict):
+            check_lr(param_group.get("lr"))
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        if isinstance(param_group, dict):
+            param_group = {
+                **{k: self.param_groups[0][k] for k in self.hyper_parameters},
+                **param_group,
+            }
+            self._check_groups([self.param_groups[0], param_group])
+        self.base_optimizer.add_param_group(param_group)
+        self._params_joined(self.param_groups[-1]["params"])
+
+    def _params_joined(self, params: list[Tensor]) -> None:
+        """Parameters joined by :meth:`add_param_group` after construction."""
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The hyper-parameters the groups carry, checked: present, valid, the same in each."""
+        first = groups[0]
+        missing = [k for k in self.hyper_parameters if k not in first]
+        if missing:
+            raise ValueError(
+                f"Invalid param_groups: missing {missing} (ISGD's hyper-parameters; a plain "
+                "optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
+            )
+        hyper = self._check_hyper({k: first[k] for k in self.hyper_parameters})
+        for i, group in enumerate(groups[1:], 1):
+            for k in self.hyper_parameters:
+                if k not in group or group[k] != first[k]:
+                    raise ValueError(
+                        f"Invalid param_groups[{i}]: {k}={group.get(k)!r} where the first group "
+                        f"has {first[k]!r} (ISGD's hyper-parameters are optimizer-wide)"
+                    )
+        return hyper
+
+    def _check_hyper(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters checked and normalised; a subclass checks those it adds."""
+        return check_hyper_parameters(values)
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in self.hyper_parameters)
+        return (
+            f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
+            f"window={self.chart.window}, {hyper}, groups={self.base_optimizer.param_groups!r})"
+        )
