@@ -2,7 +2,8 @@
 
 Two ISGD steppers are timed against the bare optimizer: ISGD as published (``max_extra_iters=5``,
 a full chart, no trigger) and ``ISGD(max_extra_iters=0)``, which is how ``isgd train`` runs its
-SGD arm (one optimizer type for every arm): its ratio to bare SGD must sit within noise of 1.
+SGD arm (one optimizer type for every arm); a fourth stepper is that arm as the trainer ran it
+before (bare SGD, the loss read and a monitoring chart updated), the fair "before" of the change.
 
 Caffe LeNet, MNIST-shaped input (1×28×28, 10 classes), batch 64, SGD with momentum 0.9 and
 weight decay 5e-4 (the Caffe LeNet solver). Both optimizers run in the same process, their steps
@@ -58,6 +59,20 @@ def sgd_stepper(model, opt, x, y):
     return step
 
 
+def monitored_sgd_stepper(model, opt, chart, x, y):
+    """The SGD arm as ``isgd train`` ran it before every arm was an ISGD: the bare optimizer,
+    the loss read on the host and a monitoring chart updated with it."""
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        chart.update(loss.item())
+
+    return step
+
+
 def isgd_stepper(model, opt, x, y):
     def closure():
         opt.zero_grad()
@@ -104,8 +119,9 @@ def main() -> None:
     x = torch.rand(args.batch, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), generator=g)
 
-    sgd_model, isgd_model, zero_model = make(), make(), make()
+    sgd_model, isgd_model, zero_model, mon_model = make(), make(), make(), make()
     sgd = torch.optim.SGD(sgd_model.parameters(), **SOLVER)
+    monitored = torch.optim.SGD(mon_model.parameters(), **SOLVER)
     opt = isgd.ISGD(isgd_model.parameters(), window=937, max_extra_iters=5, **SOLVER)
     for i in range(opt.window):  # a full chart whose limit (~1e3) no loss reaches
         opt.chart.update(1000.0 + (i % 7))
@@ -114,20 +130,24 @@ def main() -> None:
     run_sgd = sgd_stepper(sgd_model, sgd, x, y)
     run_isgd = isgd_stepper(isgd_model, opt, x, y)
     run_zero = isgd_stepper(zero_model, zero, x, y)
-    interleaved(run_sgd, run_isgd, run_zero, steps=30)  # warm-up
+    run_mon = monitored_sgd_stepper(mon_model, monitored, isgd.LossControlChart(937), x, y)
+    interleaved(run_sgd, run_isgd, run_zero, run_mon, steps=30)  # warm-up
     ratios, ratios_mean, ratios_zero, t_sgd, t_isgd, t_zero = [], [], [], [], [], []
+    t_mon, ratios_zero_mon = [], []
     for rep in range(args.reps):
-        a, b, c = interleaved(run_sgd, run_isgd, run_zero, steps=args.steps)
+        a, b, c, d = interleaved(run_sgd, run_isgd, run_zero, run_mon, steps=args.steps)
+        t_mon.append(1e3 * statistics.median(d))
         t_sgd.append(1e3 * statistics.median(a))
         t_isgd.append(1e3 * statistics.median(b))
         t_zero.append(1e3 * statistics.median(c))
         ratios.append(t_isgd[-1] / t_sgd[-1])
         ratios_mean.append(sum(b) / sum(a))
         ratios_zero.append(t_zero[-1] / t_sgd[-1])
+        ratios_zero_mon.append(t_zero[-1] / t_mon[-1])
         print(
             f"rep {rep}: median SGD {t_sgd[-1]:.3f} ms/step  ISGD {t_isgd[-1]:.3f}  "
-            f"ISGD(max_extra_iters=0) {t_zero[-1]:.3f}  ratios of medians {ratios[-1]:.4f} / "
-            f"{ratios_zero[-1]:.4f}",
+            f"ISGD(max_extra_iters=0) {t_zero[-1]:.3f}  SGD+chart {t_mon[-1]:.3f}  ratios of "
+            f"medians {ratios[-1]:.4f} / {ratios_zero[-1]:.4f} / {ratios_zero_mon[-1]:.4f}",
             flush=True,
         )
     assert opt.stats.triggers == 0, "the timed ISGD steps were meant not to trigger"
@@ -169,6 +189,9 @@ def main() -> None:
         "zero_extra_ms_per_step_median": statistics.median(t_zero),
         "zero_extra_ratio_median": statistics.median(ratios_zero),
         "zero_extra_ratio_geomean_ci95": geometric_interval(ratios_zero),
+        "monitored_sgd_ms_per_step_median": statistics.median(t_mon),
+        "zero_extra_over_monitored_sgd_median": statistics.median(ratios_zero_mon),
+        "zero_extra_over_monitored_sgd_geomean_ci95": geometric_interval(ratios_zero_mon),
         "param_bytes": param_bytes,
         "isgd_extra_bytes": held,
         "isgd_extra_over_params": held / param_bytes,

@@ -1,18 +1,17 @@
-"""ISGD in an Accelerate loop: no adapter, the closure is the whole story.
+"""ISGD in an Accelerate loop: `isgd.integrations.accelerate.prepare` and a closure.
 
     python examples/accelerate_loop.py [--mixed-precision bf16] [--accumulate 2]
     torchrun --standalone --nproc-per-node 2 examples/accelerate_loop.py   # DDP, gloo on CPU
     accelerate launch --num_processes 2 examples/accelerate_loop.py
 
-Three rules make ISGD correct here:
-1. the closure zeroes the gradients, runs the forward, calls ``accelerator.backward`` and returns
-   the loss — it runs once per regular step and once more per extra iteration;
-2. gradient accumulation goes *inside* the closure (``accelerator.no_sync`` for all micro-batches
-   but the last), not through ``accelerator.accumulate``, whose skipped ``optimizer.step`` calls
-   would leave ISGD nothing to re-run;
-3. under fp16 (a GradScaler), call the ISGD optimizer itself with the scaler —
-   ``opt.optimizer.step(closure, grad_scaler=accelerator.scaler)`` then ``scaler.update()`` —
-   because accelerate's wrapper hides the scaler from it.
+Two rules make ISGD correct here:
+1. ``isgd.integrations.accelerate.prepare(accelerator, model, opt)`` in place of
+   ``accelerator.prepare``: the same objects, but ``opt.step(closure)`` gives accelerate's
+   GradScaler to ISGD under fp16, and ``accelerator.accumulate`` (whose skipped
+   ``optimizer.step`` calls would leave ISGD one micro-batch in k) is refused in one line;
+2. the closure zeroes the gradients, runs the forward, calls ``accelerator.backward`` and returns
+   the loss — it runs once per regular step and once more per extra iteration; gradient
+   accumulation goes *inside* it (``accelerator.no_sync`` for all micro-batches but the last).
 Under DDP ISGD judges the process-group mean loss by itself, so every rank decides alike.
 """
 
@@ -32,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import isgd
+from isgd.integrations.accelerate import prepare
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr=0.05, momentum=0.9,
     )  # fmt: skip
     # the loader is ours (already split by rank): accelerate prepares the model and optimizer
-    model, opt = accelerator.prepare(model, opt)
+    model, opt = prepare(accelerator, model, opt)
 
     for _epoch in range(args.epochs):
         for x, y in loader:
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                     total = total + loss.detach()
                 return total
 
-            if accelerator.scaler is not None:  # fp16: the scaler goes to ISGD itself
-                opt.optimizer.step(closure, grad_scaler=accelerator.scaler)
-                accelerator.scaler.update()
-            else:
-                opt.step(closure)
+            opt.step(closure)  # fp16 too: prepare() hands accelerate's GradScaler to ISGD
 
     stats = opt.optimizer.stats
     weights = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])

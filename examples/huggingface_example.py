@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> ISGDTrainer:
     parser.add_argument("--max-grad-norm", type=float, default=0.5)
     parser.add_argument("--sigma-factor", type=float, default=0.5)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--window", type=int, default=None, help="default: steps per epoch")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -56,9 +57,8 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> ISGDTrainer:
         intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
     )  # fmt: skip
     model = BertForSequenceClassification(config)
-    steps_per_epoch = N // (BATCH * ACCUMULATE)
-    opt = isgd.ISGD(
-        model.parameters(), torch.optim.SGD, window=steps_per_epoch,
+    opt = isgd.ISGD(  # window=None: the Trainer's optimizer steps per epoch (8 here)
+        model.parameters(), torch.optim.SGD, window=args.window,
         sigma_factor=args.sigma_factor, lr=0.05, momentum=0.9,
     )  # fmt: skip
     training = TrainingArguments(

@@ -4,7 +4,6 @@ the closure-free bare step, and a user-owned DDP loop (2 processes, gloo)."""
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 
@@ -27,24 +26,6 @@ def params_equal(a, b) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def scaled_closure(model, opt, x, y, scaler, poison=None):
-    """The AMP closure: back-propagates ``scaler.scale(loss)``; ``poison(call)`` may return True
-    to put an inf into the gradients of that call (counted per step from 1)."""
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        if poison is not None and poison(calls):
-            next(model.parameters()).grad.view(-1)[0] = math.inf
-        return loss
-
-    return closure
-
-
 # ------------------------------------------------------------------ GradScaler
 @pytest.mark.parametrize("how", ["keyword", "scaler.step"])
 @pytest.mark.numerics
@@ -59,7 +40,7 @@ def test_grad_scaler_step_matches_fp32_bit_for_bit(how):
     for t in range(STEPS):
         x, y = data[t % len(data)]
         ref.step(toy.make_closure(model_a, x, y, ref.zero_grad))
-        closure = scaled_closure(model_b, opt, x, y, scaler)
+        closure = toy.scaled_closure(model_b, opt, x, y, scaler)
         if how == "keyword" or t == 0:  # torch makes the scale at the first scaler.scale()
             opt.step(closure, grad_scaler=scaler)
         else:  # GradScaler hands itself to ISGD.step (its FutureWarning is torch's)
@@ -80,12 +61,14 @@ def test_grad_scaler_inf_in_the_regular_pass_skips_the_update_and_backs_off():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
     for t in range(STEPS):
         x, y = data[t % len(data)]
-        opt.step(scaled_closure(model, opt, x, y, scaler), grad_scaler=scaler)
+        opt.step(toy.scaled_closure(model, opt, x, y, scaler), grad_scaler=scaler)
         scaler.update()
     before = [p.clone() for p in model.parameters()]
     momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     x, y = data[toy.NOISY_BATCHES[0]]  # the batch that triggers
-    opt.step(scaled_closure(model, opt, x, y, scaler, poison=lambda c: c == 1), grad_scaler=scaler)
+    opt.step(
+        toy.scaled_closure(model, opt, x, y, scaler, poison=lambda c: c == 1), grad_scaler=scaler
+    )
     scaler.update()
     assert opt.stats.last.skipped and not opt.stats.last.triggered
     assert opt.stats.last.extra_iters == 0
@@ -104,7 +87,8 @@ def test_grad_scaler_inf_in_an_extra_iteration_ends_the_extra_iterations():
     for t in range(STEPS):
         x, y = data[t % len(data)]
         opt.step(
-            scaled_closure(model, opt, x, y, scaler, poison=lambda c: c == 3), grad_scaler=scaler
+            toy.scaled_closure(model, opt, x, y, scaler, poison=lambda c: c == 3),
+            grad_scaler=scaler,
         )
         scaler.update()
         if opt.stats.last.triggered and opt.stats.last.loss_after is not None:

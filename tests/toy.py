@@ -6,6 +6,7 @@ convolution, as the paper's models) carries one end-to-end case per property in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,25 @@ def make_closure(
         loss.backward()
         if log is not None:
             log.append(loss.item())
+        return loss
+
+    return closure
+
+
+def scaled_closure(model, opt, x, y, scaler, poison=None):
+    """The AMP closure: back-propagates ``scaler.scale(loss)``; ``poison(call)`` True puts an inf
+    into the gradients of that call (counted per step from 1), after backward (so after DDP's
+    all-reduce)."""
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if poison is not None and poison(calls):
+            next(model.parameters()).grad.view(-1)[0] = math.inf
         return loss
 
     return closure

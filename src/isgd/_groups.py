@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
 from isgd._checks import check_hyper_parameters, check_lr
-from isgd.spc import LossControlChart, check_same_window
+from isgd.spc import LossControlChart, check_same_window, check_window
 from isgd.stats import ISGDStats
 
 __all__ = ["Hyper", "WrappedOptimizer"]
@@ -39,19 +40,68 @@ class Hyper:
 class WrappedOptimizer(Optimizer):
     """The base class of :class:`isgd.ISGD`: a base optimizer built from its class, sharing its
     ``param_groups``; the hyper-parameters :attr:`hyper_parameters` in every group; the chart
-    and the counters saved beside torch's state."""
+    and the counters saved beside torch's state; the window, given or set once by
+    :meth:`set_window`."""
 
     #: the hyper-parameters every group carries (a subclass may add its own)
     hyper_parameters: tuple[str, ...] = ()
     base_optimizer: Optimizer
     chart: LossControlChart
     stats: ISGDStats
+    _window_set = False  # ISGD(window=None) until set_window()
+
+    def _init_chart(self, window: int | None, sigma_factor: float) -> None:
+        """The chart of ``window`` losses; ``None``: set later by :meth:`set_window` (until then
+        an empty chart of 2 stands in, and :meth:`_begin_step` refuses to step)."""
+        self.chart = LossControlChart(2 if window is None else window, sigma_factor)
+        self._window_set = window is not None
+
+    @property
+    def window(self) -> int | None:
+        """Batches per epoch :math:`n_b`, the chart's length; ``None`` until :meth:`set_window`
+        for ``ISGD(window=None)``."""
+        return self.chart.window if self._window_set else None
+
+    def set_window(self, n: int) -> None:
+        """Set the window (batches per epoch) of an ``ISGD(window=None)`` once the stack knows
+        the epoch, before the first step (integrations call it at fit start). Checked as the
+        constructor's ``window``; while the chart is empty it may replace any window, after
+        that only the same value is accepted (the window is structural)."""
+        n = check_window(n)
+        if self._window_set and n == self.chart.window:
+            return
+        if self.chart.count or self.chart.nonfinite or self.stats.steps:
+            raise ValueError(
+                f"Invalid window: set_window({n}) after {self.stats.steps} steps with "
+                f"window={self.window} (the window is structural: set it before the first step)"
+            )
+        self.chart = LossControlChart(n, self.chart.sigma_factor)
+        self._window_set = True
+
+    def _begin_step(self) -> None:
+        """At each step's start: the window must be set; and ``_opt_called`` is marked as torch's
+        LR-scheduler hook on ``step`` does (the closure-free form steps the base optimizer, not
+        this one, and the scheduler would warn of a ``step()`` it never saw)."""
+        if not self._window_set:
+            raise RuntimeError(
+                "ISGD(window=None): call opt.set_window(len(train_loader)) before the first "
+                "step, or pass window=..."
+            )
+        self._opt_called = True
 
     def _hyper_from(
         self, base_optimizer: type[Optimizer], given: dict[str, Any], base_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         """Check the base optimizer class and the hyper-parameters (``given``, and a subclass's,
         popped from ``base_kwargs``); return them normalised."""
+        if isinstance(base_optimizer, Optimizer):
+            cls = type(base_optimizer)
+            name = cls.__name__ if getattr(torch.optim, cls.__name__, None) is cls else ""
+            path = f"torch.optim.{name}" if name else f"{cls.__module__}.{cls.__qualname__}"
+            raise TypeError(
+                f"Invalid base_optimizer: the class, not an instance ({cls.__name__}): ISGD "
+                f"builds it from its hyper-parameters, ISGD(params, {path}, lr=...)"
+            )
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 f"Invalid base_optimizer: {base_optimizer!r} (must be a torch.optim.Optimizer "
@@ -87,14 +137,19 @@ class WrappedOptimizer(Optimizer):
         """torch's ``{"state", "param_groups"}`` (the base optimizer's, ISGD's hyper-parameters in
         the groups) and ``"isgd": {"chart", "stats"}``: enough to resume bit-identically."""
         state = self.base_optimizer.state_dict()
-        state["isgd"] = {"chart": self.chart.state_dict(), "stats": self.stats.state_dict()}
+        chart = self.chart.state_dict()
+        if not self._window_set:  # ISGD(window=None) before set_window(): no window to save
+            del chart["window"]
+        state["isgd"] = {"chart": chart, "stats": self.stats.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. The whole state is checked before anything
         changes (the base optimizer's by ``torch.optim``). The window is structural: a state
         saved with another window is refused. The saved hyper-parameters win over the
-        constructor's, as ``param_groups``' do in ``torch.optim``."""
+        constructor's, as ``param_groups``' do in ``torch.optim``. An ``ISGD(window=None)`` whose
+        window is not set yet takes the saved one; a state saved before its window was set (an
+        empty chart) fits any window."""
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
@@ -111,10 +166,15 @@ class WrappedOptimizer(Optimizer):
                 f"not an ISGD state_dict: missing {sorted(missing) or ['isgd.chart/stats']} (a "
                 "plain optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
             )
-        chart_state = isgd["chart"]
-        if isinstance(chart_state, dict) and "window" in chart_state:
-            check_same_window(chart_state["window"], self.chart.window, "this optimizer")
-        LossControlChart(self.chart.window).load_state_dict(chart_state)  # checks, changes nothing
+        chart_state, window, adopt = isgd["chart"], self.chart.window, False
+        if isinstance(chart_state, dict) and "window" not in chart_state:
+            if not chart_state.get("losses"):  # saved by an ISGD(window=None) before set_window
+                chart_state = {**chart_state, "window": window}
+        elif isinstance(chart_state, dict) and not self._window_set:
+            window, adopt = check_window(chart_state["window"]), True  # this one's is not set
+        elif isinstance(chart_state, dict):
+            check_same_window(chart_state["window"], window, "this optimizer")
+        LossControlChart(window).load_state_dict(chart_state)  # checks, changes nothing
         ISGDStats().load_state_dict(isgd["stats"])  # the same
         groups = state_dict["param_groups"]
         if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
@@ -124,6 +184,8 @@ class WrappedOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:
             group.update(hyper)  # normalised: numpy.int64(5) → 5
+        if adopt:
+            self._init_chart(window, hyper["sigma_factor"])
         self.chart.load_state_dict(chart_state)
         self.chart.sigma_factor = hyper["sigma_factor"]
         self.stats.load_state_dict(isgd["stats"])
@@ -176,5 +238,5 @@ class WrappedOptimizer(Optimizer):
         hyper = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in self.hyper_parameters)
         return (
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
-            f"window={self.chart.window}, {hyper}, groups={self.base_optimizer.param_groups!r})"
+            f"window={self.window}, {hyper}, groups={self.base_optimizer.param_groups!r})"
         )

@@ -57,6 +57,8 @@ class LossSync:
         self._outgoing: list[float] | None = None  # carry()'s values, for the next call
         #: the sums across ranks of the values :meth:`carry` sent (``None``: not sent yet)
         self.carried: list[float] | None = None
+        #: the ``any_inf`` of the last call: whether any rank's found-inf flag was set
+        self.last_inf = False
 
     def carry(self, values: Sequence[float]) -> None:
         """Send ``values`` with the next call's all-reduce (appended to ``[wψ, w, inf]``);
@@ -91,7 +93,8 @@ class LossSync:
             if outgoing is not None:
                 self.carried = outgoing
             psi = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-            return psi, bool(found_inf is not None and float(found_inf) > 0)
+            self.last_inf = bool(found_inf is not None and float(found_inf) > 0)
+            return psi, self.last_inf
         w = 1.0 if weight is None else float(weight)
         device = self._device(loss)
         message = torch.zeros(3 + len(outgoing or ()), dtype=torch.float64, device=device)
@@ -107,7 +110,8 @@ class LossSync:
         total, weights, infs, *carried = message.tolist()
         if outgoing is not None:
             self.carried = carried
-        return total / weights, infs > 0
+        self.last_inf = infs > 0
+        return total / weights, self.last_inf
 
     def _device(self, loss: Tensor | float) -> torch.device:
         if dist.get_backend(self.process_group) == "nccl":

@@ -46,7 +46,7 @@ from isgd._groups import Hyper, WrappedOptimizer
 from isgd.batchnorm import frozen_batchnorm_stats
 from isgd.collective import LossSync
 from isgd.solvers import INNER_SOLVERS, InnerSolver, make_solver, momentum_ratio
-from isgd.spc import MAX_LOSS, LossControlChart, finite_loss
+from isgd.spc import MAX_LOSS, finite_loss
 from isgd.stats import ISGDStats, StepRecord
 
 __all__ = [
@@ -81,6 +81,7 @@ class ISGD(WrappedOptimizer):
         window: batches per epoch :math:`n_b`, an integer >= 2: the chart holds the last
             ``window`` losses; the first ``window`` steps fill it and are plain base steps.
             Structural: :meth:`load_state_dict` refuses a state saved with another window.
+            ``None``: the stack knows the epoch and calls :meth:`set_window` before the first step.
         sigma_factor: ``k`` in ``limit = mean + k·sigma`` (default 3).
         max_extra_iters: the paper's ``stop``: extra iterations at most per triggered step.
             0 makes ISGD exactly the base optimizer. Default 5 (see ``docs/algorithm.md``).
@@ -147,7 +148,7 @@ class ISGD(WrappedOptimizer):
         params: Any,
         base_optimizer: type[Optimizer] = torch.optim.SGD,
         *,
-        window: int,
+        window: int | None,
         sigma_factor: float = 3.0,
         max_extra_iters: int = 5,
         eps: float = 0.1,
@@ -163,7 +164,7 @@ class ISGD(WrappedOptimizer):
         given |= dict(isgd_eps=eps, inner_solver=inner_solver, nonfinite=nonfinite)
         given |= dict(freeze_bn_stats=freeze_bn_stats)  # a subclass's arrive in base_kwargs
         hyper = self._hyper_from(base_optimizer, given, base_kwargs)  # checked (isgd._groups)
-        self.chart = LossControlChart(window, hyper["sigma_factor"])  # validates window
+        self._init_chart(window, hyper["sigma_factor"])  # validates window (None: set_window)
         self.sync = LossSync(process_group, sync_loss)
         self.diagnostics = check_bool(diagnostics, "diagnostics")
         self._wrap(params, base_optimizer, base_kwargs, hyper)  # the base shares its groups
@@ -180,10 +181,6 @@ class ISGD(WrappedOptimizer):
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
         self.in_extra_iteration = False
         self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
-
-    @property
-    def window(self) -> int:
-        return self.chart.window
 
     @property
     def n_w(self) -> int:
@@ -219,13 +216,14 @@ class ISGD(WrappedOptimizer):
             grad_scaler: a ``torch.amp.GradScaler``; gradients of every pass are unscaled and
                 checked for inf/NaN before ISGD uses them. Inf in the regular pass skips the
                 update (on every rank alike) as ``GradScaler.step`` would; inf in an extra
-                iteration ends the extra iterations. Call ``grad_scaler.update()`` after.
+                iteration ends the extra iterations. Call ``grad_scaler.update()`` after: it backs
+                the scale off after an inf in any pass on any rank (:mod:`isgd.amp`).
         """
         if closure is None:
             self._closure_free_step(grad_scaler)
             return None
-        if grad_scaler is None:
-            amp.refuse_attribute_closure(self)
+        self._begin_step()  # the window is set
+        grad_scaler = amp.closure_scaler(self, grad_scaler)  # scaler.step(opt, closure) in form 3
         check_no_outside_grads(self._params(), self._grad_marks)
         with torch.enable_grad():
             loss = closure()
@@ -246,6 +244,7 @@ class ISGD(WrappedOptimizer):
                 break
             self.subproblem_grad_()
             self.subproblem_step_()
+        amp.share_found_inf(grad_scaler, self, self.sync.last_inf)  # the passes' global OR
         self._grad_marks = grad_marks(self._params())  # p.grad as step() leaves it
         return loss
 
@@ -276,6 +275,7 @@ class ISGD(WrappedOptimizer):
         Reads the loss once (one host-device sync).
         """
         check_loss(loss, "ISGD.observe(loss)", allow_number=True)
+        self._begin_step()  # the window is set; a scheduler sees the step
         judged, self._judged = self._judged, None  # well_trained() synced this loss already
         if judged is not None and judged[0] is loss and found_inf is None:
             psi, any_inf = judged[1], False

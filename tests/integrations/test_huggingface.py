@@ -50,6 +50,7 @@ def test_trainer_runs_isgd_extra_iterations_with_accumulation(run):
     stats = trainer.isgd.stats
     steps = trainer.state.global_step
     assert steps == stats.steps == 48  # 6 epochs × 8 optimizer steps of 2 micro-batches
+    assert trainer.isgd.window == 8  # window=None: the Trainer's optimizer steps per epoch
     assert stats.triggers > 0 and stats.extra_iters > 0
     for _, loss, triggered, extra, after, limit in record.steps:
         if triggered:  # the replays reached the limit, or the cap stopped them
@@ -87,3 +88,10 @@ def test_a_plain_optimizer_is_refused_in_one_line(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"ISGDTrainer needs an isgd.ISGD optimizer, got SGD"):
         trainer.train()
+
+
+def test_a_window_the_run_cannot_fill_is_warned(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="isgd.integrations.huggingface"):
+        trainer = example.main(["--out", str(tmp_path), "--epochs", "1", "--window", "20"])
+    assert trainer.isgd.stats.triggers == 0
+    assert "window is 20 but this run has 8 optimizer steps" in caplog.text

@@ -1,5 +1,6 @@
-"""ISGD in a real Lightning Trainer (CPU): fp32 and bf16 on one process, DDP on two (gloo), and
-the set-ups ISGD refuses at fit start."""
+"""ISGD in a real Lightning Trainer (CPU): fp32 and bf16 on one process, DDP on two (gloo),
+16-mixed with a CPU GradScaler (automatic and manual optimisation), the window taken from the
+Trainer, and the set-ups ISGD refuses at fit start."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from isgd.integrations.lightning import ISGDCallback
+from isgd.integrations.lightning import ISGDCallback, ISGDMixedPrecision
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
 sys.path.insert(0, str(EXAMPLE.parent))
@@ -64,20 +65,85 @@ def test_ddp_two_processes_take_the_same_decisions(tmp_path):
     assert r0["weights_sha256"] == r1["weights_sha256"]
 
 
-def fit(tmp_path, **trainer_kwargs) -> None:
-    module = lightning_example.Classifier(n_batches=12)
+def fit(tmp_path, module=None, max_steps=2, callbacks=(), **trainer_kwargs) -> pl.Trainer:
+    module = module or lightning_example.Classifier(n_batches=12)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, callbacks=[ISGDCallback()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, **trainer_kwargs,
+        accelerator="cpu", max_steps=max_steps, callbacks=[ISGDCallback(), *callbacks],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(module)
+    return trainer
 
 
-def test_16_mixed_grad_scaler_is_refused_at_fit_start(tmp_path):
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(MisconfigurationException, match=r"precision='16-mixed'.*bf16-mixed"):
+def cpu_16_mixed() -> MixedPrecision:
+    """precision="16-mixed" as Lightning builds it on CUDA (a GradScaler), on the CPU."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+
+class Manual(lightning_example.Classifier):
+    """Manual optimisation: the closure back-propagates through manual_backward (scaled)."""
+
+    def __init__(self, n_batches: int) -> None:
+        super().__init__(n_batches)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(self.net(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        return opt.step(closure)
+
+    def configure_optimizers(self):
+        return lightning_example.isgd.ISGD(
+            self.parameters(), window=self.n_batches, sigma_factor=1.0, lr=0.05, momentum=0.9
+        )
+
+
+@pytest.mark.parametrize("module", ["automatic", "manual"])
+def test_16_mixed_runs_isgd_to_max_steps(tmp_path, module):
+    steps = 5 * 12  # 5 epochs of the example's 12 fixed batches
+    classes = {"automatic": lightning_example.Classifier, "manual": Manual}
+    kwargs = {"gradient_clip_val": 0.5} if module == "automatic" else {}  # clipping, unscaled
+    trainer = fit(tmp_path, classes[module](n_batches=12), max_steps=steps,
+                  plugins=[cpu_16_mixed()], **kwargs)  # fmt: skip
+    plugin = trainer.precision_plugin
+    assert isinstance(plugin, ISGDMixedPrecision)  # installed by the callback at setup
+    stats = trainer.optimizers[0].stats
+    assert trainer.global_step == steps == stats.steps
+    assert stats.triggers > 0 and stats.extra_iters > 0
+    assert plugin.scaler._scale is not None  # the scaler scaled every backward
+
+
+def test_another_grad_scaler_plugin_is_refused_naming_the_route(tmp_path):
+    class Custom(MixedPrecision):
+        pass
+
+    plugin = Custom("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    route = r"plugins=\[isgd.integrations.lightning.ISGDMixedPrecision\('16-mixed', 'cuda'\)\]"
+    with pytest.raises(MisconfigurationException, match=route):
         fit(tmp_path, plugins=[plugin])
+
+
+class NoWindow(lightning_example.Classifier):
+    def configure_optimizers(self):
+        return lightning_example.isgd.ISGD(self.parameters(), window=None, lr=0.05)
+
+
+def test_window_none_is_the_epochs_batches(tmp_path):
+    trainer = fit(tmp_path, NoWindow(n_batches=0), max_steps=30)
+    assert trainer.num_training_batches == 12 and trainer.optimizers[0].window == 12
+
+
+def test_window_the_run_cannot_fill_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match=r"window is 12 but this run has 5 optimizer steps"):
+        fit(tmp_path, max_steps=5)
 
 
 def test_accumulate_grad_batches_is_refused_at_fit_start(tmp_path):

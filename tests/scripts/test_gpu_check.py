@@ -25,16 +25,11 @@ def _load():
     return module
 
 
-# Failures the CPU smoke run may record, each an open item of issue 21 §2 that the check is there
-# to watch (the script marks them "known (issue 21 §2: ...)"): torch's AssertionError when the
-# very first GradScaler.step(opt, closure) runs before the scale exists (the plain hand-over and
-# accelerate's fp16 wrapper, which calls it), and an inf in an extra pass that does not back off
-# the scale. When the fix lands they turn into "works" or "refused", which this test also takes.
-KNOWN_OPEN = {
-    "gradscaler-fp16-scaler.step-first",
-    "accelerate-fp16-wrapper-step",
-    "gradscaler-inf-extra-pass",
-}
+# Failures the CPU smoke run may record, each an open item of an issue that the check is there
+# to watch (the script marks them "known (issue ...)"). None today: issue 21 §2's three —
+# scaler.step(opt, closure) on the very first step, accelerate's fp16 wrapper through it, an inf
+# in an extra pass that did not back off the scale — work, and are expected to below.
+KNOWN_OPEN: set[str] = set()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -72,7 +67,8 @@ def test_cpu_smoke_mode_runs_every_case(tmp_path):
         "diagnostics-opt-in", "gradscaler-fp16-keyword", "gradscaler-fp16-scaler.step",
         "gradscaler-fp16-closure-free", "gradscaler-inf-regular-pass", "bf16-autocast",
         "overhead-vs-bare-sgd", "torch-compile", "hf-trainer-fp16", "accelerate-fp16",
-        "two-process-nccl",
+        "two-process-nccl", "gradscaler-fp16-scaler.step-first", "accelerate-fp16-wrapper-step",
+        "gradscaler-inf-extra-pass",
     ]  # fmt: skip
     for name in expect_works:
         assert cases[name]["outcome"] == "works", cases[name]

@@ -23,7 +23,8 @@ optimizer step:
 
 The training batches come in ISGD's fixed cycle (one permutation, seeded by ``args.seed``, the same
 every epoch) unless ``fixed_cycle=False``. Pass the optimizer in: ``optimizers=(isgd.ISGD(...),
-None)``, with ``window`` = optimizer steps per epoch.
+None)``; ``window=None`` takes the optimizer steps per epoch from the Trainer (a given window
+the run cannot fill is warned about).
 """
 
 from __future__ import annotations
@@ -160,14 +161,30 @@ class _ISGDSteps(TrainerCallback):
                 "the full parameters outside the sharding engine"
             )
         loader = kwargs.get("train_dataloader")
+        per_epoch = None
         if loader is not None and hasattr(loader, "__len__"):
-            per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
-            if per_epoch != opt.window:
-                log.warning(
-                    "ISGD's window is %d but an epoch has %d optimizer steps: the control chart "
-                    "covers %s one epoch (the paper's choice is one epoch)",
-                    opt.window, per_epoch, "more than" if opt.window > per_epoch else "less than",
-                )  # fmt: skip
+            n, k = len(loader), args.gradient_accumulation_steps
+            per_epoch = max(1, n // k + int(n % k > 0))  # the Trainer's own count
+        if opt.window is None:
+            if per_epoch is None or per_epoch < 2:
+                raise ValueError(
+                    f"ISGD(window=None) needs optimizer steps per epoch >= 2 to take the window "
+                    f"from, and this Trainer has {per_epoch or 'no epoch length'}: pass "
+                    "ISGD(window=...)"
+                )
+            opt.set_window(per_epoch)
+        elif per_epoch is not None and per_epoch != opt.window:
+            log.warning(
+                "ISGD's window is %d but an epoch has %d optimizer steps: the control chart "
+                "covers %s one epoch (the paper's choice is one epoch; window=None takes it)",
+                opt.window, per_epoch, "more than" if opt.window > per_epoch else "less than",
+            )  # fmt: skip
+        if 0 < state.max_steps < opt.window:
+            log.warning(
+                "ISGD's window is %d but this run has %d optimizer steps: the control chart "
+                "never fills, so ISGD never triggers",
+                opt.window, state.max_steps,
+            )  # fmt: skip
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._isgd_observe()
