@@ -419,6 +419,16 @@ def c_compare_equal_compute_without_isgd(c: Ctx):
     return compare_argv(c, "--arm", "sgd", "--arm", "adam", "--equal-compute")
 
 
+def c_compare_target_accuracy(c: Ctx):
+    return compare_argv(c, "--target-accuracy", "0.5")
+
+
+def c_compare_idx_without_target(c: Ctx):
+    argv = compare_argv(c)
+    i = argv.index("--target")
+    return argv[:i] + argv[i + 2 :]
+
+
 def c_compare_optimizer_in_the_file(c: Ctx):
     (c.tmp / "opt.toml").write_text('optimizer = "adam"\n')
     return compare_argv(c, "--config", str(c.tmp / "opt.toml"))
@@ -536,6 +546,12 @@ CLI_CASES += [  # every option acts or is refused
     (c_compare_tune_iters_without_rates, "--tune-iters sets the budget of --tune-lrs", None),
     (c_compare_equal_compute_without_isgd, "--equal-compute matches an ISGD arm's passes", None),
     (c_compare_optimizer_in_the_file, "opt.toml sets optimizer, which isgd compare replaces", None),
+    (
+        c_compare_target_accuracy,
+        "--target-accuracy: isgd compare takes the target as --target",
+        None,
+    ),
+    (c_compare_idx_without_target, ": give the target accuracy with --target ACC (a", None),
 ]
 
 

@@ -10,7 +10,14 @@ import pytest
 
 from isgd.cli import main
 from isgd.experiments.compare import parse_arm
-from isgd.experiments.records import aggregate, speedup, summarize, time_to_target
+from isgd.experiments.records import (
+    aggregate,
+    load_records,
+    record_line,
+    speedup,
+    summarize,
+    time_to_target,
+)
 from isgd.training import runio
 from isgd.training.config import ConfigError
 from tests.conftest import TINY
@@ -27,6 +34,24 @@ def test_time_to_target_is_the_first_evaluation_reaching_it():
     ]
     assert time_to_target(metrics, 0.99) == {"seconds": 4.0, "passes": 230.0, "iteration": 200.0}
     assert time_to_target(metrics, 0.995) == {"seconds": INF, "passes": INF, "iteration": INF}
+
+
+def test_runs_jsonl_writes_a_miss_as_null_and_reads_old_files(tmp_path):
+    missed = {"arm": "isgd", "seed": 0, "time_to_target": INF, "passes_to_target": INF}
+    missed.update(final_balanced_accuracy=math.nan, momentum_ratio=None, final_accuracy=0.5)
+    hit = {**missed, "seed": 1, "time_to_target": 3.0, "passes_to_target": 40.0}
+    line = record_line(missed)
+    assert json.loads(line)["time_to_target"] is None and json.loads(line)["target_missed"]
+    assert json.loads(line)["final_balanced_accuracy"] is None
+    assert json.loads(record_line(hit))["target_missed"] is False
+    old = runio.dumps({**missed, "seed": 2})  # written before: "inf" and "nan" strings
+    assert '"inf"' in old
+    (tmp_path / "runs.jsonl").write_text(f"{line}\n{record_line(hit)}\n{old}\n")
+    back = load_records(tmp_path)
+    assert [math.isinf(r["time_to_target"]) for r in back] == [True, False, True]
+    assert all(math.isnan(r["final_balanced_accuracy"]) for r in back)
+    assert back[0]["momentum_ratio"] is None and "target_missed" not in back[0]
+    assert back[1]["passes_to_target"] == 40.0 and back[0]["final_accuracy"] == 0.5
 
 
 def test_aggregate_median_quartiles_and_misses():
@@ -127,8 +152,12 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
         ("sgd@isgd-passes", 1),
         ("sgd", 1),
     ]
-    # a 99.9% target on 60 noisy test images is out of reach: infinite time, reported as missed
-    assert all(math.isinf(r["time_to_target"]) for r in records)
+    # a 99.9% target on 60 noisy test images is out of reach: missed, written as strict JSON
+    # (null and a flag, never the string "inf") and read back as infinite time
+    assert all(r["time_to_target"] is None and r["target_missed"] for r in records)
+    assert all(r["passes_to_target"] is None for r in records)
+    assert '"inf"' not in (out / "runs.jsonl").read_text()
+    assert all(math.isinf(r["time_to_target"]) for r in load_records(out))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"]["isgd"]["time_to_target"]["median"] == "inf"
     assert summary["arms"]["isgd"]["time_to_target"]["missed"] == 2
@@ -146,9 +175,7 @@ def test_compare_end_to_end(tiny_idx_dir, tmp_path, capsys):
     assert main(["compare", "--retarget", str(out), "--target", "0.2"]) == 0
     again = json.loads((out / "target-0.2" / "summary.json").read_text())
     assert again["target"] == 0.2 and list(again["arms"]) == list(summary["arms"])
-    retargeted = [
-        runio.loads(x) for x in (out / "target-0.2" / "runs.jsonl").read_text().splitlines()
-    ]
+    retargeted = load_records(out / "target-0.2")
     assert any(math.isfinite(r["time_to_target"]) for r in retargeted)
     assert (out / "report.md").read_text() == report  # the original report is kept
     for name in ("error_vs_time", "error_vs_passes", "time_to_target", "loss_spread"):
@@ -174,7 +201,7 @@ def test_compare_reachable_target_and_tuning(tiny_idx_dir, tmp_path):
     assert set(summary["tuned_lr"]) == {"sgd", "isgd"}
     assert summary["tuned_lr"] == {"sgd": 0.05, "isgd": 0.05}  # 0.001 barely moves in 60 steps
     records = [runio.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["time_to_target"]) for r in records)
+    assert all(math.isfinite(r["time_to_target"]) and not r["target_missed"] for r in records)
     assert len(list((out / "tune").iterdir())) == 4
 
 

@@ -52,13 +52,28 @@ def test_effect_sentence_states_what_the_interval_excludes():
         "isgd", "sgd", paired_ratio([100, 120, 90, 110, 130], [90, 100, 100, 100, 120])
     )
     assert "No difference detected" in inside
-    assert "more than 18 % fewer passes" in inside and "more than 6 % more passes" in inside
+    assert "more than 18 % fewer passes" in inside and "more than 6.3 % more passes" in inside
     faster = effect_sentence("isgd", "sgd", paired_ratio([100, 120, 110, 130], [80, 95, 90, 100]))
     assert "isgd needs fewer passes" in faster and "between 17 % and 24 %" in faster
     slower = effect_sentence(
         "isgd", "sgd", paired_ratio([80, 95, 90, 100], [100, 120, 110, 130]), "seconds"
     )
     assert "isgd needs more seconds" in slower
+
+
+def test_effect_sentence_prints_sub_percent_effects_with_their_precision():
+    # isgd needs 0.2-0.5 % more passes: whole percents would print "between 0 % and 0 %"
+    base = [1000.0, 1000.0, 1000.0, 1000.0, 1000.0]
+    arm = [1002.0, 1003.0, 1004.0, 1005.0, 1003.5]
+    slower = effect_sentence("isgd", "sgd", paired_ratio(base, arm))
+    assert "isgd needs more passes: the interval excludes 1 (no effect)" in slower
+    assert " 0 %" not in slower and "excludes no effect" not in slower
+    cost = slower.split("the cost lies between ")[1]
+    low, high = cost.split(" (estimate")[0].split(" and ")
+    assert low != high and low.startswith("0.") and high.startswith("0.")
+    assert float(low.split()[0]) == pytest.approx(0.2, abs=0.1)
+    ratio = slower.split("ratio sgd/isgd = ")[1].split(",")[0]  # 0.997 [0.995-0.998]
+    assert len({ratio.split()[0], *ratio.split("[")[1].rstrip("]").split("–")}) == 3
 
 
 def _evals(*points):

@@ -118,7 +118,9 @@ def nonempty_int_list(text: str) -> list[int]:
     return values
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+    """One flag per configuration key; those in ``hidden`` are parsed (so that the command can
+    refuse them by name) but left out of the help."""
     defaults = TrainConfig()
     ordered = [k for k in HELP if k in FIELDS] + [k for k in FIELDS if k not in HELP]
     group = parser.add_argument_group("training configuration (override preset and --config)")
@@ -129,6 +131,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = FIELD_TYPES[name]
         default = getattr(defaults, name)
         help_text = f"{HELP.get(name, '')} (default {default!r})".strip()
+        if name in hidden:
+            help_text = argparse.SUPPRESS
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

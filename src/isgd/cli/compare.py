@@ -81,7 +81,7 @@ def add_parser(commands: Any) -> None:
         help="summarise a finished comparison DIR again for --target (no training)",
     )
     add_data_and_progress_flags(compare, "progress bar over all runs")
-    add_config_flags(compare)
+    add_config_flags(compare, hidden=("target_accuracy",))  # --target names it here
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,6 +133,15 @@ def run(args: argparse.Namespace) -> int:
     n_seeds = 5 if args.seeds is None else args.seeds
     _check_seeds(args)
     seeds = args.seed_list if args.seed_list else list(range(n_seeds))
+    if (
+        args.target is None
+        and base.dataset.startswith("idx:")
+        and "target_accuracy" not in file_keys
+    ):
+        raise UsageError(  # the preset's target is LeNet/MNIST's, meaningless for another set
+            f"--dataset {base.dataset}: give the target accuracy with --target ACC (a fraction); "
+            "the preset's target is for its own data set"
+        )
     target = args.target if args.target is not None else base.target_accuracy
     if not 0 < target <= 1:
         raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
@@ -224,6 +233,8 @@ def _refuse_contradictions(args: argparse.Namespace, overrides: dict[str, Any]) 
         raise UsageError("--optimizer: each arm names its optimizer (--arm NAME:optimizer=...)")
     if "seed" in overrides:
         raise UsageError("--seed: a comparison runs --seeds N (0..N-1) or --seed-list S,S,...")
+    if "target_accuracy" in overrides:
+        raise UsageError("--target-accuracy: isgd compare takes the target as --target ACC")
     if args.seeds is not None and args.seed_list:
         raise UsageError("--seeds and --seed-list: give one")
     if args.seed_list and len(set(args.seed_list)) != len(args.seed_list):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from isgd.data import DataSplit, load_dataset
-from isgd.experiments.records import load_records, run_record, summarize
+from isgd.experiments.records import load_records, record_line, records_text, run_record, summarize
 from isgd.training import runio
 from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.training.runio import RunError
@@ -228,9 +228,7 @@ def _run_comparison(
                 run_dir = plan.out / "runs" / f"{r['arm']}-seed{r['seed']}"
                 done[r["arm"], r["seed"]] = {**r, "run_dir": str(run_dir)}
         # rewritten whole: drops a line torn by a kill, so that appending goes on cleanly
-        runio.atomic_write_text(
-            plan.out / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in done.values())
-        )
+        runio.atomic_write_text(plan.out / "runs.jsonl", records_text(list(done.values())))
     else:
         check_new_run_dir(plan.out)
     data = load_dataset(plan.base.dataset, plan.data_dir)
@@ -271,7 +269,7 @@ def _run_comparison(
             record = run_record(
                 arm.name, seed, plan.out / "runs" / f"{arm.name}-seed{seed}", plan.target
             )
-            raw.write(record)
+            raw.write_line(record_line(record))
             raw.flush()
             ran += 1
         records.append(record)
@@ -293,9 +291,7 @@ def _run_comparison(
         bar.close()
         raw.close()
     if resume:  # runs.jsonl in plan order, the seeds left out of the plan dropped
-        runio.atomic_write_text(
-            plan.out / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in records)
-        )
+        runio.atomic_write_text(plan.out / "runs.jsonl", records_text(records))
     names = [a.name for a in plan.arms] + sorted(
         {r["arm"] for r in records} - {a.name for a in plan.arms}
     )
@@ -356,9 +352,7 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     result["target"] = target
     destination = out / f"target-{target:g}"
     _write_outputs(destination, result, fresh, names)
-    runio.atomic_write_text(
-        destination / "runs.jsonl", "".join(runio.dumps(r) + "\n" for r in fresh)
-    )
+    runio.atomic_write_text(destination / "runs.jsonl", records_text(fresh))
     return destination
 
 

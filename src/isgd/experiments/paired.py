@@ -159,8 +159,33 @@ def difference_sentence(
     )
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f} %"
+def _pcts(*xs: float) -> list[str]:
+    """``xs`` (fractions) as percentages with the precision they have: two significant digits
+    each (no decimals from 10 % up), more where two different values would print alike — so a
+    sub-1 % effect reads 0.12 %, never 0 %."""
+
+    def decimals(x: float) -> int:
+        v = abs(100 * x)
+        return 0 if v == 0 or not math.isfinite(v) else max(0, 1 - math.floor(math.log10(v)))
+
+    extra = 0
+    while True:
+        out = [f"{100 * x:.{decimals(x) + extra}f} %" for x in xs]
+        clash = any(
+            a != b and out[i] == out[j] for i, a in enumerate(xs) for j, b in enumerate(xs) if i < j
+        )
+        if not clash or extra >= 6:
+            return out
+        extra += 1
+
+
+def _ratio_digits(*xs: float) -> int:
+    """Decimals (3 or more) at which the different ratios among ``xs`` print differently."""
+    for d in range(3, 8):
+        shown = {f"{x:.{d}f}" for x in xs}
+        if len(shown) == len(set(xs)):
+            return d
+    return 8
 
 
 def effect_sentence(arm: str, base: str, result: Mapping[str, Any], what: str = "passes") -> str:
@@ -182,23 +207,29 @@ def effect_sentence(arm: str, base: str, result: Mapping[str, Any], what: str = 
             f"{arm} vs {base} ({what}): the ratio {base}/{arm} is {ratio:.3f} in every one of "
             f"{n} paired seeds{missed} — the same computation, or a constant effect; no interval."
         )
+    d = _ratio_digits(low, ratio, high)
     head = (
-        f"{arm} vs {base} ({what}): ratio {base}/{arm} = {ratio:.3f} [{low:.3f}–{high:.3f}], "
-        f"{conf} interval over {n} paired seeds{missed}, p = {result['p_value']:.2g}."
+        f"{arm} vs {base} ({what}): ratio {base}/{arm} = {ratio:.{d}f} "
+        f"[{low:.{d}f}–{high:.{d}f}], {conf} interval over {n} paired seeds{missed}, "
+        f"p = {result['p_value']:.2g}."
     )
-    faster = f"{arm} needing more than {_pct(1 - 1 / high)} fewer {what}"
-    slower = f"{arm} needing more than {_pct(1 / low - 1)} more {what}"
     if low > 1:
+        saved_low, saved_high, saved = _pcts(1 - 1 / low, 1 - 1 / high, 1 - 1 / ratio)
         return (
-            f"{head} {arm} needs fewer {what}: the run excludes no effect and excludes "
-            f"{faster}; the saving lies between {_pct(1 - 1 / low)} and {_pct(1 - 1 / high)}."
+            f"{head} {arm} needs fewer {what}: the interval excludes 1 (no effect) and "
+            f"excludes {arm} needing more than {saved_high} fewer {what}; the saving lies "
+            f"between {saved_low} and {saved_high} (estimate {saved})."
         )
     if high < 1:
+        cost_low, cost_high, cost = _pcts(1 / high - 1, 1 / low - 1, 1 / ratio - 1)
         return (
-            f"{head} {arm} needs more {what}: the run excludes no effect and excludes {slower}; "
-            f"the cost lies between {_pct(1 / high - 1)} and {_pct(1 / low - 1)}."
+            f"{head} {arm} needs more {what}: the interval excludes 1 (no effect) and excludes "
+            f"{arm} needing more than {cost_high} more {what}; the cost lies between "
+            f"{cost_low} and {cost_high} (estimate {cost})."
         )
+    fewer, more = _pcts(1 - 1 / high, 1 / low - 1)
     return (
-        f"{head} No difference detected: the interval contains 1. The run excludes {faster} "
-        f"and {slower}; smaller effects, either way, it cannot tell from seed-to-seed noise."
+        f"{head} No difference detected: the interval contains 1 (no effect). The run excludes "
+        f"{arm} needing more than {fewer} fewer {what} and {arm} needing more than {more} more "
+        f"{what}; smaller effects, either way, it cannot tell from seed-to-seed noise."
     )

@@ -24,6 +24,8 @@ from isgd.training.runio import RunError
 __all__ = [
     "aggregate",
     "load_records",
+    "record_line",
+    "records_text",
     "run_record",
     "speedup",
     "summarize",
@@ -209,7 +211,48 @@ def _paired(records: Sequence[dict[str, Any]], base: str, name: str) -> dict[str
     return out
 
 
+# ---------------------------------------------------------------------- runs.jsonl
+# A missed target is ``inf`` in memory; in ``runs.jsonl`` (strict JSON has no infinity) its
+# to-target fields are ``null`` and ``"target_missed": true``. A figure not recorded (NaN) is
+# ``null`` too. Files written before this (``"inf"``/``"nan"`` strings) read the same.
+TARGET_KEYS = (
+    "time_to_target",
+    "passes_to_target",
+    "iterations_to_target",
+    "time_to_target_grid",
+    "passes_to_target_grid",
+    "backward_passes_to_target",
+)
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """One ``runs.jsonl`` line: non-finite numbers as ``null``, a miss flagged."""
+    out = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    out["target_missed"] = any(
+        isinstance(record.get(k), float) and math.isinf(record[k]) for k in TARGET_KEYS
+    )
+    return runio.dumps(out)
+
+
+def records_text(records: Sequence[dict[str, Any]]) -> str:
+    return "".join(record_line(r) + "\n" for r in records)
+
+
+def _from_line(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``runs.jsonl`` record in memory: ``null`` to-target fields ``inf`` (missed), other
+    ``null`` numbers NaN (not recorded); ``momentum_ratio`` stays ``None``."""
+    record = dict(record)
+    record.pop("target_missed", None)
+    for key, value in record.items():
+        if value is None and key != "momentum_ratio":
+            record[key] = math.inf if key in TARGET_KEYS else math.nan
+    return record
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
+    """The records of ``out/runs.jsonl`` (this form or the older one with ``"inf"`` strings)."""
     if not (out / "runs.jsonl").is_file():
         raise RunError(f"{out} is not a comparison directory (no runs.jsonl)")
-    return list(runio.read_jsonl(out / "runs.jsonl"))
+    return [_from_line(r) for r in runio.read_jsonl(out / "runs.jsonl")]

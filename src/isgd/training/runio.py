@@ -206,8 +206,9 @@ class DirectoryLock:
 
 # ---------------------------------------------------------------------- JSON
 # One convention for every file isgd writes: strict JSON (RFC 8259 has no NaN or Infinity), with
-# the non-finite floats written as the strings "inf", "-inf" and "nan" — a missed target is
-# "inf" — and read back as floats. Bare NaN/Infinity tokens are not JSON and are refused.
+# the non-finite floats written as the strings "inf", "-inf" and "nan" and read back as floats
+# (``runs.jsonl`` writes a missed target as null plus a flag: isgd.experiments.records).
+# Bare NaN/Infinity tokens are not JSON and are refused.
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -269,8 +270,12 @@ class JsonlWriter:
             raise write_error(self.path, err) from None
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_line(dumps(record))
+
+    def write_line(self, line: str) -> None:
+        """One line already in JSON (without its newline)."""
         try:
-            self._file.write(dumps(record) + "\n")
+            self._file.write(line + "\n")
         except OSError as err:
             raise write_error(self.path, err) from None
 
