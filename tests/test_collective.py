@@ -142,6 +142,8 @@ def test_every_rank_gets_the_weighted_mean_and_the_or_of_the_inf_flags(two_ranks
     expected_psi, expected_inf = EXPECTED[case]
     for rank, results in enumerate(two_ranks):
         psi, any_inf = results[key]
+        # LossSync's message is float64 and the inputs are exact binary fractions: float64
+        # arithmetic, the same on every kernel family
         assert psi == pytest.approx(expected_psi, rel=1e-12), (rank, key)
         assert any_inf is expected_inf, (rank, key)
 
@@ -152,6 +154,7 @@ def test_sync_loss_false_judges_the_local_loss(two_ranks):
 
 def test_carried_values_ride_the_loss_message_summed_across_ranks(two_ranks):
     for results in two_ranks:
+        # float64 (LossSync's message): the tolerance of float64 arithmetic, as above
         assert results["carry: psi"] == [pytest.approx(2.0, rel=1e-12)]  # as without them
         assert results["carry: sums"] == [1.0, 0.0, 7.5]  # 2.5 + 5.0
         assert results["carry: sums after a plain call"] == [1.0, 0.0, 7.5]
