@@ -101,3 +101,43 @@ def leave_rank() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def join_gloo(rank: int, world: int, init: str, timeout: float = 30) -> None:
+    """A forked rank joins the gloo group on the loopback interface, with one intra-op thread (a
+    forked child must not enter the parent's OpenMP pool)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+    )
+
+
+def run_two_ranks(worker, out: Path, timeout: float) -> list[dict]:
+    """Fork 2 gloo ranks of ``worker(rank, world_size, init_method, out)`` and return what each
+    wrote to ``out/rank{r}.json``; skipped off Linux (gloo on the loopback interface ``lo``).
+    Fork, not spawn: no second import of torch per rank (seconds)."""
+    import json
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gloo on the loopback interface 'lo' (Linux)")
+    init = f"file://{out / 'rendezvous'}"
+    ranks = mp.start_processes(
+        worker, args=(2, init, str(out)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the 2 ranks did not finish within {timeout:g} s")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

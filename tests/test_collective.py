@@ -8,20 +8,15 @@ a dropped weight or an ignored inf flag are the same on every rank too.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from isgd import ISGD
 from isgd.collective import LossSync
-from tests.fixtures import leave_rank
+from tests.fixtures import join_gloo, leave_rank, run_two_ranks
 
 LOSSES = (1.0, 5.0)  # rank 0, rank 1
 
@@ -62,11 +57,7 @@ EXPECTED = {
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
+    join_gloo(rank, world, init, timeout=30)
     try:
         results = {}
         for sync_loss in (None, True):  # None: on because the group has 2 processes
@@ -118,21 +109,7 @@ def _carried(rank: int) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("gloo on the loopback interface 'lo' (Linux)")
-    out = tmp_path_factory.mktemp("loss-sync")
-    init = f"file://{out / 'rendezvous'}"
-    # fork, not spawn: no second import of torch per rank (seconds); each rank uses one thread
-    ranks = mp.start_processes(
-        _worker, args=(2, init, str(out)), nprocs=2, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + 60
-    while not ranks.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("the 2 ranks did not finish within 60 s")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks(_worker, tmp_path_factory.mktemp("loss-sync"), timeout=60)
 
 
 @pytest.mark.parametrize("sync_loss", [None, True])

@@ -720,12 +720,44 @@ def test_a_scheduler_style_change_of_sigma_factor_moves_the_limit():
     assert opt.stats.last.limit == pytest.approx(1.5 + 1.0 * 0.5)
 
 
-def test_load_state_dict_refuses_the_earlier_layout_in_one_line():
-    opt = ISGD(_params(), lr=0.1, window=4)
-    old = {"base": {}, "chart": {}, "stats": {}, "isgd": {}}
-    with pytest.raises(ValueError, match=r"^not an ISGD state_dict of this version") as info:
-        opt.load_state_dict(old)
-    assert "\n" not in str(info.value)
+def _pre_0_2_state(opt: ISGD, **saved) -> dict:
+    """``opt``'s state in isgd < 0.2's layout (the checkpoints of format 1 hold it)."""
+    return {
+        "base": copy.deepcopy(opt.base_optimizer.state_dict()),
+        "chart": opt.chart.state_dict(),
+        "stats": opt.stats.state_dict(),
+        "isgd": {"window": opt.window, **saved},
+    }
+
+
+def test_load_state_dict_reads_the_layout_before_0_2():
+    data = toy.batches()
+    model = toy.mlp()
+    opt = ISGD(model.parameters(), **SGD_KW, **{**ISGD_KW, "sigma_factor": 0.5})
+    run(model, opt, data, 3 * toy.N_BATCHES)
+    assert opt.stats.triggers > 0
+    old = _pre_0_2_state(opt, sigma_factor=0.5, max_extra_iters=3, eps=0.2, lower_quantile=0.0)
+    fresh = ISGD(toy.mlp().parameters(), **SGD_KW, **ISGD_KW)
+    fresh.load_state_dict(old)
+    assert fresh.stats == opt.stats and fresh.chart.losses() == opt.chart.losses()
+    assert (fresh.max_extra_iters, fresh.eps, fresh.sigma_factor) == (3, 0.2, 0.5)
+    saved, loaded = old["base"]["state"], fresh.state_dict()["state"]
+    assert all(
+        torch.equal(saved[i]["momentum_buffer"], loaded[i]["momentum_buffer"]) for i in saved
+    )
+    # a file that lacks a hyper-parameter keeps this optimizer's, as isgd < 0.2 read it
+    fresh = ISGD(toy.mlp().parameters(), **SGD_KW, **{**ISGD_KW, "max_extra_iters": 2})
+    fresh.load_state_dict(_pre_0_2_state(opt))
+    assert fresh.max_extra_iters == 2
+    with pytest.raises(ValueError, match=r"lower_quantile=0.3, the forward-only variant"):
+        fresh.load_state_dict(_pre_0_2_state(opt, lower_quantile=0.3))
+    variant = ForwardOnlyISGD(toy.mlp().parameters(), lower_quantile=0.1, **SGD_KW, **ISGD_KW)
+    variant.load_state_dict(_pre_0_2_state(opt, lower_quantile=0.3))
+    assert variant.lower_quantile == 0.3
+    other = ISGD(toy.mlp().parameters(), lr=0.1, window=4)
+    with pytest.raises(ValueError, match=r"Invalid window: 12 .*") as info:
+        other.load_state_dict(old)
+    assert "\n" not in str(info.value) and other.stats.steps == 0  # nothing changed
 
 
 def test_groups_disagreeing_on_an_isgd_hyper_parameter_are_refused():

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import Any, SupportsIndex
 
-import torch
 from torch import Tensor
 
 from isgd._numbers import is_real as _is_real
+from isgd.collective import Shards, local
 from isgd.solvers import INNER_SOLVERS
 from isgd.spc import check_sigma_factor
 
@@ -75,22 +76,37 @@ def check_closure_given(observed: bool, grad_scaler: object) -> None:
     )
 
 
-def grad_marks(params: list[Tensor]) -> list[int | None]:
-    """The versions of the parameters' gradients (``None``: no gradient), to tell later whether
-    anything back-propagated into them since."""
-    return [None if p.grad is None else p.grad._version for p in params]
+#: a gradient as ISGD.step() left it: the tensor (weakly) and its version (``None``: no gradient)
+GradMark = tuple[weakref.ReferenceType[Tensor], int] | None
 
 
-def check_no_outside_grads(params: list[Tensor], marks: list[int | None] | None) -> None:
-    """Refuse gradients back-propagated since ``marks`` were taken (the last ``ISGD.step``): the
-    closure's ``zero_grad()`` would discard them."""
-    touched = [
-        p.grad
-        for i, p in enumerate(params)
-        if p.grad is not None
-        and (marks is None or len(marks) != len(params) or marks[i] != p.grad._version)
+def grad_marks(params: list[Tensor]) -> list[GradMark]:
+    """The parameters' gradients and their versions, to tell later whether anything
+    back-propagated into them since: in place (a new version; a DTensor's is its local
+    shard's), or by putting another tensor there (FSDP1's gradient views)."""
+    return [
+        None if p.grad is None else (weakref.ref(p.grad), local(p.grad)._version) for p in params
     ]
-    if touched and bool(torch.stack(torch._foreach_norm(touched)).sum() > 0):
+
+
+def _touched(p: Tensor, mark: GradMark) -> bool:
+    """``p.grad`` is not the gradient ``mark`` saw, or has changed since."""
+    grad = p.grad
+    return grad is None or mark is None or mark[0]() is not grad or mark[1] != local(grad)._version
+
+
+def check_no_outside_grads(
+    params: list[Tensor], marks: list[GradMark] | None, shards: Shards
+) -> None:
+    """Refuse gradients back-propagated since ``marks`` were taken (the last ``ISGD.step``): the
+    closure's ``zero_grad()`` would discard them. Under sharding the whole gradients are judged
+    (:meth:`Shards.norm`), so every rank refuses alike; under FSDP1 every step (one all-reduce:
+    a rank may hold no slice of a touched gradient)."""
+    if marks is None or len(marks) != len(params):
+        marks = [None] * len(params)  # nothing to compare with: every gradient counts
+    owners = [p for p, mark in zip(params, marks) if p.grad is not None and _touched(p, mark)]
+    touched = [p.grad for p in owners if p.grad is not None]
+    if (touched or shards.group is not None) and bool(shards.norm(touched, owners) > 0):
         raise RuntimeError(
             "ISGD.step(closure): the parameters hold gradients back-propagated outside the "
             "closure (gradient accumulation?), which the closure's zero_grad() would discard; "

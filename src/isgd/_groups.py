@@ -3,9 +3,16 @@
 to their ``Optimizer`` base class, kept here so that :mod:`isgd.optim` holds the paper's method.
 
 ISGD's hyper-parameters (but the window, the chart's) ride in ``defaults`` and in every parameter
-group, beside the base's, as ``lr`` does: ``state_dict()`` is ``{"state", "param_groups"}`` plus
-``"isgd": {"chart", "stats"}``, and a scheduler may anneal ``sigma_factor`` as it does ``lr``.
-They are optimizer-wide: every group carries the same values, read from the first.
+group, beside the base's, as ``lr`` does, and a scheduler may anneal ``sigma_factor`` as it does
+``lr``. They are optimizer-wide: every group carries the same values, read from the first.
+
+``state_dict()`` is torch's ``{"state", "param_groups"}`` (the base's state, which ``opt.state``
+is too) plus ``"isgd": {"chart", "stats"}``; the first group carries the same object under
+``"isgd_state"``, because ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` and
+``FullyShardedDataParallel.optim_state_dict`` keep only ``state`` and ``param_groups`` (the live
+first group holds the key too, ``None``: the flattened form of those helpers keeps only the keys
+the live groups have). :meth:`WrappedOptimizer.load_state_dict` reads either place, and the
+layout before isgd 0.2, ``{"base", "chart", "stats", "isgd"}``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from isgd._checks import check_hyper_parameters, check_lr
 from isgd.spc import LossControlChart, check_same_window, check_window
 from isgd.stats import ISGDStats
 
-__all__ = ["Hyper", "WrappedOptimizer"]
+__all__ = ["STATE_KEY", "Hyper", "WrappedOptimizer"]
+
+#: the key of ISGD's own state (the chart, the counters) in the first parameter group
+STATE_KEY = "isgd_state"
+#: isgd < 0.2 saved the hyper-parameters under these names (``"window"``: the chart's)
+_PRE_0_2_NAMES = {"eps": "isgd_eps"}
 
 
 class Hyper:
@@ -128,19 +140,24 @@ class WrappedOptimizer(Optimizer):
         """Build the base optimizer over ``params`` and share its groups."""
         super().__init__(params, {**base_kwargs, **hyper})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same.
+        # One list of groups for both: LR schedulers, zero_grad and add_param_group see the same;
+        # one state too (torch.distributed.checkpoint reads and initialises opt.state).
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.param_groups[0][STATE_KEY] = None  # filled by state_dict() (module docstring)
         self.defaults = {**self.base_optimizer.defaults, **hyper}
         self._check_groups(self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``{"state", "param_groups"}`` (the base optimizer's, ISGD's hyper-parameters in
-        the groups) and ``"isgd": {"chart", "stats"}``: enough to resume bit-identically."""
+        the groups) and ``"isgd": {"chart", "stats"}``, also in the first group as
+        ``"isgd_state"`` (the module docstring says why): enough to resume bit-identically."""
         state = self.base_optimizer.state_dict()
         chart = self.chart.state_dict()
-        if not self._window_set:  # ISGD(window=None) before set_window(): no window to save
-            del chart["window"]
-        state["isgd"] = {"chart": chart, "stats": self.stats.state_dict()}
+        if not self._window_set:  # ISGD(window=None) before set_window(): no window yet
+            chart["window"] = None
+        isgd = {"chart": chart, "stats": self.stats.state_dict()}
+        state["isgd"] = state["param_groups"][0][STATE_KEY] = isgd  # one object, two places
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -155,19 +172,19 @@ class WrappedOptimizer(Optimizer):
                 f"Invalid state_dict: {type(state_dict).__name__} (an ISGD.state_dict())"
             )
         if "base" in state_dict:
-            raise ValueError(
-                "not an ISGD state_dict of this version: {base, chart, stats, isgd} is the "
-                "layout before isgd 0.2, which is not read (start the run again)"
-            )
+            state_dict = self._from_pre_0_2(state_dict)
+        groups = state_dict.get("param_groups")
         isgd = state_dict.get("isgd")
-        missing = {"state", "param_groups", "isgd"} - set(state_dict)
+        if isgd is None and isinstance(groups, list) and groups and isinstance(groups[0], dict):
+            isgd = groups[0].get(STATE_KEY)  # through torch.distributed.checkpoint
+        missing = {"state", "param_groups"} - set(state_dict)
         if missing or not isinstance(isgd, dict) or {"chart", "stats"} - set(isgd):
             raise ValueError(
                 f"not an ISGD state_dict: missing {sorted(missing) or ['isgd.chart/stats']} (a "
                 "plain optimizer's state_dict goes to ISGD.base_optimizer.load_state_dict)"
             )
         chart_state, window, adopt = isgd["chart"], self.chart.window, False
-        if isinstance(chart_state, dict) and "window" not in chart_state:
+        if isinstance(chart_state, dict) and chart_state.get("window") is None:
             if not chart_state.get("losses"):  # saved by an ISGD(window=None) before set_window
                 chart_state = {**chart_state, "window": window}
         elif isinstance(chart_state, dict) and not self._window_set:
@@ -176,12 +193,18 @@ class WrappedOptimizer(Optimizer):
             check_same_window(chart_state["window"], window, "this optimizer")
         LossControlChart(window).load_state_dict(chart_state)  # checks, changes nothing
         ISGDStats().load_state_dict(isgd["stats"])  # the same
-        groups = state_dict["param_groups"]
         if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
             raise ValueError("Invalid param_groups: a non-empty list of dicts (torch's layout)")
         hyper = self._check_groups(groups)
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "isgd"})
+        base = {k: v for k, v in state_dict.items() if k != "isgd"}
+        base["param_groups"] = [  # ISGD's state stays out of the live groups
+            {k: v for k, v in g.items() if k != STATE_KEY} if isinstance(g, dict) else g
+            for g in groups
+        ]
+        self.base_optimizer.load_state_dict(base)
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.param_groups[0][STATE_KEY] = None
         for group in self.param_groups:
             group.update(hyper)  # normalised: numpy.int64(5) → 5
         if adopt:
@@ -189,6 +212,34 @@ class WrappedOptimizer(Optimizer):
         self.chart.load_state_dict(chart_state)
         self.chart.sigma_factor = hyper["sigma_factor"]
         self.stats.load_state_dict(isgd["stats"])
+
+    def _from_pre_0_2(self, old: dict[str, Any]) -> dict[str, Any]:
+        """isgd < 0.2's ``{"base", "chart", "stats", "isgd": {hyper-parameters}}`` in this
+        layout, for :meth:`load_state_dict` to check: the base's state, its groups with the
+        saved hyper-parameters (this optimizer's where the file lacks one, as isgd < 0.2 read
+        it; its ``lower_quantile`` 0 was the paper's method)."""
+        base, saved = old["base"], old.get("isgd", {})
+        if not isinstance(base, dict) or not isinstance(saved, dict):
+            raise ValueError(
+                "Invalid state_dict: {base, chart, stats, isgd} (isgd < 0.2's layout) with "
+                f"base a {type(base).__name__} and isgd a {type(saved).__name__} (two dicts)"
+            )
+        hyper = {k: self.param_groups[0][k] for k in self.hyper_parameters}
+        renamed = {_PRE_0_2_NAMES.get(k, k): v for k, v in saved.items()}
+        quantile = renamed.pop("lower_quantile", 0.0)
+        if quantile and "lower_quantile" not in hyper:
+            raise ValueError(
+                f"Invalid state_dict: saved with lower_quantile={quantile!r}, the forward-only "
+                "variant: load it into isgd.forward_only.ForwardOnlyISGD"
+            )
+        if quantile:
+            hyper["lower_quantile"] = quantile
+        hyper |= {k: v for k, v in renamed.items() if k in hyper}
+        groups = base.get("param_groups")
+        if isinstance(groups, list):
+            groups = [{**g, **hyper} if isinstance(g, dict) else g for g in groups]
+        isgd = {"chart": old.get("chart"), "stats": old.get("stats")}
+        return {"state": base.get("state", {}), "param_groups": groups, "isgd": isgd}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, as for any ``torch.optim`` optimizer — also mid-training (the

@@ -41,6 +41,7 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from isgd._groups import WrappedOptimizer
+from isgd.collective import local
 
 __all__ = [
     "GradScaler",
@@ -68,13 +69,14 @@ def scaler_found_inf(scaler: torch.amp.GradScaler | None, opt: Optimizer) -> Ten
 
 
 def unscale_grads(grads: list[Tensor], scale: Tensor | None) -> Tensor | None:
-    """Divide ``grads`` by ``scale`` in place; the number of non-finite values found (on the CPU),
-    ``None`` when there is no scale."""
+    """Divide ``grads`` by ``scale`` in place; the number of non-finite values found (on the CPU,
+    in this rank's shards of DTensor gradients: ISGD ORs the flag across ranks), ``None`` when
+    there is no scale."""
     if scale is None:
         return None
     found = torch.zeros((), device="cpu")
     by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
+    for g in map(local, grads):
         by_device.setdefault(g.device, []).append(g)
     for device, group in by_device.items():
         flag = torch.zeros(1, device=device)

@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from isgd import amp
 from isgd._checks import (
     NONFINITE,
+    GradMark,
     check_bool,
     check_closure_given,
     check_loss,
@@ -44,7 +45,7 @@ from isgd._checks import (
 )
 from isgd._groups import Hyper, WrappedOptimizer
 from isgd.batchnorm import frozen_batchnorm_stats
-from isgd.collective import LossSync
+from isgd.collective import LossSync, Shards, local
 from isgd.solvers import INNER_SOLVERS, InnerSolver, make_solver, momentum_ratio
 from isgd.spc import MAX_LOSS, finite_loss
 from isgd.stats import ISGDStats, StepRecord
@@ -99,11 +100,21 @@ class ISGD(WrappedOptimizer):
         process_group, sync_loss: which loss the decisions read (:class:`isgd.collective.LossSync`):
             by default, with several processes, the process-group mean of the ranks' losses (one
             all-reduce per pass): every rank decides alike. ``sync_loss=False``: a global loss.
+        shard_group: FSDP1 only (``FullyShardedDataParallel``): the group it shards the
+            parameters over, ``fsdp_model.process_group``, so that :attr:`n_w` and the norms are
+            the whole model's (:class:`isgd.collective.Shards`); FSDP1's parameters without it
+            are refused. FSDP2's (``fully_shard``, DTensors) need nothing.
         **base_kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
         ``docs/algorithm.md`` says why each default, and what the paper leaves open.
 
     ISGD's hyper-parameters but the window ride in every parameter group, as ``lr`` does, and
-    ``state_dict()`` has torch's shape plus ``"isgd": {"chart", "stats"}`` (:mod:`isgd._groups`).
+    ``state_dict()`` has torch's shape plus ``"isgd": {"chart", "stats"}``, which the first group
+    carries too, so that ``torch.distributed.checkpoint`` round-trips it (:mod:`isgd._groups`).
+
+    Sharded training: under FSDP2 (DTensor parameters) every operation on the parameters —
+    the snapshot :math:`w_{t-1}`, the conservative term, the inner solvers — runs on the local
+    shards, and :math:`n_w` and the norms are the whole model's, reduced by DTensor; FSDP1 needs
+    ``shard_group`` (``docs/integrations.md``, *Sharded training*).
 
     The closure given to :meth:`step` must zero the gradients, compute the batch loss, call
     ``backward()`` and return the loss — the contract of ``torch.optim.LBFGS`` (it is called
@@ -158,6 +169,7 @@ class ISGD(WrappedOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         sync_loss: bool | None = None,
+        shard_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         given: dict[str, Any] = dict(sigma_factor=sigma_factor, max_extra_iters=max_extra_iters)
@@ -168,6 +180,8 @@ class ISGD(WrappedOptimizer):
         self.sync = LossSync(process_group, sync_loss)
         self.diagnostics = check_bool(diagnostics, "diagnostics")
         self._wrap(params, base_optimizer, base_kwargs, hyper)  # the base shares its groups
+        self.shards = Shards(shard_group, self._params())  # refuses FSDP1's without the group
+        self._n_w = self.shards.numel(self._params())
 
         self.stats = ISGDStats()
         self.solver: InnerSolver = make_solver(self.inner_solver, self.base_optimizer)
@@ -180,12 +194,13 @@ class ISGD(WrappedOptimizer):
         self._judged: tuple[object, float] | None = None  # well_trained()'s (loss, ψ)
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
         self.in_extra_iteration = False
-        self._grad_marks: list[int | None] | None = None  # p.grad versions step() left behind
+        self._grad_marks: list[GradMark] | None = None  # p.grad as step() left it
 
     @property
     def n_w(self) -> int:
-        """Number of weights :math:`n_w` (all elements of all parameters in all groups)."""
-        return sum(p.numel() for group in self.param_groups for p in group["params"])
+        """Number of weights :math:`n_w`: all elements of all parameters in all groups — of the
+        whole model under sharding (:class:`isgd.collective.Shards`)."""
+        return self._n_w
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -224,7 +239,7 @@ class ISGD(WrappedOptimizer):
             return None
         self._begin_step()  # the window is set
         grad_scaler = amp.closure_scaler(self, grad_scaler)  # scaler.step(opt, closure) in form 3
-        check_no_outside_grads(self._params(), self._grad_marks)
+        check_no_outside_grads(self._params(), self._grad_marks, self.shards)
         with torch.enable_grad():
             loss = closure()
         check_loss(loss)
@@ -249,6 +264,9 @@ class ISGD(WrappedOptimizer):
         return loss
 
     def _closure_free_step(self, grad_scaler: torch.amp.GradScaler | None) -> None:
+        if not self._observed and self._initialising_state():
+            self.base_optimizer.step()
+            return
         check_closure_given(self._observed, grad_scaler)  # observe() came first
         self._observed = False
         if self.stats.last.forward_only or self.stats.last.skipped:
@@ -258,6 +276,16 @@ class ISGD(WrappedOptimizer):
             self._skip_step()
             return
         self.base_optimizer.step()
+
+    def _initialising_state(self) -> bool:
+        """A bare ``step()`` with no :meth:`observe` before it, every ``lr`` 0 and every
+        gradient zero: what ``torch.distributed.checkpoint`` runs to make the base's state exist
+        before it reads or loads it (``_init_optim_state``). It is the base's step: it creates
+        that state and changes nothing else. Any other bare step without ``observe()`` is
+        refused."""
+        if any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
+            return False
+        return not any(bool(local(g).any()) for g in self._grads())
 
     # ------------------------------------------------------------------ closure-free form
     @torch.no_grad()
@@ -405,8 +433,8 @@ class ISGD(WrappedOptimizer):
         """
         if self._limit is None or self._psi is None:
             raise RuntimeError("subproblem_grad_() needs a loss reported by above_limit() first")
-        params = [p for p in self._params() if p.grad is not None]
-        grads = [p.grad for p in params if p.grad is not None]
+        params = [local(p) for p in self._params() if p.grad is not None]  # elementwise: shards
+        grads = [local(p.grad) for p in self._params() if p.grad is not None]
         torch._foreach_mul_(grads, self._psi - self._limit)
         if self.eps > 0 and self._w_prev is not None:
             prev = [w for p, w in zip(self._params(), self._w_prev) if p.grad is not None]
@@ -421,14 +449,15 @@ class ISGD(WrappedOptimizer):
         :meth:`subproblem_grad_`). For ``"base"`` this is ``base_optimizer.step()``, which a loop
         under a GradScaler may call through ``scaler.step(opt.base_optimizer)`` instead."""
         if self.diagnostics:
-            ratio = momentum_ratio(self.solver)
+            ratio = momentum_ratio(self.solver, self.shards)
             if ratio is not None:
                 self._ratios.append(ratio)
                 self.stats.last.momentum_ratio = sum(self._ratios) / len(self._ratios)
         self.solver.step()
 
     def _snapshot_w_prev(self) -> None:
-        params = [p.detach() for p in self._params()]
+        """:math:`w_{t-1}`: this rank's part of each parameter (:func:`isgd.collective.local`)."""
+        params = [local(p).detach() for p in self._params()]
         layout = [(p.shape, p.device, p.dtype) for p in params]
         if self._w_prev is None or [(w.shape, w.device, w.dtype) for w in self._w_prev] != layout:
             self._w_prev = [torch.empty_like(p) for p in params]  # preserve_format
@@ -438,8 +467,11 @@ class ISGD(WrappedOptimizer):
         """Parameters added mid-training join :math:`n_w`, the snapshot :math:`w_{t-1}` of a
         step in progress (as they are) and the inner solver's state; gradients they hold already
         are not mistaken for gradients accumulated outside the closure."""
+        self._n_w += self.shards.numel(params)
         if self._grad_marks is not None:
             self._grad_marks += grad_marks(params)
         if self._w_prev is not None:
-            self._w_prev += [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+            self._w_prev += [
+                local(p).detach().clone(memory_format=torch.preserve_format) for p in params
+            ]
         self.solver.add_param_group(params)

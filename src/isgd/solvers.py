@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from isgd.collective import Shards, local
+
 __all__ = ["INNER_SOLVERS", "InnerSolver", "make_solver", "momentum_ratio"]
 
 INNER_SOLVERS = ("base", "gd", "momentum")
@@ -60,8 +62,8 @@ class GradientDescent(InnerSolver):
     @torch.no_grad()
     def step(self) -> None:
         for group in self.base.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params if p.grad is not None]
+            params = [local(p) for p in group["params"] if p.grad is not None]
+            grads = [local(p.grad) for p in group["params"] if p.grad is not None]
             torch._foreach_add_(params, grads, alpha=-float(group["lr"]))
 
     def velocity(self, group: int, index: int, p: Tensor) -> Tensor | None:
@@ -90,9 +92,9 @@ class HeavyBall(InnerSolver):
     def step(self) -> None:
         velocity = self.buffers()
         for i, group in enumerate(self.base.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params if p.grad is not None]
-            v = [velocity[i][j] for j, p in enumerate(group["params"]) if p.grad is not None]
+            params = [local(p) for p in group["params"] if p.grad is not None]
+            grads = [local(p.grad) for p in group["params"] if p.grad is not None]
+            v = [local(velocity[i][j]) for j, p in enumerate(group["params"]) if p.grad is not None]
             torch._foreach_mul_(v, float(group.get("momentum", 0.0)))
             torch._foreach_add_(v, grads)
             torch._foreach_add_(params, v, alpha=-float(group["lr"]))
@@ -123,28 +125,28 @@ def make_solver(name: str, base: Optimizer) -> InnerSolver:
     return _SOLVERS[name](base)
 
 
-def momentum_ratio(solver: InnerSolver) -> float | None:
+def momentum_ratio(solver: InnerSolver, shards: Shards) -> float | None:
     """‖μ·v‖ / ‖∇φ‖ of the update about to be applied, over all parameters with a gradient
-    (``None``: no velocity to compare with, no gradient, or ∇φ = 0). Norms only, no copies; one
-    host sync."""
+    (``None``: no velocity to compare with, no gradient, or ∇φ = 0); the whole model's norms
+    under sharding (``shards``). Norms only, no copies; one host sync."""
     if not solver.has_velocity:
         return None
-    grads, momentum_norms = [], []
+    grads, owners, momentum_norms = [], [], []
     for i, group in enumerate(solver.base.param_groups):
         mu = float(group.get("momentum", 0.0) or 0.0)
-        buffers = []
+        buffers, buffer_owners = [], []
         for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             grads.append(p.grad)
+            owners.append(p)
             v = solver.velocity(i, j, p)
             if v is not None:
                 buffers.append(v)
-        if buffers and mu:  # ‖μ·v‖ = μ‖v‖
-            momentum_norms.append(mu * torch.stack(torch._foreach_norm(buffers)).norm())
-    if not grads:
-        return None
-    g = torch.stack(torch._foreach_norm(grads)).norm()
-    m = torch.stack(momentum_norms).norm() if momentum_norms else g.new_zeros(())
+                buffer_owners.append(p)
+        if mu:  # ‖μ·v‖ = μ‖v‖ (0 without buffers; every rank asks: a collective when sharded)
+            momentum_norms.append(mu * shards.norm(buffers, buffer_owners))
+    g = shards.norm(grads, owners)  # 0 without gradients: the ratio is not finite, None
+    m = torch.stack([n.to(g.device) for n in momentum_norms]).norm() if momentum_norms else 0.0
     ratio = float(m / g)  # the one host sync; ∇φ = 0 gives inf/NaN, not recorded
     return ratio if math.isfinite(ratio) else None

@@ -175,7 +175,7 @@ def c_bad_on_nonfinite(c: Ctx):
 
 
 def c_target_accuracy_percent(c: Ctx):
-    return train_argv(c.idx, c.tmp / "new", "--target-accuracy", "99")
+    return train_argv(c.idx, c.tmp / "new", "--target", "99")
 
 
 def c_multistep_without_milestones(c: Ctx):
@@ -463,7 +463,7 @@ CLI_CASES = [  # (setup, what the error line must contain, further check)
     (c_negative_eval_every, "invalid eval_every: -1 (must be >= 1)", None),
     (c_zero_checkpoint_every, "invalid checkpoint_every: 0 (must be >= 1)", None),
     (c_bad_on_nonfinite, "invalid on_nonfinite: 'ignore' (one of stop, skip)", None),
-    (c_target_accuracy_percent, "invalid target_accuracy: 99.0 (a fraction in [0, 1])", None),
+    (c_target_accuracy_percent, "invalid target: 99 (an accuracy: a fraction in [0, 1])", None),
     (c_multistep_without_milestones, "the multistep policy needs milestones", None),
     (c_batch_larger_than_data, "batch_size: 1000 for a data set of 240 samples", nothing_created),
     (c_model_too_big_for_images, "lenet needs image_size >= 13, got 8", nothing_created),
@@ -548,7 +548,7 @@ CLI_CASES += [  # every option acts or is refused
     (c_compare_optimizer_in_the_file, "opt.toml sets optimizer, which isgd compare replaces", None),
     (
         c_compare_target_accuracy,
-        "--target-accuracy: isgd compare takes the target as --target",
+        "unrecognized arguments: --target-accuracy 0.5",
         None,
     ),
     (c_compare_idx_without_target, ": give the target accuracy with --target ACC (a", None),

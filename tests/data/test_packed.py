@@ -226,7 +226,7 @@ def test_imagenet_is_the_packed_set_in_the_data_directory(packed, tmp_path) -> N
         227,
         True,
     )
-    assert (c.lr, c.lr_policy, c.step_size, c.iters, c.target_accuracy) == (
+    assert (c.lr, c.lr_policy, c.step_size, c.iters, c.target) == (
         0.01,
         "step",
         100_000,

@@ -98,7 +98,9 @@ def test_balanced_class_weights_average_one_over_the_samples():
 
 def test_balanced_accuracy_is_the_mean_recall():
     correct, count = torch.tensor([9, 1, 0]), torch.tensor([10, 2, 0])  # class 2 not in the test
-    result = Evaluation.from_sums(3.0, correct, count)
+    sums = torch.cat([torch.tensor([12.0, 3.0, 10.0]), correct, count]).double()
+    result = Evaluation.from_sums(sums, num_classes=3)
+    assert result.metric == result.accuracy
     assert result.accuracy == pytest.approx(10 / 12)
     assert result.balanced_accuracy == pytest.approx((0.9 + 0.5) / 2)
     assert result.loss == pytest.approx(3.0 / 12)

@@ -212,7 +212,7 @@ def test_compare_reachable_target_and_tuning(tiny_idx_dir, tmp_path):
         (["--arm", "x:sigma_factor=2"], "name an optimizer"),
         (["--arm", "isgd:sigma_factor=-1"], "invalid sigma_factor: -1.0"),
         (["--arm", "isgd:bogus=1"], "unknown config key in arm isgd: bogus"),
-        (["--target", "99"], "--target must be a fraction"),
+        (["--target", "99"], "invalid target: 99 (an accuracy: a fraction in (0, 1])"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--tune-lrs", "a,b"], "--tune-lrs: not a list of numbers"),
     ],

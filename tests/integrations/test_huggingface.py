@@ -1,5 +1,5 @@
 """ISGD in a real Hugging Face Trainer (CPU): a tiny BERT from a config, gradient accumulation,
-clipping that bites and a linear LR schedule stepped once per regular step."""
+clipping that bites and a linear LR schedule stepped once per regular step; FSDP refused."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ pytest.importorskip("transformers", reason="needs the integrations extra (.[inte
 pytest.importorskip("accelerate", reason="needs the integrations extra (.[integrations])")
 from transformers import TrainerCallback, TrainingArguments
 
+from isgd import ISGD
 from isgd.integrations.huggingface import ISGDTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -95,3 +96,24 @@ def test_a_window_the_run_cannot_fill_is_warned(tmp_path, caplog):
         trainer = example.main(["--out", str(tmp_path), "--epochs", "1", "--window", "20"])
     assert trainer.isgd.stats.triggers == 0
     assert "window is 20 but this run has 8 optimizer steps" in caplog.text
+
+
+def test_fsdp_is_refused_when_the_trainer_is_built_in_one_line(tmp_path, monkeypatch):
+    """TrainingArguments(fsdp=...): ISGDTrainer's refusal comes before the Trainer's own (which
+    would name a route, create_optimizer, that does not make ISGD correct either)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # restored after the test, whatever sets it
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+                             fsdp="full_shard")  # fmt: skip
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+    with pytest.raises(
+        ValueError, match=r"^ISGDTrainer supports one process and DDP, not FSDP"
+    ) as info:
+        ISGDTrainer(
+            model=model, args=args, train_dataset=example.Sequences(), optimizers=(opt, None)
+        )
+    assert "fully_shard" in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"not FSDP"):
+        ISGDTrainer(model, plain, train_dataset=example.Sequences(), optimizers=(opt, None))

@@ -1,14 +1,16 @@
 """ISGD in a real Lightning Trainer (CPU): fp32 and bf16 on one process, DDP on two (gloo),
 16-mixed with a CPU GradScaler (automatic and manual optimisation), the window taken from the
-Trainer, and the set-ups ISGD refuses at fit start."""
+Trainer, FSDP2 under ModelParallelStrategy on two, and the set-ups ISGD refuses at setup."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ pytest.importorskip("lightning", reason="needs the integrations extra (.[integra
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from isgd.integrations.lightning import ISGDCallback, ISGDMixedPrecision
 
@@ -149,3 +152,31 @@ def test_window_the_run_cannot_fill_is_warned(tmp_path):
 def test_accumulate_grad_batches_is_refused_at_fit_start(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"accumulate_grad_batches=2"):
         fit(tmp_path, accumulate_grad_batches=2)
+
+
+def test_fsdp2_under_model_parallel_strategy_two_processes(tmp_path):
+    """FSDP2 (fully_shard in configure_model, DTensor parameters) on 2 gloo ranks: ISGD triggers,
+    both ranks decide alike, n_w is the whole model's, and Lightning's distributed checkpoint
+    brings ISGD's counters, chart and momentum buffers back (lightning_fsdp2.py)."""
+    script = Path(__file__).with_name("lightning_fsdp2.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    subprocess.run([*argv, str(script), str(tmp_path)], check=True, timeout=300,
+                   capture_output=True, cwd=tmp_path, env=env)  # fmt: skip
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # decisions, whole weights, ISGD's state: the same on both ranks
+    first, resumed = r0["first"], r0["resumed"]
+    assert first["sharded"] and first["n_w"] == 64 * 32 + 32 + 32 * 10 + 10  # the whole model
+    assert first["stats"]["triggers"] > 0 and first["stats"]["extra_iters"] > 0
+    assert resumed["restored"] == first["end"]  # counters, chart, momentum: as saved
+    assert resumed["stats"]["triggers"] > first["stats"]["triggers"]  # ISGD ran on after it
+
+
+def test_fsdp1_strategy_is_refused_at_setup_in_one_line():
+    """Lightning builds strategy="fsdp" on GPUs only (on the CPU its own error comes first): the
+    callback's refusal, called as Lightning calls it."""
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy") as info:
+        ISGDCallback().setup(trainer, lightning_example.Classifier(n_batches=12), "fit")  # type: ignore[arg-type]
+    assert str(info.value).startswith("ISGD does not run under Lightning's FSDPStrategy")
+    assert "\n" not in str(info.value)

@@ -286,20 +286,28 @@ def test_noise_caption_says_what_a_figure_cannot_show(tmp_path: Path):
     assert "the same computation: differences in time are machine load, not speed" in caption
 
 
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """The figures ``isgd.reporting.plots`` saves, by file name, as they are saved."""
+    from isgd.reporting import plots
+
+    saved: dict = {}
+    save = plots._save
+
+    def capture(fig, path):
+        saved[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return saved
+
+
 @pytest.mark.slow
-def test_accuracy_is_compared_on_passes_and_time_carries_its_caveat(tmp_path: Path, monkeypatch):
+def test_accuracy_is_compared_on_passes_and_time_carries_its_caveat(tmp_path: Path, figures):
     """The demo's case: two runs timed one after the other, the second under more load. The
     passes figure comes first; the time figure says on top why it is no comparison of speed."""
     from isgd.reporting import plots
 
-    figures = {}
-    save = plots._save
-
-    def capture(fig, path):
-        figures[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", capture)
     sgd = write_run(tmp_path / "sgd", synthetic_losses(3, 20, seed=1), optimizer="sgd")
     loaded = dict(seconds_per_pass=0.03)  # same work per pass, twice the seconds
     isgd = write_run(tmp_path / "isgd", synthetic_losses(3, 20, seed=2), **loaded)
@@ -314,3 +322,31 @@ def test_accuracy_is_compared_on_passes_and_time_carries_its_caveat(tmp_path: Pa
     assert note.startswith("wall-clock time, measured in 2 separate runs: machine load differs")
     assert "compare passes (accuracy_vs_passes.png)" in note
     assert plots.time_note([load_run(sgd)]) == ""  # one run: nothing to compare, no caveat
+
+
+def test_a_lower_is_better_metric_is_plotted_and_tabled_under_its_name(tmp_path: Path, figures):
+    """A run of a workload judged by bits per character (lower is better): the figures and the
+    table name it, zoom on its low end and print it plain; two runs with the same evaluations
+    are said to be identical in that metric."""
+    import shutil
+
+    from isgd.reporting import plots
+    from isgd.reporting.report import runs_table
+    from tests.experiments.test_records import write_run as write_workload_run
+
+    a = write_workload_run(tmp_path / "a", "sgd", 0, metric="bits_per_char")
+    b = write_workload_run(tmp_path / "b", "isgd", 1, metric="bits_per_char")
+    plot_runs([a, b], tmp_path / "figs")
+    left, right = figures["accuracy_vs_passes.png"].axes[:2]
+    assert left.get_title() == "Test bits per char vs passes (zoomed)"
+    assert left.get_ylabel() == "test bits per char, lower is better"
+    assert right.get_title() == "Test loss vs passes"
+    low, high = left.get_ylim()  # the best 3/4: from the lowest (1.2) to the 75th percentile
+    assert low < 1.2 < high < 2.2
+    twin = shutil.copytree(a, tmp_path / "c")  # the same computation again
+    caption = plots.noise_caption(plots._as_runs([a, twin]), "passes")
+    assert "identical bits per char at every evaluation: a = c" in caption
+    table = runs_table([a, b])
+    assert "| metric | final | best |" in table
+    assert "| bits per char (lower is better) | 1.2 | 1.2 |" in table
+    assert "| bits per char (lower is better) | 1.24 | 1.24 | 5 | 5 | 1.6: missed |" in table

@@ -108,7 +108,8 @@ def test_unknown_keys_and_wrong_types_are_named(values, message):
         ({"lr_policy": "poly"}, "invalid lr_policy: 'poly'"),
         ({"lr_policy": "multistep"}, "invalid milestones: []"),
         ({"milestones": [20, 10], "lr_policy": "multistep"}, "invalid milestones: [20, 10]"),
-        ({"target_accuracy": 99.0}, "invalid target_accuracy: 99.0"),
+        ({"target": -1.0}, "invalid target: -1.0"),
+        ({"target": math.nan}, "invalid target: nan"),
     ],
 )
 def test_out_of_range_values(overrides, message):
@@ -141,3 +142,50 @@ def test_iters_on_the_command_line_replaces_epochs_from_the_file(tmp_path):
     assert resolve_config(config_file=path).epochs == 2.0
     config = resolve_config(config_file=path, overrides={"iters": 20})
     assert (config.iters, config.epochs) == (20, 0.0)
+
+
+@pytest.mark.parametrize(
+    "keys, full_end",
+    [
+        (dict(lr_policy="inv", gamma=1e-4, power=0.75), (1 + 1e-4 * 9999) ** -0.75),
+        (dict(lr_policy="step", gamma=0.1, step_size=4000), 0.01),
+        (dict(lr_policy="multistep", gamma=0.1, milestones=[5000, 7500]), 0.01),
+        (dict(lr_policy="cosine"), 0.5 * (1 + math.cos(math.pi * 9999 / 10_000))),
+    ],
+)
+def test_a_budget_compresses_the_schedule_and_decays_it_fully(keys, full_end):
+    """A quarter budget runs 2,500 of 10,000 iterations and ends as decayed as the full run: the
+    policy read at t / 0.25 (cosine: over the compressed length), not the full run cut short."""
+    full = resolve_config(overrides=dict(iters=10_000, **keys))
+    quarter = resolve_config(overrides=dict(iters=10_000, budget=0.25, **keys))
+    assert lr_factor(full, 9999, 10_000) == pytest.approx(full_end, rel=1e-12)
+    if keys["lr_policy"] == "cosine":  # over its own 2,500 iterations
+        assert lr_factor(quarter, 2499, 2500) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * 2499 / 2500)), rel=1e-12
+        )
+    else:
+        assert lr_factor(quarter, 2499, 2500) == pytest.approx(
+            lr_factor(full, 9996, 10_000), rel=1e-12
+        )
+    # the drops come at a quarter of their iterations: step 4000 -> 1000, milestone 5000 -> 1250
+    if keys["lr_policy"] == "step":
+        assert [lr_factor(quarter, t, 2500) for t in (999, 1000, 1999, 2000)] == pytest.approx(
+            [1.0, 0.1, 0.1, 0.01]
+        )
+    if keys["lr_policy"] == "multistep":
+        assert [lr_factor(quarter, t, 2500) for t in (1249, 1250, 1874, 1875)] == pytest.approx(
+            [1.0, 0.1, 0.1, 0.01]
+        )
+    if keys["lr_policy"] == "inv":  # at t' = 1000 the factor of the full run at 4000
+        assert lr_factor(quarter, 1000, 2500) == pytest.approx(
+            (1 + 1e-4 * 4000) ** -0.75, rel=1e-12
+        )
+
+
+def test_the_full_budget_leaves_the_schedule_as_it_was():
+    config = resolve_config("lenet-mnist")
+    assert config.budget == 1.0
+    for t in (0, 1, 777, 9999):  # the same float, not an approximation of it
+        assert lr_factor(config, t, 10_000) == (1.0 + 1e-4 * t) ** -0.75
+    with pytest.raises(ConfigError, match=r"invalid budget: 0.0 \(a fraction in \(0, 1\]"):
+        resolve_config(overrides={"budget": 0.0})

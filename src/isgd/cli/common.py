@@ -54,7 +54,14 @@ HELP = {
     "reshuffle": "reshuffle every epoch instead of the fixed cycle (ablation)",
     "augment": "random crop (padding 4, or --crop-size) and horizontal flip of training images",
     "crop_size": "train on SxS crops (random with --augment), evaluate on the centre crop",
-    "target_accuracy": "report time and passes to reach this test accuracy (fraction)",
+    "target": "report time and passes to reach this value of the test metric (accuracy: a "
+    "fraction)",
+    "budget": "train this fraction (0, 1] of the run, its learning-rate schedule compressed "
+    "to it and fully decayed",
+    "validation": "hold out the last N training samples: the evaluations read them, the test "
+    "split is read once at the end",
+    "workload": "FILE.py:FUNC or package.module:FUNC: FUNC(seed) returns an "
+    "isgd.experiments.Workload (your model and data) instead of --dataset/--model",
     "on_nonfinite": "stop (exit code 3) or skip: what a NaN or infinite batch loss does",
     "batch_size": "samples per training batch (per step, all processes together)",
     "lr": "base learning rate (the policy scales it)",
@@ -118,14 +125,16 @@ def nonempty_int_list(text: str) -> list[int]:
     return values
 
 
-def add_config_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, hidden: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> None:
     """One flag per configuration key; those in ``hidden`` are parsed (so that the command can
-    refuse them by name) but left out of the help."""
+    refuse them by name) but left out of the help, those in ``skip`` the command defines itself."""
     defaults = TrainConfig()
     ordered = [k for k in HELP if k in FIELDS] + [k for k in FIELDS if k not in HELP]
     group = parser.add_argument_group("training configuration (override preset and --config)")
     for name in ordered:
-        if name == "preset":
+        if name == "preset" or name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         hint = FIELD_TYPES[name]

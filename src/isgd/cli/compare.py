@@ -20,6 +20,7 @@ from isgd.training.config import FIELDS, PRESETS
 
 log = logging.getLogger("isgd")
 MAX_SEEDS = 10_000  # --seeds N: runs per arm (each a training run); more is a typo
+MIN_BASELINE_SEEDS = 5  # --target baseline: the seeds a target is set from
 
 
 def add_parser(commands: Any) -> None:
@@ -43,9 +44,25 @@ def add_parser(commands: Any) -> None:
     )
     compare.add_argument(
         "--target",
+        type=_target_arg,
+        metavar="VALUE|baseline",
+        help="the metric's target: an accuracy as a fraction (default: the preset's), or the "
+        "workload metric's value (required with --workload); or baseline: the worst final "
+        "validation metric of the baseline's seeds (needs --validation N and 5 seeds or more)",
+    )
+    compare.add_argument(
+        "--budgets",
+        metavar="F,F,...",
+        help="train every arm at these fractions (0, 1] of the run, each with its schedule "
+        "compressed and fully decayed; the report draws the final metric against cost and "
+        "reads the saving at the target (default 1: the run as configured)",
+    )
+    compare.add_argument(
+        "--forward-cost",
         type=float,
-        metavar="ACC",
-        help="target test accuracy, a fraction (default: the preset's)",
+        metavar="R",
+        help="a forward pass in training steps, for the modelled compute (default 1/3; "
+        "benchmarks/bench_forward_only.py measures it for a model)",
     )
     compare.add_argument(
         "--tune-lrs",
@@ -81,21 +98,23 @@ def add_parser(commands: Any) -> None:
         help="summarise a finished comparison DIR again for --target (no training)",
     )
     add_data_and_progress_flags(compare, "progress bar over all runs")
-    add_config_flags(compare, hidden=("target_accuracy",))  # --target names it here
+    add_config_flags(compare, skip=("target",))  # --target above: the comparison's target
 
 
 def run(args: argparse.Namespace) -> int:
+    from isgd.experiments.budgets import FORWARD_COST
     from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison
     from isgd.training.config import apply, load_toml, resolve_config
 
-    overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
+    overrides = {
+        k: getattr(args, k) for k in FIELDS if k not in ("preset", "target") and hasattr(args, k)
+    }
     _refuse_contradictions(args, overrides)
     if args.retarget:
         from isgd.experiments.compare import retarget
 
-        if args.target is None or not 0 < args.target <= 1:
-            raise UsageError(f"--retarget needs --target, a fraction in (0, 1], got {args.target}")
         _check_comparison_dir(Path(args.retarget))
+        _check_retarget(Path(args.retarget), args.target)
         destination = retarget(Path(args.retarget), args.target)
         print((destination / "report.md").read_text().split("\n## Runs")[0])
         log.info("report and figures for target %g in %s", args.target, destination)
@@ -133,18 +152,33 @@ def run(args: argparse.Namespace) -> int:
     n_seeds = 5 if args.seeds is None else args.seeds
     _check_seeds(args)
     seeds = args.seed_list if args.seed_list else list(range(n_seeds))
-    if (
-        args.target is None
-        and base.dataset.startswith("idx:")
-        and "target_accuracy" not in file_keys
-    ):
+    has_target = args.target is not None or {"target", "target_accuracy"} & set(file_keys)
+    if not has_target and base.workload:
+        raise UsageError(
+            f"--workload {base.workload}: give the target with --target VALUE (the value of "
+            "the workload's metric that counts as trained)"
+        )
+    if not has_target and base.dataset.startswith("idx:"):
         raise UsageError(  # the preset's target is LeNet/MNIST's, meaningless for another set
             f"--dataset {base.dataset}: give the target accuracy with --target ACC (a fraction); "
             "the preset's target is for its own data set"
         )
-    target = args.target if args.target is not None else base.target_accuracy
-    if not 0 < target <= 1:
-        raise UsageError(f"--target must be a fraction in (0, 1], got {target} (e.g. 0.99)")
+    target_rule = "baseline" if args.target == "baseline" else ""
+    if target_rule:
+        if not base.validation:
+            raise UsageError(
+                "--target baseline is set on a validation split: give --validation N (training "
+                "samples held out, e.g. 5000)"
+            )
+        if len(seeds) < MIN_BASELINE_SEEDS:
+            raise UsageError(
+                f"--target baseline needs {MIN_BASELINE_SEEDS} seeds or more, got {len(seeds)}"
+            )
+        target = 0.0
+    else:
+        target = args.target if args.target is not None else base.target
+        if not (math.isfinite(target) and target > 0):
+            raise UsageError(f"--target must be a number > 0, got {target} (e.g. 0.99 accuracy)")
     tune_lrs, tune_iters = [], 0 if args.tune_iters is None else args.tune_iters
     if args.tune_lrs:
         try:
@@ -158,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.tune_iters is not None and tune_iters < 1:
             raise UsageError(f"--tune-iters must be >= 1, got {tune_iters}")
+    budgets = _budgets(args.budgets)
+    forward_cost = FORWARD_COST if args.forward_cost is None else args.forward_cost
+    if not (math.isfinite(forward_cost) and 0 < forward_cost <= 1):
+        raise UsageError(f"--forward-cost must be in (0, 1] training steps, got {forward_cost}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{stamp}"
     plan = ComparisonPlan(
@@ -170,9 +208,36 @@ def run(args: argparse.Namespace) -> int:
         tune_lrs,
         tune_iters,
         args.data_dir,
+        budgets,
+        forward_cost,
+        target_rule,
     )
     run_comparison(plan, progress=args.progress)
     return _show_report(out)
+
+
+def _target_arg(text: str) -> float | str:
+    if text == "baseline":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'baseline', got {text!r}") from None
+
+
+def _budgets(text: str | None) -> list[float]:
+    """``--budgets 0.25,0.5,1``: distinct fractions in (0, 1], in increasing order."""
+    if text is None:
+        return [1.0]
+    try:
+        budgets = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--budgets: not a list of numbers: {text!r}") from None
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise UsageError(f"--budgets: fractions of the run in (0, 1], got {text!r}")
+    if len(set(budgets)) != len(budgets):
+        raise UsageError(f"--budgets repeats a budget: {text!r}")
+    return sorted(budgets)
 
 
 def _refuse_repeated_keys(spec: str) -> None:
@@ -217,9 +282,22 @@ def _check_comparison_dir(path: Path) -> None:
         )
 
 
+def _check_retarget(path: Path, target: float | None) -> None:
+    """``--retarget DIR --target VALUE``: a target for the comparison's metric."""
+    from isgd.training import runio
+
+    summary = path / "summary.json"
+    metric = runio.read_json(summary).get("metric", "accuracy") if summary.is_file() else ""
+    if not isinstance(target, float) or not (math.isfinite(target) and target > 0):
+        raise UsageError(f"--retarget needs --target, a number > 0, got {target}")
+    if metric == "accuracy" and target > 1:
+        raise UsageError(f"--retarget {path}: the target is an accuracy, a fraction in (0, 1]")
+
+
 def _given(args: argparse.Namespace, overrides: dict[str, Any], *more: str) -> list[str]:
     """The flags on the command line that define a new comparison (and ``more``)."""
-    names = [*overrides, "preset", "config", "arms", "out", "tune_lrs", "equal_compute", *more]
+    names = [*overrides, "preset", "config", "arms", "out", "tune_lrs", "equal_compute"]
+    names += ["budgets", "forward_cost", *more]
     return [
         "--arm" if name == "arms" else f"--{name.replace('_', '-')}"
         for name in names
@@ -233,8 +311,10 @@ def _refuse_contradictions(args: argparse.Namespace, overrides: dict[str, Any]) 
         raise UsageError("--optimizer: each arm names its optimizer (--arm NAME:optimizer=...)")
     if "seed" in overrides:
         raise UsageError("--seed: a comparison runs --seeds N (0..N-1) or --seed-list S,S,...")
-    if "target_accuracy" in overrides:
-        raise UsageError("--target-accuracy: isgd compare takes the target as --target ACC")
+    if "budget" in overrides:
+        raise UsageError(
+            "--budget: a comparison trains at --budgets F,F,... (fractions of the run)"
+        )
     if args.seeds is not None and args.seed_list:
         raise UsageError("--seeds and --seed-list: give one")
     if args.seed_list and len(set(args.seed_list)) != len(args.seed_list):

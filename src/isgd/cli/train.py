@@ -58,7 +58,12 @@ def add_parser(commands: Any) -> None:
 
 def _default_run_dir(overrides: dict[str, Any], preset: str | None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = preset or f"{overrides.get('dataset', 'mnist')}-{overrides.get('model', 'lenet')}"
+    workload = overrides.get("workload")
+    if workload:  # FILE.py:FUNC -> FILE-FUNC
+        target, _, func = str(workload).rpartition(":")
+        name = f"{Path(target).stem if target.endswith('.py') else target}-{func}"
+    else:
+        name = preset or f"{overrides.get('dataset', 'mnist')}-{overrides.get('model', 'lenet')}"
     return Path("runs") / f"{stamp}-{name}-{overrides.get('optimizer', 'isgd')}"
 
 
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from isgd.training import distributed
     from isgd.training import lifecycle as training
     from isgd.training.config import resolve_config
+    from isgd.training.workload import format_metric
 
     overrides = {k: getattr(args, k) for k in FIELDS if k != "preset" and hasattr(args, k)}
     if args.resume:
@@ -118,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown(ctx, finished)
     log.info(
-        "done: test accuracy %.2f%% after %d iterations, %d passes, %.1f s of training; "
-        "results in %s",
-        100 * summary["final/test_accuracy"],
+        "done: test %s after %d iterations, %d passes, %.1f s of training; results in %s",
+        format_metric(summary["metric/name"], summary["final/test_metric"]),
         summary["iterations"],
         summary["passes"],
         summary["time/train_seconds"],

@@ -9,6 +9,7 @@ IDX and CIFAR-10 readers and :func:`load_dataset`, which fetches MNIST/Fashion-M
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import pickle
@@ -44,6 +45,7 @@ __all__ = [
     "Preprocess",
     "default_data_dir",
     "fetch",
+    "idx_digests",
     "load_cifar10",
     "load_dataset",
     "load_idx_dir",
@@ -255,6 +257,16 @@ def load_idx_dir(
         y_test.long(),
         num_classes,
     )
+
+
+def idx_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of each IDX file of ``directory`` as it lies on disk (a run's provenance)."""
+    digests = {}
+    for name in IDX_NAMES:
+        path = find_idx_file(directory, name)
+        if path is not None:
+            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 # ---------------------------------------------------------------------------------- CIFAR-10

@@ -302,7 +302,7 @@ def _target_config(plan: StudyPlan, batch: int, n_train: int):
         eval_every=max(1, round(n_b / plan.evals_per_epoch)),
         checkpoint_every=10**9,
         log_every=max(1, n_b),  # one progress line per epoch
-        target_accuracy=plan.target,
+        target=plan.target,
         threads=plan.train_threads,
         tensorboard=False,
         seed=plan.seed,

@@ -24,10 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from isgd.data import DataSplit, load_dataset
-from isgd.experiments.records import load_records, record_line, records_text, run_record, summarize
+from isgd.experiments.budgets import FORWARD_COST
+from isgd.experiments.records import (
+    load_records,
+    record_line,
+    records_text,
+    run_record,
+    summarize,
+    with_metric,
+)
 from isgd.training import runio
 from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
 from isgd.training.runio import RunError
+from isgd.training.workload import ACCURACY, Metric, Workload, format_metric, load_workload
 
 __all__ = [
     "Arm",
@@ -88,6 +97,17 @@ class ComparisonPlan:
     tune_lrs: list[float] = field(default_factory=list)
     tune_iters: int = 0  # 0: enough for ISGD to act (tuning_budget)
     data_dir: str | None = None
+    # fractions of the run at which every arm trains, its schedule compressed (budgets.py)
+    budgets: list[float] = field(default_factory=lambda: [1.0])
+    forward_cost: float = FORWARD_COST  # a forward pass in training steps (modelled compute)
+    # "baseline": the target is set from the baseline's seeds on the validation split once they
+    # have run (baseline_target); "": ``target`` is given
+    target_rule: str = ""
+
+    def run_dir(self, arm: str, seed: int, budget: float = 1.0) -> Path:
+        """Where one run lies: ``runs/ARM-seedS``, at a budget b < 1 ``runs/ARM-bB-seedS``."""
+        name = f"{arm}-seed{seed}" if budget == 1 else f"{arm}-b{budget:g}-seed{seed}"
+        return self.out / "runs" / name
 
 
 def save_plan(plan: ComparisonPlan, tuned_lr: dict[str, float] | None = None) -> None:
@@ -104,6 +124,9 @@ def save_plan(plan: ComparisonPlan, tuned_lr: dict[str, float] | None = None) ->
             "tune_lrs": plan.tune_lrs,
             "tune_iters": plan.tune_iters,
             "data_dir": plan.data_dir,
+            "budgets": plan.budgets,
+            "forward_cost": plan.forward_cost,
+            "target_rule": plan.target_rule,
             "tuned_lr": tuned_lr,
         },
     )
@@ -128,6 +151,9 @@ def load_plan(out: Path) -> tuple[ComparisonPlan, dict[str, float] | None]:
             [float(x) for x in raw["tune_lrs"]],
             int(raw["tune_iters"]),
             raw["data_dir"],
+            [float(b) for b in raw.get("budgets", [1.0])],  # plans before budgets: the full run
+            float(raw.get("forward_cost", FORWARD_COST)),
+            str(raw.get("target_rule", "")),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: not a readable comparison plan ({e})") from e
@@ -136,20 +162,46 @@ def load_plan(out: Path) -> tuple[ComparisonPlan, dict[str, float] | None]:
 
 def _arm_config(plan: ComparisonPlan, arm: Arm, seed: int, **extra: Any) -> TrainConfig:
     config = apply(plan.base, {**arm.overrides, **extra}, f"arm {arm.name}")
-    config = dataclasses.replace(config, seed=seed, target_accuracy=plan.target)
+    config = dataclasses.replace(config, seed=seed, target=0.0 if plan.target_rule else plan.target)
     return config.validate()
 
 
-def _held_out(data: DataSplit) -> DataSplit:
-    return data.hold_out(min(5000, len(data.x_train) // 6))
+def _n_held_out(n_train: int) -> int:
+    """Training samples held out as the tuning split's test set."""
+    return min(5000, n_train // 6)
 
 
-def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
+def _train_size(plan: ComparisonPlan, data: DataSplit | None) -> int:
+    if data is not None:
+        return len(data.x_train)
+    return len(load_workload(plan.base.workload, plan.seeds[0]).train)  # type: ignore[arg-type]
+
+
+def _held_out(plan: ComparisonPlan, data: DataSplit | None, seed: int) -> dict[str, Any]:
+    """The tuning split, as ``train``'s keyword: ``data`` or a (fresh) ``workload``."""
+    if data is not None:
+        return {"data": data.hold_out(_n_held_out(len(data.x_train)))}
+    workload: Workload = load_workload(plan.base.workload, seed)
+    return {"workload": workload.hold_out(_n_held_out(len(workload.train)))}  # type: ignore[arg-type]
+
+
+def plan_metric(plan: ComparisonPlan) -> Metric:
+    """The metric that judges the comparison (a workload's, or accuracy), after checking the
+    target fits it (an accuracy is a fraction)."""
+    metric = ACCURACY
+    if plan.base.workload:
+        metric = load_workload(plan.base.workload, plan.seeds[0]).judged_by
+    if metric is ACCURACY and not plan.target_rule and not 0 < plan.target <= 1:
+        raise ConfigError(f"invalid target: {plan.target:g} (an accuracy: a fraction in (0, 1])")
+    return metric
+
+
+def tuning_budget(plan: ComparisonPlan, data: DataSplit | None) -> int:
     """Iterations per tuning trial: ``plan.tune_iters``, or (0) three epochs of the tuning split
     — ISGD's chart fills in its first window, so a budget inside it would tune SGD twice.
     An explicit budget in which an ISGD arm cannot act is refused."""
-    n_train = len(data.x_train) - min(5000, len(data.x_train) // 6)
-    n_b = n_train // plan.base.batch_size
+    n = _train_size(plan, data)
+    n_b = (n - _n_held_out(n)) // plan.base.batch_size
     configs = [_arm_config(plan, a, plan.seeds[0]) for a in plan.arms]
     isgd_windows = [c.chart_window(n_b) for c in configs if c.uses_isgd]
     if not plan.tune_iters:
@@ -163,13 +215,13 @@ def tuning_budget(plan: ComparisonPlan, data: DataSplit) -> int:
     return plan.tune_iters
 
 
-def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
-    """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out accuracy after
+def tune(plan: ComparisonPlan, data: DataSplit | None, metric: Metric, bar) -> dict[str, float]:
+    """Per arm, the learning rate among ``plan.tune_lrs`` with the best held-out metric after
     :func:`tuning_budget` iterations (same budget for every arm; first seed)."""
     from isgd.training.lifecycle import train
 
-    held_out = _held_out(data)
     budget = tuning_budget(plan, data)
+    sign = 1 if metric.higher_is_better else -1
     chosen: dict[str, float] = {}
     for arm in plan.arms:
         scores = {}
@@ -177,17 +229,20 @@ def tune(plan: ComparisonPlan, data: DataSplit, bar) -> dict[str, float]:
             config = _arm_config(plan, arm, plan.seeds[0], lr=lr, iters=budget, epochs=0.0)
             config = dataclasses.replace(config, eval_every=budget, tensorboard=False)
             run_dir = plan.out / "tune" / f"{arm.name}-lr{lr:g}"
-            summary = train(config, run_dir, data=held_out, progress=False)
-            scores[lr] = summary["final/test_accuracy"]
+            held_out = _held_out(plan, data, plan.seeds[0])  # a fresh model for every trial
+            summary = train(config, run_dir, progress=False, **held_out)
+            scores[lr] = sign * summary["final/test_metric"]
             if config.uses_isgd:
                 log.info("tuning %s lr %g: %d triggers", arm.name, lr, summary["isgd/triggers"])
             bar.update(1)
         chosen[arm.name] = max(scores, key=lambda lr: (scores[lr], -lr))
         log.info(
-            "tuned %s: lr %g (held-out accuracy %s)",
+            "tuned %s: lr %g (held-out %s)",
             arm.name,
             chosen[arm.name],
-            ", ".join(f"{lr:g}: {100 * a:.2f}%" for lr, a in scores.items()),
+            ", ".join(
+                f"{lr:g}: {format_metric(metric.name, sign * v)}" for lr, v in scores.items()
+            ),
         )
     return chosen
 
@@ -218,20 +273,22 @@ def _run_comparison(
     from isgd.training.lifecycle import check_new_run_dir
     from isgd.training.train import TrainingInterrupted
 
-    done: dict[tuple[str, int], dict[str, Any]] = {}
+    done: dict[tuple[str, int, float], dict[str, Any]] = {}
     tuned: dict[str, float] | None = None
     if resume:
         lock.acquire()
         _, tuned = load_plan(plan.out)
         if (plan.out / "runs.jsonl").is_file():  # run_dir as the runs lie now (moved or not)
             for r in load_records(plan.out):
-                run_dir = plan.out / "runs" / f"{r['arm']}-seed{r['seed']}"
-                done[r["arm"], r["seed"]] = {**r, "run_dir": str(run_dir)}
+                budget = float(r.get("budget", 1.0))
+                run_dir = plan.run_dir(r["arm"], r["seed"], budget)
+                done[r["arm"], r["seed"], budget] = {**r, "run_dir": str(run_dir)}
         # rewritten whole: drops a line torn by a kill, so that appending goes on cleanly
         runio.atomic_write_text(plan.out / "runs.jsonl", records_text(list(done.values())))
     else:
         check_new_run_dir(plan.out)
-    data = load_dataset(plan.base.dataset, plan.data_dir)
+    metric = plan_metric(plan)
+    data = None if plan.base.workload else load_dataset(plan.base.dataset, plan.data_dir)
     if plan.tune_lrs and tuned is None:
         tuning_budget(plan, data)  # refuses a budget ISGD cannot act in, before any file
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +298,9 @@ def _run_comparison(
     save_plan(plan, tuned)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
     n_isgd = sum(_arm_config(plan, a, plan.seeds[0]).uses_isgd for a in plan.arms)
-    n_runs = len(plan.seeds) * (len(plan.arms) + (n_isgd if plan.equal_compute else 0))
+    n_runs = len(plan.seeds) * (
+        len(plan.arms) * len(plan.budgets) + (n_isgd if plan.equal_compute else 0)
+    )
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=n_tune + n_runs, disable=not progress, unit="run", dynamic_ncols=True)
@@ -253,7 +312,7 @@ def _run_comparison(
             import shutil
 
             shutil.rmtree(plan.out / "tune")
-        lrs = tune(plan, data, bar)
+        lrs = tune(plan, data, metric, bar)
         save_plan(plan, lrs)
 
     arms = list(plan.arms)
@@ -261,14 +320,14 @@ def _run_comparison(
     raw = runio.JsonlWriter(plan.out / "runs.jsonl")
     started, ran = time.perf_counter(), 0
 
-    def run_one(arm: Arm, seed: int) -> dict[str, Any]:
+    def run_one(arm: Arm, seed: int, budget: float = 1.0) -> dict[str, Any]:
         nonlocal ran
-        record = done.get((arm.name, seed))
+        record = done.get((arm.name, seed, budget))
         if record is None:
-            _train_or_continue(plan, arm, seed, lrs, data)
-            record = run_record(
-                arm.name, seed, plan.out / "runs" / f"{arm.name}-seed{seed}", plan.target
-            )
+            _train_or_continue(plan, arm, seed, lrs, data, budget)
+            target = math.nan if plan.target_rule else plan.target  # nan: set after the runs
+            record = run_record(arm.name, seed, plan.run_dir(arm.name, seed, budget), target)
+            record["budget"] = budget
             raw.write_line(record_line(record))
             raw.flush()
             ran += 1
@@ -277,13 +336,16 @@ def _run_comparison(
         _log_run(record, len(records), n_runs, started, ran)
         return record
 
+    full = max(plan.budgets)
     try:
         for i, seed in enumerate(plan.seeds):
-            for arm in arms if i % 2 == 0 else arms[::-1]:
-                record = run_one(arm, seed)
-                if plan.equal_compute and _arm_config(plan, arm, seed).uses_isgd:
-                    steps = record.get("backward_passes", record["passes"])
-                    run_one(_equal_compute_arm(arms, arm, steps, lrs), seed)
+            for budget in plan.budgets:
+                for arm in arms if i % 2 == 0 else arms[::-1]:
+                    record = run_one(arm, seed, budget)
+                    equal = plan.equal_compute and budget == full
+                    if equal and _arm_config(plan, arm, seed).uses_isgd:
+                        steps = record.get("backward_passes", record["passes"])
+                        run_one(_equal_compute_arm(arms, arm, steps, lrs), seed)
     except TrainingInterrupted:
         log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
         raise
@@ -295,41 +357,98 @@ def _run_comparison(
     names = [a.name for a in plan.arms] + sorted(
         {r["arm"] for r in records} - {a.name for a in plan.arms}
     )
-    result = summarize(records, names)
+    if plan.target_rule:  # every baseline seed has run: the target, and the records for it
+        plan.target = baseline_target(plan, records, metric)
+        save_plan(plan, lrs)
+        records = [
+            run_record(r["arm"], r["seed"], Path(r["run_dir"]), plan.target)
+            | {"budget": r.get("budget", 1.0)}
+            for r in records
+        ]
+        runio.atomic_write_text(plan.out / "runs.jsonl", records_text(records))
+    at_full = [r for r in records if r.get("budget", 1.0) == full]
+    result = summarize(at_full, names)
     result.update(
         target=plan.target,
+        metric=metric.name,
+        higher_is_better=metric.higher_is_better,
         seeds=plan.seeds,
         tuned_lr=lrs,
         config=plan.base.to_dict(),
         arms_spec={a.name: a.overrides for a in arms},
+        budgets=plan.budgets,
+        forward_cost=plan.forward_cost,
+        target_rule=plan.target_rule,
     )
-    _write_outputs(plan.out, result, records, names)
+    if len(plan.budgets) > 1:
+        result["quality_vs_cost"] = _quality_vs_cost(records, plan, metric.higher_is_better)
+    _write_outputs(plan.out, result, at_full, names)
     return result
 
 
+def baseline_target(plan: ComparisonPlan, records, metric: Metric) -> float:
+    """``--target baseline``: the worst final validation metric over the baseline's seeds at
+    the full budget — a quality every baseline seed reached by the end of its budget, fixed from
+    the baseline alone, on data carved from the training set (the test split stays unread until
+    the final report)."""
+    base, full = plan.arms[0].name, max(plan.budgets)
+    finals = [
+        runio.read_json(Path(r["run_dir"]) / "summary.json")["final/val_metric"]
+        for r in records
+        if r["arm"] == base and r.get("budget", 1.0) == full
+    ]
+    target = min(finals) if metric.higher_is_better else max(finals)
+    log.info(
+        "target from the baseline: %s, the worst final validation %s of %s's %d seeds",
+        format_metric(metric.name, target),
+        metric.name,
+        base,
+        len(finals),
+    )
+    return float(target)
+
+
+def _quality_vs_cost(records, plan: ComparisonPlan, higher_is_better: bool) -> dict[str, Any]:
+    """:func:`budgets.quality_vs_cost` of the planned arms (not the equal-compute controls)."""
+    from isgd.experiments.budgets import quality_vs_cost
+
+    names = [a.name for a in plan.arms]
+    planned = [with_metric(r) for r in records if r["arm"] in names]
+    return quality_vs_cost(planned, names, plan.target, higher_is_better, plan.forward_cost)
+
+
 def _train_or_continue(
-    plan: ComparisonPlan, arm: Arm, seed: int, lrs: dict[str, float], data: DataSplit
+    plan: ComparisonPlan,
+    arm: Arm,
+    seed: int,
+    lrs: dict[str, float],
+    data: DataSplit | None,
+    budget: float = 1.0,
 ) -> None:
     """Train one run, or finish it if an earlier invocation left it with a checkpoint."""
     from isgd.training.lifecycle import resume, train
 
-    run_dir = plan.out / "runs" / f"{arm.name}-seed{seed}"
+    run_dir = plan.run_dir(arm.name, seed, budget)
     if (run_dir / "summary.json").is_file():
         return  # finished, but stopped before its record was written
     if (run_dir / "config.toml").is_file():
         resume(run_dir, data=data, progress=False)
         return
-    extra = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+    extra: dict[str, Any] = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+    if budget != 1:
+        extra["budget"] = budget
     train(_arm_config(plan, arm, seed, **extra), run_dir, data=data, progress=False)
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
+    from isgd.reporting.budget_report import quality_vs_cost_figure
     from isgd.reporting.compare_report import noise_notes, write_figures, write_report
 
     out.mkdir(parents=True, exist_ok=True)
     runio.write_json(out / "summary.json", result)
     figures = write_figures(out, records, names, noise_notes(result))
-    write_report(out, result, records, figures)
+    budget_figure = quality_vs_cost_figure(result, out / "figures" / "quality_vs_cost.png")
+    write_report(out, result, records, figures + ([budget_figure] if budget_figure else []))
 
 
 def retarget(out: Path, target: float) -> Path:
@@ -346,12 +465,31 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     records = load_records(out)
     previous = runio.read_json(summary_path)
     names = list(previous["arms"])
-    fresh = [run_record(r["arm"], r["seed"], Path(r["run_dir"]), target) for r in records]
-    result = summarize(fresh, names)
+    fresh = [
+        run_record(r["arm"], r["seed"], Path(r["run_dir"]), target)
+        | {"budget": r.get("budget", 1.0)}
+        for r in records
+    ]
+    budgets = previous.get("budgets", [1.0])
+    result = summarize([r for r in fresh if r["budget"] == max(budgets)], names)
     result.update({k: previous[k] for k in ("seeds", "tuned_lr", "config", "arms_spec")})
-    result["target"] = target
+    result.update(
+        target=target,
+        metric=previous.get("metric", "accuracy"),  # comparisons before workloads: accuracy
+        higher_is_better=previous.get("higher_is_better", True),
+    )
+    if len(budgets) > 1:
+        from isgd.experiments.budgets import quality_vs_cost
+
+        planned = [with_metric(r) for r in fresh if r["arm"] in previous["arms_spec"]]
+        arms = list(previous["arms_spec"])
+        forward_cost = previous.get("forward_cost", FORWARD_COST)
+        result.update(budgets=budgets, forward_cost=forward_cost)
+        result["quality_vs_cost"] = quality_vs_cost(
+            planned, arms, target, result["higher_is_better"], forward_cost
+        )
     destination = out / f"target-{target:g}"
-    _write_outputs(destination, result, fresh, names)
+    _write_outputs(destination, result, [r for r in fresh if r["budget"] == max(budgets)], names)
     runio.atomic_write_text(destination / "runs.jsonl", records_text(fresh))
     return destination
 
@@ -362,7 +500,8 @@ def _equal_compute_arm(arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, flo
     for the forward-only variant, its backward passes (its forward-only steps are not charged, so
     the control gets a little less compute than the arm)."""
     base = arms[0]
-    overrides = {**base.overrides, "iters": int(steps), "epochs": 0.0}  # iters, not --epochs
+    # iters, not --epochs, at the full budget: the arm's steps are absolute
+    overrides = {**base.overrides, "iters": int(steps), "epochs": 0.0, "budget": 1.0}
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)
@@ -371,18 +510,21 @@ def _equal_compute_arm(arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, flo
 def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran: int) -> None:
     """One line per run; the ETA extrapolates the runs trained by this invocation."""
     reached = (
-        f"target at {record['time_to_target']:.1f} s / {record['passes_to_target']:.0f} passes"
+        "target set once the baseline's seeds have run"
+        if math.isnan(record["target"])
+        else f"target at {record['time_to_target']:.1f} s / {record['passes_to_target']:.0f} passes"
         if math.isfinite(record["time_to_target"])
         else "target missed"
     )
     eta = (time.perf_counter() - started) / ran * (total - done) / 60 if ran else None
+    final = float(record.get("final_metric", record["final_accuracy"]))
     log.info(
-        "run %d/%d %s seed %d: %s, final accuracy %.2f%%, %s",
+        "run %d/%d %s seed %d: %s, final %s, %s",
         done,
         total,
         record["arm"],
         record["seed"],
         reached,
-        100 * record["final_accuracy"],
+        format_metric(record.get("metric", "accuracy"), final),
         f"ETA {eta:.0f} min" if eta is not None else "recorded earlier",
     )

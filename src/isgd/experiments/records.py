@@ -1,13 +1,19 @@
 """The records of finished runs and their statistics: one record per run directory (crossings
-of the target, final accuracies, counters), and per arm the aggregates over seeds and the paired
+of the target, final metric, counters), and per arm the aggregates over seeds and the paired
 comparison with the baseline (:mod:`isgd.experiments.paired`). No training here: ``isgd compare``
 (:mod:`isgd.experiments.compare`) writes these, ``--retarget`` and the scripts re-read them.
+
+The metric is the run's own (``summary.json``'s ``metric/name`` and ``metric/higher_is_better``);
+runs and records written before workloads named their metric are read as accuracy, higher is
+better (:func:`with_metric`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,60 +21,109 @@ from isgd.experiments.paired import (
     crossing,
     difference_sentence,
     effect_sentence,
+    first_reaching,
     paired_difference,
     paired_ratio,
 )
+from isgd.reporting.metric import PERCENT_METRICS, label, metric_key, metric_of
 from isgd.training import runio
 from isgd.training.runio import RunError
 
 __all__ = [
     "aggregate",
+    "identical_computation",
     "load_records",
+    "metric_of",
     "record_line",
     "records_text",
     "run_record",
     "speedup",
     "summarize",
     "time_to_target",
+    "untested_reason",
+    "with_metric",
 ]
 
 INF = math.inf
 
 
 # ---------------------------------------------------------------------- per-run figures
-def time_to_target(metrics: Sequence[dict[str, Any]], target: float) -> dict[str, float]:
-    """Seconds, passes and iterations at the first evaluation with accuracy ≥ ``target``."""
-    for record in metrics:
-        if record["test/accuracy"] >= target:
-            return {
-                "seconds": record["time/train_seconds"],
-                "passes": float(record["passes"]),
-                "iteration": float(record["iteration"]),
-            }
-    return {"seconds": INF, "passes": INF, "iteration": INF}
+def time_to_target(
+    metrics: Sequence[dict[str, Any]],
+    target: float,
+    higher_is_better: bool = True,
+    key: str | None = None,
+) -> dict[str, float]:
+    """Seconds, passes and iterations at the first evaluation that reaches ``target``."""
+    i = first_reaching(metrics, target, higher_is_better, key)
+    if i is None:
+        return {"seconds": INF, "passes": INF, "iteration": INF}
+    record = metrics[i]
+    return {
+        "seconds": record["time/train_seconds"],
+        "passes": float(record["passes"]),
+        "iteration": float(record["iteration"]),
+    }
+
+
+def _before_target(metrics: Sequence[dict[str, Any]], index: int | None) -> dict[str, Any]:
+    """What the run did up to the first evaluation at the target (the whole run if it missed):
+    extra iterations (``isgd/extra_iters``; passes − iterations in runs without it, an upper
+    bound), forward-only steps, and a digest of the evaluations (iteration, test loss and metric,
+    not the passes: a stop check that found the batch under the limit costs a pass and changes
+    nothing) — equal digests, the same model at every evaluation."""
+    upto = list(metrics if index is None else metrics[: index + 1])
+    if not upto:
+        return {"extra_iters_to_target": None, "forward_only_to_target": None, "digest": None}
+    last = upto[-1]
+    extra = last.get("isgd/extra_iters", last["passes"] - last["iteration"])
+    key = metric_key(metrics)
+    seen = [[m["iteration"], m.get("test/loss"), m.get(key)] for m in upto]
+    digest = hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
+    return {
+        "extra_iters_to_target": int(extra),
+        "forward_only_to_target": int(last.get("isgd/forward_only", 0)),
+        "digest": digest,
+    }
 
 
 def run_record(arm: str, seed: int, run_dir: Path, target: float) -> dict[str, Any]:
     """The per-run record of a finished run directory: the target's crossing interpolated
-    between evaluations (``*_to_target``) and at the first evaluation reaching it (``*_grid``)."""
+    between evaluations (``*_to_target``) and at the first evaluation reaching it (``*_grid``),
+    in the direction of the run's metric."""
     metrics = list(runio.read_jsonl(run_dir / "metrics.jsonl"))
     summary = runio.read_json(run_dir / "summary.json")
-    hit, grid = crossing(metrics, target), time_to_target(metrics, target)
+    name, higher = metric_of(summary)
+    key = metric_key(metrics)
+    hit = crossing(metrics, target, higher, key)
+    grid = time_to_target(metrics, target, higher, key)
+    before = _before_target(metrics, first_reaching(metrics, target, higher, key))
+    nan = math.nan
     return {
         "arm": arm,
         "seed": seed,
         "run_dir": str(run_dir),
+        "optimizer": summary.get("optimizer"),
+        "metric": name,
+        "higher_is_better": higher,
         "target": target,
         "time_to_target": hit["seconds"],
         "passes_to_target": hit["passes"],
         "iterations_to_target": hit["iteration"],
         "time_to_target_grid": grid["seconds"],
         "passes_to_target_grid": grid["passes"],
-        "final_accuracy": summary["final/test_accuracy"],
-        "final_balanced_accuracy": summary.get("final/test_balanced_accuracy", math.nan),
-        "best_accuracy": summary["best/test_accuracy"],
+        "extra_iters_to_target": before["extra_iters_to_target"],
+        "forward_only_to_target": before["forward_only_to_target"],
+        "evaluations_digest": before["digest"],
+        "final_metric": summary.get("final/test_metric", summary.get("final/test_accuracy", nan)),
+        "best_metric": summary.get("best/test_metric", summary.get("best/test_accuracy", nan)),
+        # with a validation split: its final figure (targets are on it; the test's is read once)
+        "final_val_metric": summary.get("final/val_metric", nan),
+        "final_accuracy": summary.get("final/test_accuracy", nan),
+        "final_balanced_accuracy": summary.get("final/test_balanced_accuracy", nan),
+        "best_accuracy": summary.get("best/test_accuracy", nan),
         "train_seconds": summary["time/train_seconds"],
-        "images_per_second": summary.get("images_per_second", math.nan),
+        "images_per_second": summary.get("images_per_second", nan),
         "iterations": summary["iterations"],
         "passes": summary["passes"],
         "extra_passes": summary["passes"] - summary["iterations"],
@@ -79,6 +134,17 @@ def run_record(arm: str, seed: int, run_dir: Path, target: float) -> dict[str, A
         "triggers": summary["isgd/triggers"],
         "momentum_ratio": _median_momentum_ratio(run_dir),
     }
+
+
+def with_metric(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with the metric keys of records written before workloads named their metric:
+    accuracy, higher is better, ``final_metric`` = ``final_accuracy``."""
+    out = dict(record)
+    out.setdefault("metric", "accuracy")
+    out.setdefault("higher_is_better", True)
+    out.setdefault("final_metric", out.get("final_accuracy", math.nan))
+    out.setdefault("best_metric", out.get("best_accuracy", math.nan))
+    return out
 
 
 def _median_momentum_ratio(run_dir: Path) -> float | None:
@@ -150,24 +216,39 @@ def speedup(base: float, arm: float) -> dict[str, float]:
     return {"ratio": base / arm, "saving": (base - arm) / base}
 
 
+AGGREGATED = (
+    "time_to_target",
+    "passes_to_target",
+    "final_metric",
+    "final_accuracy",
+    "final_balanced_accuracy",
+    "trigger_rate",
+    "forward_only",
+    "extra_passes",
+    "train_seconds",
+    "images_per_second",
+)
+
+
+def _the_metric(records: Sequence[Mapping[str, Any]]) -> tuple[str, bool]:
+    """The one metric of a comparison's records (accuracy when there are none)."""
+    kinds = {(r["metric"], r["higher_is_better"]) for r in records}
+    if len(kinds) > 1:
+        raise RunError(f"the runs of one comparison measure different metrics: {sorted(kinds)}")
+    return kinds.pop() if kinds else ("accuracy", True)
+
+
 def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
-    """Per-arm aggregates and ratios against the first arm (the baseline)."""
+    """Per-arm aggregates and ratios against the first arm (the baseline), the metric, and per
+    arm the seeds that did not test it (:func:`identical_computation`)."""
+    records = [with_metric(r) for r in records]
+    metric, higher = _the_metric(records)
     per_arm: dict[str, Any] = {}
     for name in arms:
         rs = [r for r in records if r["arm"] == name]
         per_arm[name] = {
             key: aggregate([r.get(key, math.nan) for r in rs])  # older records lack some
-            for key in (
-                "time_to_target",
-                "passes_to_target",
-                "final_accuracy",
-                "final_balanced_accuracy",
-                "trigger_rate",
-                "forward_only",
-                "extra_passes",
-                "train_seconds",
-                "images_per_second",
-            )
+            for key in AGGREGATED
         }
     base = per_arm[arms[0]]
     for name in arms:
@@ -178,7 +259,7 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[st
         arm["speedup_passes"] = speedup(
             base["passes_to_target"]["median"], arm["passes_to_target"]["median"]
         )
-        # paired per seed: ratio of the baseline's time to this arm's time, then the median
+        # per seed: ratio of the baseline's time to this arm's time; median [min–max] of them
         paired = []
         for r in (r for r in records if r["arm"] == name):
             b = next((x for x in records if x["arm"] == arms[0] and x["seed"] == r["seed"]), None)
@@ -186,27 +267,106 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[st
                 paired.append(speedup(b["time_to_target"], r["time_to_target"])["ratio"])
         finite = [p for p in paired if not math.isnan(p)]
         arm["paired_time_ratio"] = aggregate(finite)
+        identical = identical_computation(records, arms[0], name)
+        identical["untested"] = untested_reason(name, arms[0], identical)
+        arm["identical"] = identical
         if name != arms[0]:
-            arm["paired"] = _paired(records, arms[0], name)
-    return {"baseline": arms[0], "arms": per_arm}
+            arm["paired"] = _paired(records, arms[0], name, identical["untested"])
+    return {"baseline": arms[0], "metric": metric, "higher_is_better": higher, "arms": per_arm}
 
 
-def _paired(records: Sequence[dict[str, Any]], base: str, name: str) -> dict[str, Any]:
-    """Per-seed ratios base/arm of passes and of seconds to target, with their intervals."""
+def identical_computation(
+    records: Sequence[Mapping[str, Any]], base: str, name: str
+) -> dict[str, Any]:
+    """The seeds of arm ``name`` whose runs did not test it at the target.
+
+    ``idle``: an ISGD arm (``optimizer`` isgd…) that ran 0 extra iterations and 0 forward-only
+    steps up to the first evaluation at the target (the whole run if it missed): up to there it
+    computed its base optimizer's steps. ``same``: the evaluations up to that point equal the
+    baseline's of the same seed (iteration, passes, test loss and metric: the same computation).
+    Records without these fields (written before) count in neither.
+    """
+    rs = [r for r in records if r["arm"] == name]
+    is_isgd = any(str(r.get("optimizer") or "").startswith("isgd") for r in rs)
+    idle = [
+        r["seed"]
+        for r in rs
+        if is_isgd and r.get("extra_iters_to_target") == 0 and r.get("forward_only_to_target") == 0
+    ]
+    digests = {r["seed"]: r.get("evaluations_digest") for r in records if r["arm"] == base}
+    same = [
+        r["seed"]
+        for r in rs
+        if name != base
+        and isinstance(r.get("evaluations_digest"), str)
+        and r["evaluations_digest"] == digests.get(r["seed"])
+    ]
+    return {
+        "seeds": [r["seed"] for r in rs],
+        "isgd": is_isgd,
+        "variant": any((r.get("forward_only") or 0) > 0 for r in rs),
+        "idle": idle,
+        "same": same,
+    }
+
+
+def untested_reason(name: str, base: str, identical: Mapping[str, Any]) -> str:
+    """Why no seed of ``name`` tests it against ``base`` ("" when at least one does)."""
+    seeds, idle, same = identical["seeds"], set(identical["idle"]), set(identical["same"])
+    n = len(seeds)
+    if not n or not set(seeds) <= idle | same:
+        return ""
+    if set(seeds) <= idle:
+        return (
+            f"ISGD did not act before the target in any of the {n} seeds ({_idle_what(identical)} "
+            "before the crossing)"
+        )
+    if set(seeds) <= same:
+        return f"{name} computed exactly what {base} computed up to the target in all {n} seeds"
+    return (
+        f"in each of the {n} seeds either ISGD did not act before the target or {name} computed "
+        f"exactly what {base} computed up to it"
+    )
+
+
+def _idle_what(identical: Mapping[str, Any]) -> str:
+    if identical.get("variant"):
+        return "0 extra iterations and 0 forward-only steps"
+    return "0 extra iterations"
+
+
+def _paired(
+    records: Sequence[dict[str, Any]], base: str, name: str, untested: str = ""
+) -> dict[str, Any]:
+    """Per-seed ratios base/arm of passes and of seconds to target, with their intervals (a miss
+    censored at the run's budget), and the paired differences of the final metric."""
     by_seed = {r["seed"]: r for r in records if r["arm"] == base}
     pairs = [(by_seed[r["seed"]], r) for r in records if r["arm"] == name and r["seed"] in by_seed]
     out: dict[str, Any] = {"seeds": [r["seed"] for _, r in pairs]}
-    for what, key in (("passes", "passes_to_target"), ("seconds", "time_to_target")):
-        result = paired_ratio([b[key] for b, _ in pairs], [a[key] for _, a in pairs])
-        result["sentence"] = effect_sentence(name, base, result, what)
-        out[what] = result
-    for what, key in (
-        ("final accuracy", "final_accuracy"),
-        ("final balanced accuracy", "final_balanced_accuracy"),
+    for what, key, budget in (
+        ("passes", "passes_to_target", "passes"),
+        ("seconds", "time_to_target", "train_seconds"),
     ):
+        result = paired_ratio(
+            [b[key] for b, _ in pairs],
+            [a[key] for _, a in pairs],
+            base_budget=[float(b.get(budget, INF)) for b, _ in pairs],
+            arm_budget=[float(a.get(budget, INF)) for _, a in pairs],
+        )
+        result["sentence"] = effect_sentence(name, base, result, what, untested)
+        out[what] = result
+    metric, higher = _the_metric([p for pair in pairs for p in pair])
+    differences = [(f"final {label(metric)}", "final_metric", metric)]
+    if metric == "accuracy":
+        differences.append(
+            ("final balanced accuracy", "final_balanced_accuracy", "balanced_accuracy")
+        )
+    for what, key, unit in differences:
         values = [(b.get(key, math.nan), a.get(key, math.nan)) for b, a in pairs]
         diff = paired_difference([b for b, _ in values], [a for _, a in values])
-        diff["sentence"] = difference_sentence(name, base, diff, what)
+        diff["sentence"] = difference_sentence(
+            name, base, diff, what, percent=unit in PERCENT_METRICS, higher_is_better=higher
+        )
         out[key] = diff
     return out
 
@@ -222,6 +382,14 @@ TARGET_KEYS = (
     "time_to_target_grid",
     "passes_to_target_grid",
     "backward_passes_to_target",
+)
+#: fields whose ``null`` means "none" or "not recorded" as such, not a number
+NULLABLE = (
+    "momentum_ratio",
+    "optimizer",
+    "extra_iters_to_target",
+    "forward_only_to_target",
+    "evaluations_digest",
 )
 
 
@@ -242,13 +410,14 @@ def records_text(records: Sequence[dict[str, Any]]) -> str:
 
 def _from_line(record: dict[str, Any]) -> dict[str, Any]:
     """A ``runs.jsonl`` record in memory: ``null`` to-target fields ``inf`` (missed), other
-    ``null`` numbers NaN (not recorded); ``momentum_ratio`` stays ``None``."""
+    ``null`` numbers NaN (not recorded), :data:`NULLABLE` fields stay ``None``; the metric keys
+    of older records filled in (:func:`with_metric`)."""
     record = dict(record)
     record.pop("target_missed", None)
     for key, value in record.items():
-        if value is None and key != "momentum_ratio":
+        if value is None and key not in NULLABLE:
             record[key] = math.inf if key in TARGET_KEYS else math.nan
-    return record
+    return with_metric(record)
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:

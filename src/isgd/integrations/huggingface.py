@@ -24,7 +24,8 @@ optimizer step:
 The training batches come in ISGD's fixed cycle (one permutation, seeded by ``args.seed``, the same
 every epoch) unless ``fixed_cycle=False``. Pass the optimizer in: ``optimizers=(isgd.ISGD(...),
 None)``; ``window=None`` takes the optimizer steps per epoch from the Trainer (a given window
-the run cannot fill is warned about).
+the run cannot fill is warned about). FSDP and DeepSpeed are refused when the Trainer is built,
+in one line (ISGD's sharded training is a loop of one's own: ``docs/integrations.md``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
@@ -44,6 +45,25 @@ from isgd.optim import ISGD
 __all__ = ["ISGDTrainer"]
 
 log = logging.getLogger(__name__)
+
+_SHARDED = (
+    "ISGDTrainer supports one process and DDP, not {engine}: the Trainer builds the optimizer "
+    "inside the sharding engine and owns its step; for sharded training run ISGD in a loop of "
+    "your own with FSDP2's fully_shard (docs/integrations.md#sharded-training)"
+)
+
+
+def _refuse_sharding(args: Any) -> None:
+    """FSDP or DeepSpeed asked for by the ``TrainingArguments`` or by ``accelerate launch``:
+    refused in one line, before the Trainer refuses the optimizer passed in, for another
+    reason."""
+    for engine, asked in (
+        ("FSDP", bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")),
+        ("DeepSpeed", bool(getattr(args, "deepspeed", None))
+         or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")),
+    ):  # fmt: skip
+        if asked:
+            raise ValueError(_SHARDED.format(engine=engine))
 
 
 class ISGDTrainer(Trainer):
@@ -56,6 +76,7 @@ class ISGDTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, fixed_cycle: bool = True, **kwargs: Any) -> None:
+        _refuse_sharding(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         self.fixed_cycle = fixed_cycle
         self._isgd_micro: list[tuple[Any, Any]] = []  # the step's micro-batches
@@ -154,12 +175,9 @@ class _ISGDSteps(TrainerCallback):
         trainer = self.trainer
         opt = trainer.isgd  # refuses a non-ISGD optimizer, in one line
         sharded = (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        if trainer.accelerator.distributed_type in sharded:
-            raise ValueError(
-                f"ISGDTrainer supports one process and DDP, not "
-                f"{trainer.accelerator.distributed_type.value}: ISGD's extra iterations update "
-                "the full parameters outside the sharding engine"
-            )
+        if trainer.accelerator.distributed_type in sharded:  # any other route to them
+            engine = trainer.accelerator.distributed_type.value
+            raise ValueError(_SHARDED.format(engine=engine))
         loader = kwargs.get("train_dataloader")
         per_epoch = None
         if loader is not None and hasattr(loader, "__len__"):

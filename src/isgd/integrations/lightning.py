@@ -3,8 +3,10 @@
 Lightning's automatic optimisation already calls ``optimizer.step(closure=...)`` with a closure
 that runs ``training_step``, ``zero_grad`` and ``backward`` — exactly the contract ISGD needs — so
 ISGD returned from ``configure_optimizers`` works as it is in fp32 and ``bf16-mixed``, on one
-process and under ``strategy="ddp"`` (ISGD judges the process-group mean loss, so every rank takes
-the same decisions). What the callback adds:
+process, under ``strategy="ddp"`` (ISGD judges the process-group mean loss, so every rank takes
+the same decisions) and under ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` applied in
+``configure_model`` (DTensor parameters; Lightning's distributed checkpoints carry ISGD's state).
+What the callback adds:
 
 - **``precision="16-mixed"``** (a GradScaler): Lightning's own ``MixedPrecision`` runs the
   closure once, then ``GradScaler.step`` without it, so the callback puts
@@ -13,9 +15,11 @@ the same decisions). What the callback adds:
 - **the window**: ``ISGD(window=None)`` is set to ``trainer.num_training_batches`` (the
   optimizer steps of an epoch) at train start; a window the run cannot fill (larger than
   ``trainer.estimated_stepping_batches``) is warned about, in one line;
-- **refusals at fit start, in one line**, for the set-ups in which ISGD cannot be correct:
-  ``accumulate_grad_batches > 1`` (Lightning's closure back-propagates only the last
-  micro-batch, without zeroing) and a GradScaler under any other precision plugin;
+- **refusals at setup or fit start, in one line**, for the set-ups in which ISGD cannot be
+  correct: ``accumulate_grad_batches > 1`` (Lightning's closure back-propagates only the last
+  micro-batch, without zeroing), a GradScaler under any other precision plugin, and
+  ``strategy="fsdp"`` (FSDP1, which Lightning runs only on GPUs: ``ModelParallelStrategy`` with
+  ``fully_shard`` instead);
 - **the step's own loss**: ``training_step`` runs again for every extra iteration, and its
   ``self.log`` calls would make the last extra pass's loss the step's (and bias epoch means);
   the callback drops ``log`` calls made during extra iterations;
@@ -39,6 +43,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
@@ -116,6 +121,12 @@ class ISGDCallback(pl.Callback):
         self._optimizers: list[ISGD] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise MisconfigurationException(
+                "ISGD does not run under Lightning's FSDPStrategy (FSDP1): use "
+                "ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard in "
+                "configure_model (FSDP2; docs/integrations.md#sharded-training), or strategy='ddp'"
+            )
         plugin = trainer.strategy.precision_plugin
         if type(plugin) is MixedPrecision and plugin.scaler is not None:  # precision="16-mixed"
             precision: Any = plugin.precision  # "16-mixed"

@@ -1,154 +1,32 @@
-"""The report and figures of an ``isgd compare`` directory.
+"""The report of an ``isgd compare`` directory.
 
-Its length is the report's sections (summary table, noise notes, paired ratios and differences,
-how ISGD behaved, the runs) and one function per figure; all read the same records and summary.
+Its length is the report's sections: what to read first (seeds that did not test an arm), the
+summary table, noise notes, paired ratios and differences, how ISGD behaved, the runs; the
+figures are :mod:`isgd.reporting.compare_figures`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from isgd.reporting.budget_report import budget_section
+from isgd.reporting.compare_figures import (
+    coinciding,
+    comparison_metric,
+    time_caption,
+    write_figures,
+)
+from isgd.reporting.metric import PERCENT_METRICS
+from isgd.reporting.metric import label as _label
 from isgd.training import runio
 
-__all__ = ["write_figures", "write_report"]
-
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-
-
-def _curves(records: Sequence[dict[str, Any]], arm: str, x_key: str):
-    """Per run of ``arm``: (x, test error %) arrays from its metrics.jsonl."""
-    out = []
-    for r in records:
-        if r["arm"] != arm:
-            continue
-        metrics = list(runio.read_jsonl(Path(r["run_dir"]) / "metrics.jsonl"))
-        x = np.array([m[x_key] for m in metrics], dtype=float)
-        err = np.array([100 * (1 - m["test/accuracy"]) for m in metrics], dtype=float)
-        out.append((x, err))
-    return out
-
-
-def _band(curves, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Median, min and max over runs of the test error interpolated on ``grid`` (NaN outside a
-    run's range, so a band never extrapolates)."""
-    ys = np.full((len(curves), len(grid)), np.nan)
-    for i, (x, err) in enumerate(curves):
-        inside = (grid >= x[0]) & (grid <= x[-1])
-        ys[i, inside] = np.interp(grid[inside], x, err)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _error_figure(
-    records, arms, x_key: str, xlabel: str, target: float, path: Path, note: str = ""
-) -> Path:
-    fig = Figure(figsize=(10, 5.2), layout="constrained")
-    ax = fig.add_subplot()
-    for colour, arm in zip(COLOURS * 4, arms):
-        curves = _curves(records, arm, x_key)
-        if not curves:
-            continue
-        hi = max(x[-1] for x, _ in curves)
-        grid = np.linspace(0, hi, 300)
-        median, low, high = _band(curves, grid)
-        ax.fill_between(grid, low, high, color=colour, alpha=0.18, linewidth=0)
-        # the median of all seeds only where every seed has data (it would jump where one ends)
-        common = grid <= min(x[-1] for x, _ in curves)
-        ax.plot(
-            grid[common],
-            median[common],
-            color=colour,
-            lw=1.8,
-            label=f"{arm} (median of {len(curves)})",
-        )
-    if target:
-        ax.axhline(100 * (1 - target), color="k", ls="--", lw=1, label=f"target {100 * target:g}%")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test error (%), log scale")
-    ax.set_title(f"Test error against {xlabel.split(' (')[0]}: median and min–max band over seeds")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    if note:
-        fig.supxlabel(note, fontsize=9, color="#444444")
-    return _save(fig, path)
-
-
-def _time_to_target_figure(records, arms, path: Path) -> Path:
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, key, label in zip(
-        axes,
-        ("time_to_target", "passes_to_target"),
-        ("train seconds to target", "passes to target"),
-    ):
-        finite = [r[key] for r in records if math.isfinite(r[key])]
-        ceiling = 1.08 * max(finite) if finite else 1.0
-        for i, (colour, arm) in enumerate(zip(COLOURS * 4, arms)):
-            values = [r[key] for r in records if r["arm"] == arm]
-            hit = [v for v in values if math.isfinite(v)]
-            jitter = np.linspace(-0.12, 0.12, max(len(values), 1))[: len(hit)]
-            ax.scatter(i + jitter, hit, color=colour, s=28, zorder=3)
-            if hit:
-                ax.hlines(float(np.median(hit)), i - 0.25, i + 0.25, color=colour, lw=2)
-            missed = len(values) - len(hit)
-            if missed:
-                ax.scatter([i], [ceiling], marker="x", color=colour, s=50)
-                ax.annotate(
-                    f"{missed} missed",
-                    (i, ceiling),
-                    textcoords="offset points",
-                    xytext=(6, -3),
-                    fontsize=8,
-                )
-        ax.set_xticks(range(len(arms)), arms, rotation=20 if len(arms) > 3 else 0)
-        ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("Per seed (dots), median of those reaching the target (bar)")
-    return _save(fig, path)
-
-
-def _spread_figure(records, arms, path: Path) -> Path:
-    """loss_spread.png: per arm, the median over its seeds of each epoch's σ and CV (the epochs
-    complete in every seed that has one)."""
-    from isgd.reporting.plots import SpreadLine, spread_figure, summarize_claims
-
-    lines: list[SpreadLine] = []
-    for colour, arm in zip(COLOURS * 4, arms):
-        runs = [Path(r["run_dir"]) for r in records if r["arm"] == arm]
-        claims = [c for c in summarize_claims(runs).values() if c["epochs"]] if runs else []
-        if not claims:
-            continue
-        epochs = sorted(set.intersection(*(set(c["epochs"]) for c in claims)))
-        std, cv = (_median_over_seeds(claims, epochs, key) for key in ("loss_std", "loss_cv"))
-        lines.append((arm, colour, epochs, std, cv))
-    return spread_figure(lines, path, "median over seeds")
-
-
-def _median_over_seeds(claims: list[dict[str, Any]], epochs: list[int], key: str) -> np.ndarray:
-    """The median over seeds of the per-epoch series ``key`` at ``epochs`` (null: NaN)."""
-    by_epoch = [dict(zip(c["epochs"], c[key])) for c in claims]
-    table = np.array([[seed[e] for e in epochs] for seed in by_epoch], dtype=float)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch that is NaN in every seed
-        return np.nanmedian(table, 0)
+__all__ = ["identical_notes", "mechanics", "noise_notes", "write_figures", "write_report"]
 
 
 def idle_arms(result: dict[str, Any]) -> list[str]:
@@ -163,10 +41,39 @@ def idle_arms(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def identical_notes(result: dict[str, Any]) -> list[str]:
+    """Per arm, the seeds that did not test it at the target (``identical`` of the summary:
+    :func:`isgd.experiments.records.identical_computation`) — said before any table."""
+    base, notes = result["baseline"], []
+    for name, arm in result["arms"].items():
+        identical = arm.get("identical")
+        if not identical or not identical["seeds"]:
+            continue
+        n = len(identical["seeds"])
+        if identical["idle"]:
+            what = (
+                "0 extra iterations and 0 forward-only steps"
+                if identical.get("variant")
+                else "0 extra iterations"
+            )
+            notes.append(
+                f"{name}: ISGD did not act before the target in {len(identical['idle'])} of {n} "
+                f"seeds ({what} before the crossing): these seeds do not test it"
+            )
+        if identical["same"]:
+            notes.append(
+                f"{name}: computed exactly what {base} computed up to the target in "
+                f"{len(identical['same'])} of {n} seeds (equal evaluations): these seeds do not "
+                "compare them"
+            )
+    return notes
+
+
 def noise_notes(result: dict[str, Any]) -> list[str]:
     """One sentence per arm whose difference from the baseline a reader must not take for a
-    result: an ISGD arm that never triggered, or paired intervals that contain 1."""
-    base, idle, notes = result["baseline"], idle_arms(result), []
+    result: seeds that did not test it (:func:`identical_notes`), an ISGD arm that never
+    triggered, or paired intervals that contain 1."""
+    base, idle, notes = result["baseline"], idle_arms(result), identical_notes(result)
     for name, arm in result["arms"].items():
         if name == base:
             continue
@@ -189,44 +96,16 @@ def noise_notes(result: dict[str, Any]) -> list[str]:
     return notes
 
 
-def write_figures(out: Path, records, arms: Sequence[str], notes: Sequence[str] = ()) -> list[Path]:
-    """The comparison's figures; ``notes`` (:func:`noise_notes`) are printed under the curves."""
-    note = "\n".join(notes)
-    target = records[0]["target"] if records else 0.0
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    return [
-        _error_figure(
-            records,
-            arms,
-            "time/train_seconds",
-            "train seconds (evaluation excluded)",
-            target,
-            figures / "error_vs_time.png",
-            note,
-        ),
-        _error_figure(
-            records,
-            arms,
-            "passes",
-            "passes (forward+backward, extra iterations included)",
-            target,
-            figures / "error_vs_passes.png",
-            note,
-        ),
-        _time_to_target_figure(records, arms, figures / "time_to_target.png"),
-        _spread_figure(records, arms, figures / "loss_spread.png"),
-    ]
-
-
 # ---------------------------------------------------------------------- mechanics
 def mechanics(run_dir: Path) -> dict[str, float]:
     """How ISGD behaved in one run, from ``steps.jsonl`` (the evidence for *why* it helps or not).
 
     ``above_limit``: share of steps after the first epoch whose loss was above the limit (for SGD
     the monitoring limit: how often ISGD *would* have triggered); ``extra_per_trigger``: extra
-    iterations per triggered step; ``reached_limit``: share of triggered steps whose batch loss got
-    down to the limit before ``max_extra_iters`` ran out; ``batch_loss_drop``: median relative drop
+    iterations per triggered step; ``no_extra``: share of triggered steps that ran no extra
+    iteration (the first check found the batch at or below the limit: no update);
+    ``reached_limit``: share of triggered steps whose batch loss got down to the limit before
+    ``max_extra_iters`` ran out; ``batch_loss_drop``: median relative drop
     of a triggered batch's loss over its extra iterations; ``epoch_trend``: median ratio of an
     epoch's mean batch loss to the previous epoch's (below 1: the loss falls, so the window of the
     last epoch sits above the current losses); ``limit_over_mean``: median ratio of the limit to
@@ -261,6 +140,11 @@ def mechanics(run_dir: Path) -> dict[str, float]:
     return {
         "above_limit": len(above) / len(judged) if judged else math.nan,
         "extra_per_trigger": median([s["extra_iters"] for s in triggered]),
+        "no_extra": (
+            sum(s["extra_iters"] == 0 for s in triggered) / len(triggered)
+            if triggered
+            else math.nan
+        ),
         "reached_limit": (
             sum(s["loss_after"] <= s["limit"] for s in after) / len(triggered)
             if triggered
@@ -276,11 +160,12 @@ def mechanics(run_dir: Path) -> dict[str, float]:
 
 def _mechanics_table(records, arms: Sequence[str]) -> list[str]:
     lines = [
-        "| arm | loss above limit (%) | extra iters per trigger | triggers that reached the "
-        "limit (%) | drop of a triggered batch's loss (%) | epoch-to-epoch loss ratio "
+        "| arm | loss above limit (%) | extra iters per trigger | triggers with 0 extra iters "
+        "(%) | triggers that reached the limit (%) | drop of a triggered batch's loss (%) "
+        "| epoch-to-epoch loss ratio "
         "| limit ÷ epoch mean loss | = window mean ÷ epoch mean (trend) | × limit ÷ window mean "
         "(tail, 1 + kσ/mean) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in arms:
         rows = [mechanics(Path(r["run_dir"])) for r in records if r["arm"] == arm]
@@ -294,7 +179,8 @@ def _mechanics_table(records, arms: Sequence[str]) -> list[str]:
         }
         lines.append(
             f"| {arm} | {_num(100 * m['above_limit'], '.2f')} | {_num(m['extra_per_trigger'])} "
-            f"| {_num(100 * m['reached_limit'])} | {_num(100 * m['batch_loss_drop'])} "
+            f"| {_num(100 * m['no_extra'])} | {_num(100 * m['reached_limit'])} "
+            f"| {_num(100 * m['batch_loss_drop'])} "
             f"| {_num(m['epoch_trend'], '.3f')} | {_num(m['limit_over_mean'], '.2f')} "
             f"| {_num(m['window_over_mean'], '.2f')} | {_num(m['limit_over_window_mean'], '.2f')} |"
         )
@@ -316,8 +202,44 @@ def _spread(agg: dict[str, float], spec: str = ".1f", scale: float = 1.0) -> str
     return f"{s(agg['median'])} [{s(agg['min'])}–{s(agg['max'])}]{missed}"
 
 
-def _paired_section(arms: dict[str, Any], base: str) -> list[str]:
-    """Per arm against the baseline: paired ratios with 95 % intervals, and what they exclude."""
+CENSORING = (
+    "A seed where one arm missed the target counts with that arm charged its whole run (its "
+    "passes or seconds at the end) — less than it would have needed, so the seed's ratio "
+    "understates the advantage of the arm that reached the target: a lower bound on base/arm "
+    "where only the baseline missed, an upper bound where only the arm missed. A seed where "
+    "both missed is left out. The p-values: Student t on the log-ratios, and the exact two-sided "
+    "Wilcoxon signed-rank test, which does not assume them normal. Detectable: the run had "
+    "80 % power only for ratios outside this range (t test, the observed spread of the "
+    "log-ratios)."
+)
+
+
+def _ratio_cell(r: dict[str, Any]) -> str:
+    return f"{_num(r['ratio'], '.3f')} [{_num(r['low'], '.3f')}–{_num(r['high'], '.3f')}]"
+
+
+def _pairs_cell(r: dict[str, Any], name: str, base: str) -> str:
+    notes = [
+        text
+        for count, text in (
+            (r.get("base_missed", 0), f"{r.get('base_missed')} {base} missed: bound"),
+            (r.get("arm_missed", 0), f"{r.get('arm_missed')} {name} missed: bound"),
+            (r.get("left_out", 0), f"{r.get('left_out')} left out"),
+        )
+        if count
+    ]
+    return f"{r['n']}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _detectable_cell(r: dict[str, Any]) -> str:
+    m = r.get("detectable", math.nan)
+    return f"{1 / m:.3f}–{m:.3f}" if math.isfinite(m) and m > 1 else "—"
+
+
+def _paired_section(result: dict[str, Any]) -> list[str]:
+    """Per arm against the baseline: paired ratios with 95 % intervals and tests, what they
+    exclude, and the paired differences of the final metric."""
+    arms, base = result["arms"], result["baseline"]
     paired = {name: a["paired"] for name, a in arms.items() if "paired" in a}
     if not paired:
         return []
@@ -329,53 +251,63 @@ def _paired_section(arms: dict[str, Any], base: str) -> list[str]:
         "averaged on the log scale with a Student-t interval (`isgd.experiments.paired`). Above 1: "
         "the arm needs less. Seconds come from a shared machine; passes are the figure to read.",
         "",
-        "| arm | passes ratio [95 % CI] | p | seconds ratio [95 % CI] | p | pairs |",
-        "|---|---|---|---|---|---|",
+        CENSORING,
+        "",
+        "| arm | passes ratio, geometric mean [95 % CI] | p (t) | p (Wilcoxon) | detectable "
+        "(80 % power) | seconds ratio, geometric mean [95 % CI] | p (t) | pairs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(r: dict[str, Any]) -> str:
-        return f"{_num(r['ratio'], '.3f')} [{_num(r['low'], '.3f')}–{_num(r['high'], '.3f')}]"
-
     for name, p in paired.items():
         pp, ps = p["passes"], p["seconds"]
-        missed = f" ({pp['censored']} missed)" if pp["censored"] else ""
         lines.append(
-            f"| {name} | {cell(pp)} | {_num(pp['p_value'], '.2g')} | {cell(ps)} "
-            f"| {_num(ps['p_value'], '.2g')} | {pp['n']}{missed} |"
+            f"| {name} | {_ratio_cell(pp)} | {_num(pp['p_value'], '.2g')} "
+            f"| {_num(pp.get('wilcoxon_p', math.nan), '.2g')} | {_detectable_cell(pp)} "
+            f"| {_ratio_cell(ps)} | {_num(ps['p_value'], '.2g')} | {_pairs_cell(pp, name, base)} |"
         )
     lines.append("")
     lines += [f"- {p['passes']['sentence']}" for p in paired.values()]
-    lines += [
+    return lines + _final_metric_section(result, paired)
+
+
+def _final_metric_section(result: dict[str, Any], paired: dict[str, Any]) -> list[str]:
+    """The paired differences of the final metric (and balanced accuracy, for accuracy)."""
+    base, metric = result["baseline"], result.get("metric", "accuracy")
+    percent = metric in PERCENT_METRICS
+    unit = "percentage points" if percent else "its units"
+    keys = [("final_metric", f"final {_label(metric)}")]
+    if metric == "accuracy":
+        keys.append(("final_balanced_accuracy", "balanced accuracy"))
+    lines = [
         "",
-        f"### Final accuracy, paired: arm − {base} in percentage points, 95 % interval",
+        f"### Final {_label(metric)}, paired: arm − {base} in {unit}, 95 % interval",
         "",
-        "On a fixed budget the question is how good the model ends, not how fast it gets there. "
-        "Balanced accuracy is the mean of the per-class recalls on the test set (the plain "
-        "accuracy when the test set is balanced).",
+        "On a fixed budget the question is how good the model ends, not how fast it gets there"
+        + (
+            ". Balanced accuracy is the mean of the per-class recalls on the test set (the plain "
+            "accuracy when the test set is balanced)."
+            if metric == "accuracy"
+            else f" ({'higher' if result.get('higher_is_better', True) else 'lower'} is better)."
+        ),
         "",
-        "| arm | final accuracy, arm − base [95 % CI] | p | balanced accuracy, arm − base "
-        "[95 % CI] | p |",
-        "|---|---|---|---|---|",
+        "| arm | " + " | ".join(f"{label}, arm − base [95 % CI] | p" for _, label in keys) + " |",
+        "|---|" + "---|---|" * len(keys),
     ]
 
     def diff_cell(r: dict[str, Any]) -> str:
-        f = lambda x: _num(100 * x if math.isfinite(x) else x, "+.2f")  # noqa: E731
+        if percent:
+            f = lambda x: _num(100 * x if math.isfinite(x) else x, "+.2f")  # noqa: E731
+        else:
+            f = lambda x: _num(x, "+.4g")  # noqa: E731
         return f"{f(r['difference'])} [{f(r['low'])} – {f(r['high'])}]"
 
     for name, p in paired.items():
-        if "final_accuracy" not in p:  # a summary from before the paired differences
+        if any(key not in p for key, _ in keys):  # a summary from before these differences
             continue
-        fa, fb = p["final_accuracy"], p["final_balanced_accuracy"]
-        lines.append(
-            f"| {name} | {diff_cell(fa)} | {_num(fa['p_value'], '.2g')} | {diff_cell(fb)} "
-            f"| {_num(fb['p_value'], '.2g')} |"
-        )
+        cells = [f"{diff_cell(p[key])} | {_num(p[key]['p_value'], '.2g')}" for key, _ in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines += [
-        f"- {p['final_balanced_accuracy']['sentence']}"
-        for p in paired.values()
-        if "final_balanced_accuracy" in p
-    ]
+    last = keys[-1][0]
+    lines += [f"- {p[last]['sentence']}" for p in paired.values() if last in p]
     return lines
 
 
@@ -403,10 +335,135 @@ def _machine(provenance: dict[str, Any], config: dict[str, Any]) -> str:
     return cpu
 
 
+def _target_line(result: dict[str, Any]) -> str:
+    metric, target = result.get("metric", "accuracy"), result["target"]
+    if metric in PERCENT_METRICS:
+        return f"Target test {_label(metric)} **{100 * target:g}%**"
+    direction = "higher" if result.get("higher_is_better", True) else "lower"
+    return f"Target test {_label(metric)} **{target:g}** ({direction} is better)"
+
+
+def _metric_spec(metric: str) -> tuple[str, float, str]:
+    """Format spec, scale and unit of the metric's values in tables."""
+    return (".2f", 100.0, " (%)") if metric in PERCENT_METRICS else (".4g", 1.0, "")
+
+
+def _summary_table(result: dict[str, Any]) -> list[str]:
+    """The top table: passes and their paired interval first, then the final metric and ISGD's
+    activity, then seconds — ratios of medians from a shared machine, labelled as such."""
+    arms, base = result["arms"], result["baseline"]
+    metric = result.get("metric", "accuracy")
+    spec, scale, unit = _metric_spec(metric)
+    lines = [
+        f"Median [min–max] over seeds; a missed target counts as ∞. Against **{base}**: the "
+        f"paired ratio {base}/arm of passes, seed by seed (geometric mean [95 % CI], see below); "
+        f"ratio of medians = median_{base} / median_arm and saving = (median_{base} − "
+        f"median_arm) / median_{base}. Seconds are wall-clock on a shared machine: read them "
+        "after the passes, as the noisier figure.",
+        "",
+        f"| arm | passes to target | passes, paired ratio {base}/arm [95 % CI] | passes: ratio of "
+        f"medians / saving | final {_label(metric)}{unit} | trigger rate (%) | extra passes "
+        "| time to target (s) | time: ratio of medians / saving (shared machine) | time: per-seed "
+        "ratio, median [min–max] | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in arms.items():
+        st, sp = a["speedup_time"], a["speedup_passes"]
+        paired = _ratio_cell(a["paired"]["passes"]) if "paired" in a else "—"
+        lines.append(
+            f"| {name} | {_spread(a['passes_to_target'], '.0f')} | {paired} "
+            f"| {_num(sp['ratio'], '.3f')} / {_num(100 * sp['saving'], '+.1f')}% "
+            f"| {_spread(a['final_metric'], spec, scale)} "
+            f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} "
+            f"| {_spread(a['time_to_target'])} "
+            f"| {_num(st['ratio'], '.3f')} / {_num(100 * st['saving'], '+.1f')}% "
+            f"| {_spread(a['paired_time_ratio'], '.3f')} "
+            f"| {_spread(a['images_per_second'], ',.0f')} |"
+        )
+    return lines
+
+
+def _identical_section(result: dict[str, Any]) -> list[str]:
+    """Said first: seeds in which an arm computed what the baseline computed up to the target."""
+    notes = identical_notes(result)
+    if not notes:
+        return []
+    untested = [n for n, a in result["arms"].items() if (a.get("identical") or {}).get("untested")]
+    lines = ["**Read this first — identical computation up to the target:**", ""]
+    lines += [f"- {n}." for n in notes]
+    if untested:
+        lines += [
+            "",
+            f"No seed tests {' or '.join(untested)} against {result['baseline']}: the ratios "
+            "and differences below for them are not effects of the arm.",
+        ]
+    return [*lines, ""]
+
+
+def _runs_table(records, metric: str) -> list[str]:
+    spec, scale, unit = _metric_spec(metric)
+    balanced = metric == "accuracy"
+    lines = [
+        "## Runs",
+        "",
+        "Crossings interpolated between evaluations; in brackets, the first evaluation at or "
+        "past the target. Extra iterations / forward-only steps by the target: ISGD's work up "
+        "to that first evaluation (0 / 0: it computed what its base optimizer computes).",
+        "",
+        f"| arm | seed | time to target (s) | passes to target | final {_label(metric)}{unit} "
+        + ("| balanced acc (%) " if balanced else "")
+        + "| triggers | extra passes | forward-only steps | extra iters / forward-only by the "
+        "target | train s |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if balanced else "") + "---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        grid = r.get("passes_to_target_grid")
+        final = r.get("final_metric", r.get("final_accuracy", math.nan))
+        before = (
+            f"{r['extra_iters_to_target']} / {r.get('forward_only_to_target', 0)}"
+            if r.get("extra_iters_to_target") is not None
+            else "—"
+        )
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {_num(r['time_to_target'])} "
+            f"| {_num(r['passes_to_target'], '.0f')}"
+            + (f" [{_num(grid, '.0f')}]" if grid is not None else "")
+            + f" | {_num(scale * final, spec)} "
+            + (
+                f"| {_num(100 * r.get('final_balanced_accuracy', math.nan), '.2f')} "
+                if balanced
+                else ""
+            )
+            + f"| {r['triggers']} | {r['extra_passes']} | {r.get('forward_only', 0)} "
+            f"| {before} | {r['train_seconds']:.1f} |"
+        )
+    return lines
+
+
+def _figures_section(records, arms: Sequence[str], figures: list[Path]) -> list[str]:
+    lines = ["", "## Figures", ""]
+    for path in figures:
+        lines.append(f"![{path.stem}](figures/{path.name})")
+        if path.name == "time_to_target.png":
+            lines += ["", time_caption(records, arms).replace("\n", " "), ""]
+    same = coinciding(records, arms, "evaluations")
+    if same:
+        metric, _ = comparison_metric(records)
+        lines += [
+            "",
+            f"The curves of {'; '.join(same)} coincide: identical test {_label(metric)} at every "
+            "evaluation of every seed.",
+        ]
+    return lines
+
+
 def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]) -> Path:
+    """``report.md``: the summary's figures in words and tables; the metric is the summary's
+    (``metric``, ``higher_is_better``), else its records', else accuracy."""
     arms = result["arms"]
-    base = result["baseline"]
     config = result["config"]
+    metric, higher = comparison_metric(records)
+    result = {"metric": metric, "higher_is_better": higher, **result}
     provenance: dict[str, Any] = {}
     if records:
         prov = Path(records[0]["run_dir"]) / "provenance.json"
@@ -415,37 +472,22 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
     lines = [
         f"# isgd compare: {', '.join(arms)} — {data}, {config['model']}",
         "",
-        f"Target test accuracy **{100 * result['target']:g}%**, seeds {result['seeds']}, "
+        f"{_target_line(result)}, seeds {result['seeds']}, "
         f"{config['iters']} iterations per run, evaluation every {config['eval_every']} "
         "iterations (untimed). For a seed, all arms share the initialisation and batch order.",
         f"Machine: {_machine(provenance, config)}, torch {provenance.get('torch', '?')}, "
         f"started {provenance.get('started', '?')}.",
         "",
-        "Median [min–max] over seeds; a missed target counts as ∞. Speed-up against "
-        f"**{base}**: ratio = T_{base} / T_arm, saving = (T_{base} − T_arm) / T_{base}.",
-        "",
-        "| arm | time to target (s) | passes to target | speed-up (time): ratio / saving "
-        "| speed-up (passes): ratio / saving | paired time ratio | final accuracy (%) "
-        "| trigger rate (%) | extra passes | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, a in arms.items():
-        st, sp = a["speedup_time"], a["speedup_passes"]
-        lines.append(
-            f"| {name} | {_spread(a['time_to_target'])} | {_spread(a['passes_to_target'], '.0f')} "
-            f"| {_num(st['ratio'], '.3f')} / {_num(100 * st['saving'], '+.1f')}% "
-            f"| {_num(sp['ratio'], '.3f')} / {_num(100 * sp['saving'], '+.1f')}% "
-            f"| {_spread(a['paired_time_ratio'], '.3f')} "
-            f"| {_spread(a['final_accuracy'], '.2f', 100)} "
-            f"| {_spread(a['trigger_rate'], '.2f', 100)} | {_spread(a['extra_passes'], '.0f')} "
-            f"| {_spread(a['images_per_second'], ',.0f')} |"
-        )
+    lines += _identical_section(result)
+    lines += _summary_table(result)
     lines += [
         "",
         "images/s: training images per second of training time (iterations × batch ÷ train "
         "seconds, evaluation excluded); an extra iteration costs time and brings no new image.",
     ]
-    notes = noise_notes(result)
+    first = set(identical_notes(result))
+    notes = [n for n in noise_notes(result) if n not in first]
     if notes:
         lines += ["", "**Not a result — within the noise:**", ""] + [f"- {n}" for n in notes]
     if result.get("tuned_lr"):
@@ -455,33 +497,13 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
             "samples, equal budget per arm): "
             + ", ".join(f"{k}: {v:g}" for k, v in result["tuned_lr"].items()),
         ]
-    lines += _paired_section(arms, base)
+    lines += _paired_section(result)
+    lines += budget_section(result)
     lines += _never_triggered_note(result)
     lines += ["", "## How ISGD behaved (median over seeds)", ""]
     lines += _mechanics_table(records, list(arms))
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "Crossings interpolated between evaluations; in brackets, the first evaluation at or "
-        "above the target.",
-        "",
-        "| arm | seed | time to target (s) | passes to target | final acc (%) | balanced acc "
-        "(%) | triggers | extra passes | forward-only steps | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in records:
-        grid = r.get("passes_to_target_grid")
-        lines.append(
-            f"| {r['arm']} | {r['seed']} | {_num(r['time_to_target'])} "
-            f"| {_num(r['passes_to_target'], '.0f')}"
-            + (f" [{_num(grid, '.0f')}]" if grid is not None else "")
-            + f" | {100 * r['final_accuracy']:.2f} "
-            f"| {_num(100 * r.get('final_balanced_accuracy', math.nan), '.2f')} "
-            f"| {r['triggers']} | {r['extra_passes']} | {r.get('forward_only', 0)} "
-            f"| {r['train_seconds']:.1f} |"
-        )
-    lines += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
+    lines += ["", *_runs_table(records, result["metric"])]
+    lines += _figures_section(records, list(arms), figures)
     path = out / "report.md"
     runio.atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -34,6 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from isgd.errors import PlotError, RunError
+from isgd.reporting.metric import PERCENT_METRICS, metric_key, metric_of
+from isgd.reporting.metric import label as metric_label
 from isgd.training import runio
 
 __all__ = [
@@ -331,6 +333,21 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return (3600.0, "h") if seconds > 7200 else (60.0, "min") if seconds > 600 else (1.0, "s")
 
 
+def _metric_curve(run: Run) -> tuple[tuple[Any, Any], ...]:
+    """(iteration, metric) at every evaluation of ``run``."""
+    key = metric_key(run.metrics)
+    return tuple((m.get("iteration"), m.get(key)) for m in run.metrics)
+
+
+def _metric_of(runs: Sequence[Run]) -> tuple[str, bool]:
+    """The metric of these runs (the first run's; accuracy for runs written before workloads)."""
+    return metric_of(runs[0].summary) if runs else ("accuracy", True)
+
+
+def _metric_label(runs: Sequence[Run]) -> str:
+    return metric_label(_metric_of(runs)[0])
+
+
 def noise_caption(runs: Sequence[Run], x_key: str) -> str:
     """What a figure of these runs cannot show, in words: ISGD runs that never triggered, runs
     that did identical computation, and (on a time axis) that the times of separate runs differ
@@ -346,18 +363,17 @@ def noise_caption(runs: Sequence[Run], x_key: str) -> str:
         notes.append(
             f"{', '.join(idle)}: ISGD never triggered — the same computation as its base optimizer"
         )
-    accuracies = {
-        r.name: tuple((m.get("iteration"), m.get("test/accuracy")) for m in r.metrics) for r in runs
-    }
-    names = list(accuracies)
+    curves = {r.name: _metric_curve(r) for r in runs}
+    names = list(curves)
     same = [
         f"{a} = {b}"
         for i, a in enumerate(names)
         for b in names[i + 1 :]
-        if accuracies[a] and accuracies[a] == accuracies[b]
+        if curves[a] and curves[a] == curves[b]
     ]
     if same:
-        notes.append(f"identical accuracy at every evaluation: {'; '.join(same)}")
+        label = _metric_label(runs)
+        notes.append(f"identical {label} at every evaluation: {'; '.join(same)}")
     if x_key == "time/train_seconds" and (note := time_note(runs, same=bool(same or idle))):
         notes.append(note.replace("\n", " "))
     return "\n".join(notes)
@@ -381,36 +397,55 @@ def time_note(runs: Sequence[Run], same: bool = False) -> str:
     )
 
 
+def _zoom(points: np.ndarray, higher: bool, percent: bool) -> tuple[float, float]:
+    """The y range of the plateau, not the climb: the best 3/4 of the evaluations (≥ 2 points
+    of a percentage)."""
+    if higher:
+        high = float(points.max())
+        low = float(np.percentile(points, 25))
+        low = min(low, high - 2.0) if percent else low
+    else:
+        low, high = float(points.min()), float(np.percentile(points, 75))
+    margin = 0.06 * (high - low) or 0.05 * (abs(high) or 1.0)
+    low, high = low - margin, high + margin
+    return (max(low, 0.0), min(high, 100.0)) if percent else (low, high)
+
+
 def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> Path:
+    """The metric against passes or time (left, zoomed on the plateau) and, for accuracy, the
+    test error on a log scale (right); for another metric the test loss (right)."""
+    metric, higher = _metric_of(runs)
+    percent = metric in PERCENT_METRICS
+    name = metric_label(metric)
     fig, (ax_acc, ax_err) = _figure(12, 4.8, 2)
     series = []
     for run, color in zip(runs, colors):
-        recs = [m for m in run.metrics if m.get("test/accuracy") is not None and x_key in m]
+        key = metric_key(run.metrics)
+        recs = [m for m in run.metrics if m.get(key) is not None and x_key in m]
         x = np.array([m[x_key] for m in recs], dtype=np.float64)
-        acc = 100 * np.array([m["test/accuracy"] for m in recs], dtype=np.float64)
+        value = np.array([m[key] for m in recs], dtype=np.float64) * (100 if percent else 1)
+        loss = np.array([_num(m.get("test/loss")) for m in recs], dtype=np.float64)
         after_first = np.array([m["iteration"] > 0 for m in recs], dtype=bool)
-        series.append((run, color, x, acc, after_first))
+        series.append((run, color, x, value, loss, after_first))
     scale, unit = 1.0, ""
     if x_key == "time/train_seconds":
         scale, unit = _time_unit(max((s[2].max() for s in series if len(s[2])), default=0.0))
     zoom: list[float] = []
-    for run, color, x, acc, after_first in series:
+    for run, color, x, value, loss, after_first in series:
         if len(x) == 0:
             continue
         style = {"marker": "o", "ms": 4 if len(x) <= 40 else 2.5, "lw": 1.5, "color": color}
-        best = f" (best {np.nanmax(acc):.2f} %)"
-        ax_acc.plot(x / scale, acc, label=run.name + best, **style)
-        error = 100 - acc
-        ax_err.plot(x / scale, np.where(error > 0, error, np.nan), label=run.name, **style)
-        zoom.extend(acc[after_first if after_first.any() else slice(None)])
+        best = np.nanmax(value) if higher else np.nanmin(value)
+        shown = f" (best {best:.2f} %)" if percent else f" (best {best:.4g})"
+        ax_acc.plot(x / scale, value, label=run.name + shown, **style)
+        right = 100 - value if percent else loss
+        ax_err.plot(x / scale, np.where(right > 0, right, np.nan), label=run.name, **style)
+        zoom.extend(value[after_first if after_first.any() else slice(None)])
     points = np.array(zoom, dtype=np.float64)
     points = points[np.isfinite(points)]
-    if len(points):  # the plateau, not the climb: the top 3/4 of the evaluations, ≥ 2 points
-        high = points.max()
-        low = min(np.percentile(points, 25), high - 2.0)
-        margin = 0.06 * (high - low)
-        ax_acc.set_ylim(max(low - margin, 0.0), min(high + margin, 100.0))
-        ax_acc.legend(loc="lower right", fontsize=9)
+    if len(points):
+        ax_acc.set_ylim(*_zoom(points, higher, percent))
+        ax_acc.legend(loc="lower right" if higher else "upper right", fontsize=9)
         _log_ticks(ax_err)
     else:
         _empty(fig, [ax_acc, ax_err], "no evaluation recorded yet")
@@ -422,8 +457,16 @@ def _accuracy_figure(runs: list[Run], colors: list, x_key: str, path: Path) -> P
     else:
         xlabel = f"wall-clock training time ({unit}, evaluation excluded)"
         what = "wall-clock time"
-    ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"Test accuracy vs {what} (zoomed)")
-    ax_err.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=f"Test error vs {what}")
+    direction = "" if percent else f", {'higher' if higher else 'lower'} is better"
+    ax_acc.set(
+        xlabel=xlabel,
+        ylabel=f"test {name}" + (" (%)" if percent else direction),
+        title=f"Test {name} vs {what} (zoomed)",
+    )
+    if percent:
+        ax_err.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=f"Test error vs {what}")
+    else:
+        ax_err.set(xlabel=xlabel, ylabel="test loss (log scale)", title=f"Test loss vs {what}")
     caption = noise_caption(runs, "passes")  # what no axis shows: idle or identical runs
     if x_key == "time/train_seconds" and (note := time_note(runs, same=bool(caption))):
         fig.suptitle(note, fontsize=10.5, color="#a00000")  # on top: read before the curves

@@ -46,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TENSORBOARD_KEYS = ("test/loss", "test/accuracy", "train/loss", "lr", "isgd/triggers")
+# and the workload's metric under its own name: test/<name>, test/<name>_vs_passes
 
 
 class Callback:
@@ -111,11 +112,13 @@ class RunRecords(Callback):
         self._files["metrics"].flush()
         if self._tb is not None:
             for key in TENSORBOARD_KEYS:
-                if record[key] is not None:
+                if record.get(key) is not None:
                     self._tb.add_scalar(key, record[key], record["iteration"])
-            self._tb.add_scalar(
-                "test/accuracy_vs_passes", record["test/accuracy"], record["passes"]
-            )
+            split = trainer.watched  # test, or val with a validation split
+            value, metric = record[f"{split}/metric"], f"{split}/{trainer.metric.name}"
+            if metric not in TENSORBOARD_KEYS:
+                self._tb.add_scalar(metric, value, record["iteration"])
+            self._tb.add_scalar(f"{metric}_vs_passes", value, record["passes"])
             self._tb.flush()
 
     def on_checkpoint(self, trainer: Trainer) -> None:
@@ -212,10 +215,12 @@ class ProgressDisplay(Callback):
         self._evals += 1
         if record["iteration"]:
             log.info(
-                "eval at iter %d: test accuracy %.2f%%, test loss %.4f (%.1f s of training)",
+                "eval at iter %d: %s %s, %s loss %.4f (%.1f s of training)",
                 record["iteration"],
-                100 * record["test/accuracy"],
-                record["test/loss"],
+                trainer.watched,
+                trainer.metric.format(record[f"{trainer.watched}/metric"]),
+                trainer.watched,
+                record[f"{trainer.watched}/loss"],
                 record["time/train_seconds"],
             )
 

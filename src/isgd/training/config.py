@@ -57,7 +57,9 @@ NONFINITE_POLICY = {"stop": "raise", "skip": "skip"}
 class TrainConfig:
     """One training run. Field names are the TOML keys and, with ``-`` for ``_``, the flags."""
 
-    # what to train
+    # what to train: a workload (FILE.py:FUNC or package.module:FUNC returning a Workload), or
+    # the built-in image workload of the data keys (dataset, model, normalize, ... below)
+    workload: str = ""
     dataset: str = "mnist"
     model: str = "lenet"
     optimizer: str = "isgd"
@@ -93,7 +95,13 @@ class TrainConfig:
     # budget and bookkeeping
     iters: int = 10_000
     epochs: float = 0.0  # when > 0, overrides iters: epochs × batches per epoch
+    # a fraction of that run: its length and its learning-rate schedule compressed to it, fully
+    # decayed (lr_factor); 1: the run as configured
+    budget: float = 1.0
     eval_every: int = 500
+    # > 0: the last this many training samples are held out as a validation split, which the
+    # evaluations during the run read (and targets); the test split is read once, at the end
+    validation: int = 0
     eval_batch_size: int = 1000
     checkpoint_every: int = 2000
     log_every: int = 100  # plain progress lines when the output is not a terminal
@@ -103,7 +111,9 @@ class TrainConfig:
     channels_last: bool = True
     step_records: bool = True  # write steps.jsonl
     tensorboard: bool = True
-    target_accuracy: float = 0.0  # when > 0, summary.json reports time/passes to reach it
+    # when > 0, summary.json reports time/passes to reach this value of the workload's metric
+    # (accuracy: a fraction; reached at or above it, or at or below it when lower is better)
+    target: float = 0.0
     on_nonfinite: str = "stop"  # a NaN/inf batch loss: "stop" the run, or "skip" the batch
     preset: str = ""  # the preset the run started from (informational)
 
@@ -125,6 +135,14 @@ class TrainConfig:
         from isgd.models import MODELS
 
         need(self.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
+        if self.workload:
+            image_keys = [k for k in IMAGE_KEYS if getattr(self, k) != getattr(DEFAULTS, k)]
+            need(
+                not image_keys,
+                "workload",
+                f"a workload brings its own model and data: drop {', '.join(image_keys)} "
+                "(they shape the built-in image data sets)",
+            )
         need(self.model in MODELS, "model", "one of " + ", ".join(MODELS))
         need(datasets.is_known(self.dataset), "dataset", "one of " + datasets.describe())
         need(self.lr_policy in LR_POLICIES, "lr_policy", "one of " + ", ".join(LR_POLICIES))
@@ -136,6 +154,7 @@ class TrainConfig:
         for key in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every", "threads"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.validation >= 0, "validation", "samples held out, >= 0 (0: none)")
         cpus = available_cpus()
         need(
             self.threads <= cpus,
@@ -154,6 +173,7 @@ class TrainConfig:
             value = getattr(self, key)
             need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
         need(self.epochs <= MAX_ITERS, "epochs", "must be <= 10**12")
+        need(0 < self.budget <= 1, "budget", "a fraction in (0, 1] of the configured run")
         need(self.momentum < 1, "momentum", "must be < 1")
         need(
             math.isfinite(self.sigma_factor) and self.sigma_factor > 0,
@@ -186,7 +206,11 @@ class TrainConfig:
         if self.lower_quantile > 0:
             need(self.uses_isgd, "lower_quantile", "a variant of ISGD: needs an isgd optimizer")
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
-        need(0 <= self.target_accuracy <= 1, "target_accuracy", "a fraction in [0, 1]")
+        need(
+            math.isfinite(self.target) and self.target >= 0,
+            "target",
+            "a finite number >= 0 (0: none; an accuracy is a fraction)",
+        )
         need(
             all(1 <= m <= MAX_ITERS for m in self.milestones),
             "milestones",
@@ -197,6 +221,11 @@ class TrainConfig:
             need(bool(self.milestones), "milestones", "the multistep policy needs milestones")
         return self
 
+    @property
+    def workload_name(self) -> str:
+        """What logs and summaries call the data and model: the workload, or dataset/model."""
+        return self.workload or f"{self.dataset}/{self.model}"
+
     def chart_window(self, n_b: int) -> int:
         """Losses in the control chart's window: ``window``, or one epoch (``n_b``) when 0."""
         return self.window or n_b
@@ -204,6 +233,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+DEFAULTS = TrainConfig()
+# the keys of the built-in image workload (isgd.training.data_setup.image_workload): a workload
+# given by --workload brings its own model and data, so these stay at their defaults
+IMAGE_KEYS = (
+    "dataset",
+    "model",
+    "normalize",
+    "augment",
+    "crop_size",
+    "imbalance",
+    "label_noise",
+    "class_weights",
+)
+# keys renamed since: files written before (config.toml, plan.json) still read
+RENAMED = {"target_accuracy": "target"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Caffe examples/mnist/lenet_solver.prototxt
@@ -221,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         normalize="scale",
         eval_every=500,
         checkpoint_every=2000,
-        target_accuracy=0.99,
+        target=0.99,
     ),
     # Caffe examples/cifar10/cifar10_quick_solver.prototxt, then _lr1 (lr 1e-4 for 1,000 more)
     "cifar10-quick": dict(
@@ -258,22 +303,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every=10_000,
         eval_batch_size=500,
         checkpoint_every=10_000,
-        target_accuracy=0.56,
+        target=0.56,
     ),
 }
 
 
 def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
-    """The learning-rate multiplier at ``iteration`` (0-based) for the configured policy."""
+    """The learning-rate multiplier at ``iteration`` (0-based) of a run of ``total`` iterations.
+
+    With ``budget`` b < 1 the run is that fraction of the configured one and its schedule is
+    compressed to it, not cut short: the policy is read at ``s = t / b``, so the run ends as
+    decayed as the full one does — ``inv`` :math:`(1 + γ t/b)^{−p}`, ``step`` and ``multistep``
+    drop at ``b·step_size`` and ``b·m`` (to the nearest iteration at or after), ``cosine``
+    spans ``total`` (already the compressed length). ``fixed`` has nothing to decay.
+    """
     policy = config.lr_policy
+    s = iteration if config.budget == 1 else iteration / config.budget  # the full run's time
     if policy == "fixed":
         return 1.0
     if policy == "inv":
-        return (1.0 + config.gamma * iteration) ** (-config.power)
+        return (1.0 + config.gamma * s) ** (-config.power)
     if policy == "step":
-        return config.gamma ** (iteration // config.step_size)
+        return config.gamma ** (s // config.step_size)
     if policy == "multistep":
-        return config.gamma ** sum(iteration >= m for m in config.milestones)
+        return config.gamma ** sum(s >= m for m in config.milestones)
     if policy == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
     raise ConfigError(f"invalid lr_policy: {policy!r}")
@@ -299,6 +352,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 def apply(config: TrainConfig, values: Mapping[str, Any], source: str) -> TrainConfig:
     """``config`` with ``values`` applied; unknown keys and wrong types name the ``source``."""
+    values = {RENAMED.get(key, key): value for key, value in values.items()}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(
@@ -381,6 +435,15 @@ def resolve_config(
         config = apply(config, keys, where)
         if "iters" in keys:  # a later iters replaces an earlier epochs
             config.epochs = 0.0
+    if config.workload:
+        if preset:
+            raise ConfigError(
+                f"preset {preset} names its own model and data, and so does the workload "
+                f"{config.workload}; give one (the solver keys go as flags or in --config)"
+            )
+        from isgd.training.workload import resolve_spec
+
+        config.workload = resolve_spec(config.workload)
     return config.validate()
 
 

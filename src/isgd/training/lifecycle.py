@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from isgd.data import DataSplit
+from isgd.data import DataSplit, idx_digests
 from isgd.errors import ConfigError, RunError
 from isgd.training import distributed, runio
 from isgd.training.config import MAX_ITERS, TrainConfig, dump_toml, load_toml, resolve_config
 from isgd.training.distributed import DistContext
 from isgd.training.signals import resume_hint
 from isgd.training.train import Trainer
+from isgd.training.workload import Workload, spec_digest
 
 __all__ = ["check_new_run_dir", "is_debris", "prepare_run_dir", "resume", "train"]
 
@@ -89,7 +90,11 @@ def _provenance(config: TrainConfig, trainer: Trainer, run_id: str) -> dict[str,
     """``provenance.json``: versions, machine, command, the data as results name it, the run id."""
     record = runio.provenance(config.threads)
     record["run_id"] = run_id
-    record["data"] = trainer.data.variant or trainer.data.name
+    record["data"] = trainer.workload.name
+    if config.workload:
+        record["workload"] = {"spec": config.workload, "sha256": spec_digest(config.workload)}
+    elif config.dataset.startswith("idx:"):  # a user's files: which ones, exactly
+        record["data_sha256"] = idx_digests(Path(config.dataset[4:]).expanduser())
     if trainer.world_size > 1:
         record["distributed"] = {
             "world_size": trainer.world_size,
@@ -105,12 +110,14 @@ def train(
     *,
     data_dir: str | None = None,
     data: DataSplit | None = None,
+    workload: Workload | None = None,
     progress: bool | None = None,
     dist: DistContext | None = None,
     shares: Any = None,
 ) -> dict[str, Any]:
     """Train a fresh run into ``run_dir`` (which must not exist or be empty); ``data`` skips
-    loading the data set (callers that train several runs on it load it once).
+    loading the data set (callers that train several runs on it load it once); ``workload``
+    trains that :class:`~isgd.training.workload.Workload` instead of the configuration's.
 
     ``dist``: this process is one rank of a data-parallel job (every rank calls ``train`` with
     the same arguments); ``shares`` splits the global batch (see :class:`Trainer`). Rank 0 alone
@@ -120,7 +127,9 @@ def train(
     ctx = dist if dist is not None and dist.world_size > 1 else None
     # fail fast, before loading anything (under dist: rank 0 checks, every rank raises)
     distributed.on_main(ctx, lambda: check_new_run_dir(run_dir))
-    trainer = Trainer(config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares)
+    trainer = Trainer(
+        config, run_dir, data=data, data_dir=data_dir, workload=workload, dist=ctx, shares=shares
+    )
     check_budget(config, trainer)
     held: list[runio.DirectoryLock] = []  # rank 0's lock on the run directory
 
@@ -142,10 +151,9 @@ def train(
     try:
         trainer.run_id = distributed.on_main(ctx, create)
         log.info(
-            "training %s with %s on %s: %d iterations (%d batches per epoch) -> %s",
-            config.model,
+            "training %s with %s: %d iterations (%d batches per epoch) -> %s",
+            config.workload_name,
             config.optimizer,
-            config.dataset,
             trainer.total,
             trainer.n_b,
             run_dir,
@@ -162,13 +170,14 @@ def resume(
     *,
     data_dir: str | None = None,
     data: DataSplit | None = None,
+    workload: Workload | None = None,
     progress: bool | None = None,
     dist: DistContext | None = None,
     shares: Any = None,
 ) -> dict[str, Any]:
     """Continue ``run_dir`` from its last checkpoint.
 
-    ``data``: the run's data set, already loaded (as for :func:`train`).
+    ``data``, ``workload``: the run's data set or workload, already built (as for :func:`train`).
     Under ``dist`` rank 0 reads the run directory and hands the configuration and checkpoint to
     the other ranks (they need no access to it). With as many processes as before and no new
     ``shares``, the batch split and per-rank RNG states of the checkpoint are reused.
@@ -221,7 +230,14 @@ def resume(
         if ctx is not None and shares is None and saved.get("world_size") == ctx.world_size:
             sizes = list(saved["batch_sizes"])
         trainer = Trainer(
-            config, run_dir, data=data, data_dir=data_dir, dist=ctx, shares=shares, sizes=sizes
+            config,
+            run_dir,
+            data=data,
+            data_dir=data_dir,
+            workload=workload,
+            dist=ctx,
+            shares=shares,
+            sizes=sizes,
         )
         trainer.run_id = run_id
         provenance = run_dir / "provenance.json"

@@ -9,12 +9,12 @@ stop at the same step boundary.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from isgd.batchnorm import frozen_batchnorm_stats
 from isgd.training import distributed
@@ -22,6 +22,7 @@ from isgd.training.config import ConfigError, TrainConfig
 from isgd.training.distributed import DistContext, DistributedError
 from isgd.training.evaluation import Evaluation, evaluate_sums
 from isgd.training.signals import StopSignals, resume_hint
+from isgd.training.workload import collate, iter_batches
 
 if TYPE_CHECKING:
     from isgd.training.train import Trainer
@@ -46,7 +47,7 @@ def device_for(config: TrainConfig, dist: DistContext | None) -> torch.device:
 
 def setup(trainer: Trainer, shares: Any, sizes: list[int] | None) -> None:
     """Split the global batch (even, by shares, or by measured speed), wrap the model in
-    DistributedDataParallel and shard the test set."""
+    DistributedDataParallel."""
     d, cfg = _ctx(trainer), trainer.config
     if cfg.lower_quantile > 0:
         raise ConfigError(
@@ -65,7 +66,7 @@ def setup(trainer: Trainer, shares: Any, sizes: list[int] | None) -> None:
             f"{cfg.batch_size}"
         )
     sampler = distributed.DistributedFixedCycleBatchSampler(
-        len(trainer.data.x_train),
+        len(trainer.workload.train),  # type: ignore[arg-type]
         cfg.batch_size,
         num_replicas=d.world_size,
         rank=d.rank,
@@ -82,9 +83,8 @@ def setup(trainer: Trainer, shares: Any, sizes: list[int] | None) -> None:
     trainer._weight = float(sampler.local_batch_size)
     device_ids = [trainer.device.index] if trainer.device.type == "cuda" else None
     trainer.net = nn.parallel.DistributedDataParallel(trainer.model, device_ids=device_ids)
-    n = len(trainer.x_test)
-    lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size
-    trainer._test_shard = (trainer.x_test[lo:hi], trainer.y_test[lo:hi])
+    if hasattr(trainer.workload.train, "within"):  # augmentation draws for the global batch
+        trainer.workload.train.within = (cfg.batch_size, trainer.rows)
     if d.is_main:
         log.info(
             "data parallel: %d processes, global batch %d split %s",
@@ -108,13 +108,17 @@ def calibrate(trainer: Trainer) -> list[int]:
     even = distributed.split_sizes(cfg.batch_size, None, d.world_size)
     rows = distributed.rank_rows(even, d.rank)
     idx = trainer.sampler.epoch_batches(0)[0][rows]
-    x = trainer.pre(trainer.data.x_train[idx]).to(trainer.device)
-    y = trainer.y_train[idx.to(trainer.device)]
+    train: Any = trainer.workload.train
+    data_state = copy.deepcopy(train.state_dict()) if hasattr(train, "state_dict") else None
+    x, y = collate(train, idx)
+    if data_state is not None:  # the draws of an augmentation are the run's, not this probe's
+        train.load_state_dict(data_state)
+    x, y = x.to(trainer.device), y.to(trainer.device)
     devices = [trainer.device] if trainer.device.type == "cuda" else []
 
     def step() -> None:
         trainer.model.zero_grad(set_to_none=True)
-        F.cross_entropy(trainer.model(x), y).backward()
+        trainer.workload.loss(trainer.model(x), y).backward()
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
 
@@ -155,20 +159,16 @@ def collective_error(trainer: Trainer, err: BaseException) -> DistributedError:
     )
 
 
-def evaluate_shards(trainer: Trainer) -> Evaluation:
-    """Each rank evaluates its shard of the test set with rank 0's BatchNorm statistics; the
+def evaluate_shards(trainer: Trainer, dataset: Any) -> Evaluation:
+    """Each rank evaluates its shard of ``dataset`` with rank 0's BatchNorm statistics; the
     sums are all-reduced."""
-    cfg, k = trainer.config, trainer.data.num_classes
+    workload = trainer.workload
     for buffer in trainer.model.buffers():  # DDP syncs them at forward start, not after
         torch.distributed.broadcast(buffer, 0)
-    x, y = trainer._test_shard
-    loss_sum, correct, count = evaluate_sums(
-        trainer.model, x, y, cfg.eval_batch_size, trainer._prepare_test, num_classes=k
-    )
-    sums = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), correct, count])
-    sums = sums.to(dtype=torch.float64, device=trainer.device)
+    d, n = _ctx(trainer), len(dataset)
+    lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size  # this rank's shard
+    batches = iter_batches(dataset, lo, hi, trainer.config.eval_batch_size)
+    sums = evaluate_sums(trainer.model, batches, workload, trainer.device).to(trainer.device)
     torch.distributed.all_reduce(sums)
-    sums = sums.cpu()
-    return Evaluation.from_sums(
-        float(sums[0]), sums[1 : 1 + k].round().long(), sums[1 + k :].round().long()
-    )
+    k = workload.num_classes if workload.is_classification else None
+    return Evaluation.from_sums(sums.cpu(), k)

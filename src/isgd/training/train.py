@@ -40,22 +40,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from isgd.batchnorm import frozen_batchnorm_stats
-from isgd.data import DataSplit, Preprocess
+from isgd.data import DataSplit
 from isgd.errors import NonFiniteError, RunError, TrainingInterrupted
-from isgd.models import build_model
 from isgd.optim import StepRecord
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
 from isgd.training import distributed, nonfinite, parallel, runio
 from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
 from isgd.training.config import TrainConfig, lr_factor
-from isgd.training.data_setup import setup_data
+from isgd.training.data_setup import build_workload, setup_data
 from isgd.training.distributed import DistContext
 from isgd.training.evaluation import Evaluation, evaluate
 from isgd.training.optimizer import build_optimizer
 from isgd.training.signals import StopSignals, resume_hint
+from isgd.training.workload import Metric, Workload, check_workload, collate
 
 __all__ = [
     "Evaluation",
@@ -71,7 +70,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # configuration keys a checkpoint cannot be resumed under once changed
-_STRUCTURAL_KEYS = ("model", "dataset", "optimizer", "batch_size", "crop_size", "window")
+_STRUCTURAL_KEYS = (
+    "workload",
+    "model",
+    "dataset",
+    "optimizer",
+    "batch_size",
+    "crop_size",
+    "window",
+)
 
 
 @dataclass
@@ -83,14 +90,17 @@ class TrainState:
     train_seconds: float = 0.0
     interval_loss_sum: float = 0.0  # the finite regular losses since the last evaluation
     interval_steps: int = 0
-    best_accuracy: float = 0.0
-    target: dict[str, Any] = field(default_factory=dict)  # where target_accuracy was reached
+    best_metric: float | None = None  # the best test metric so far, in its direction
+    target: dict[str, Any] = field(default_factory=dict)  # where the target was reached
     skipped_in_a_row: int = 0  # batches skipped for a non-finite loss, up to this iteration
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "best_accuracy" in state:  # a checkpoint written before workloads
+            state["best_metric"] = state.pop("best_accuracy")
         vars(self).update(vars(TrainState(**state)))  # TypeError on a key it does not know
 
 
@@ -108,17 +118,13 @@ class Trainer:
     a failed construction), then back to what it was.
     """
 
-    # the data, set by data_setup.setup_data
-    data: DataSplit
+    # the workload and its reading, set by data_setup.setup_data
+    workload: Workload
+    metric: Metric
+    validation: Any  # the validation split (a Dataset), or None: the evaluations read the test
     sampler: FixedCycleBatchSampler | DistributedFixedCycleBatchSampler
     n_b: int  # batches per epoch
     total: int  # iterations of the run
-    pre: Preprocess
-    x_train: Tensor | None  # None: prepared per batch
-    y_train: Tensor
-    class_weight: Tensor | None
-    x_test: Tensor  # uint8
-    y_test: Tensor
 
     def __init__(self, config: TrainConfig, *args: Any, **kwargs: Any) -> None:
         self._threads_before = torch.get_num_threads()
@@ -140,6 +146,7 @@ class Trainer:
         data: DataSplit | None = None,
         data_dir: str | None = None,
         *,
+        workload: Workload | None = None,
         dist: DistContext | None = None,
         shares: Any = None,
         sizes: list[int] | None = None,
@@ -154,24 +161,17 @@ class Trainer:
         self.world_size = 1 if self.dist is None else self.dist.world_size
         self.device = parallel.device_for(config, self.dist)
         self._batches: Tensor | None = None  # this epoch's batches (indices), gathered lazily
-        setup_data(self, data, data_dir)
-
-        torch.manual_seed(config.seed)  # same initialisation for every optimizer of a seed
-        self.model = build_model(
-            config.model,
-            self.data.in_channels,
-            self.data.num_classes,
-            config.crop_size or self.data.image_size,
-        )
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model = self.model.to(self.device)
+        if workload is None:
+            workload = build_workload(config, data, data_dir, self.device)
+        else:  # a Workload object from a caller: checked as one from --workload is
+            workload = check_workload(workload, workload.name or "the workload")
+        setup_data(self, workload)
+        self.model = workload.model.to(self.device)
         self.net: nn.Module = self.model  # what the training passes call (DDP under dist)
         self.sizes = [config.batch_size]
         self.rows = slice(None)
         self._weight: float | None = None  # this rank's weight in ISGD's mean loss (dist)
         self._loss_scale = 1.0  # data parallel: W/B, see parallel.setup
-        self._test_shard = (self.x_test, self.y_test)  # data parallel: this rank's part
         if self.dist is not None:
             parallel.setup(self, shares, sizes)
         self.optimizer = build_optimizer(
@@ -197,13 +197,8 @@ class Trainer:
         epoch, batch_id = divmod(iteration, self.n_b)
         if batch_id == 0 or self._batches is None:
             self._batches = self.sampler.epoch_batches(epoch)
-        idx = self._batches[batch_id]
-        if self.x_train is None:
-            within = (self.config.batch_size, self.rows) if self.dist is not None else None
-            x = self.pre(self.data.x_train[idx], train=True, within=within).to(self.device)
-        else:
-            x = self.x_train[idx]
-        return epoch, batch_id, x, self.y_train[idx]
+        x, y = collate(self.workload.train, self._batches[batch_id])
+        return epoch, batch_id, x.to(self.device), y.to(self.device)
 
     def step(self, x: Tensor, y: Tensor) -> StepRecord:
         """One ISGD step on ``(x, y)`` — one closure, in one process and under data parallelism
@@ -239,21 +234,12 @@ class Trainer:
         return record
 
     def _losses(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(this process's mean loss ψ_r, what to back-propagate): the batch mean in one process;
-        under data parallelism the sum scaled by W/B (see :func:`parallel.setup`)."""
+        """(this process's mean loss ψ_r, what to back-propagate): the workload's batch mean in
+        one process; under data parallelism that mean times n_r·W/B (see :func:`parallel.setup`)."""
+        loss = self.workload.loss(logits, y)
         if self.dist is None:
-            loss = self.loss(logits, y)
             return loss, loss
-        total = self.loss(logits, y, reduction="sum")
-        return total.detach() / len(y), total * self._loss_scale
-
-    def loss(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-        """The training loss: cross-entropy, or with ``class_weights = "balanced"``
-        ``(1/B) Σ_i w_{y_i} ℓ_i`` (weights average 1 over the training set; "sum" drops 1/B)."""
-        if self.class_weight is None:
-            return F.cross_entropy(logits, y, reduction=reduction)
-        total = F.cross_entropy(logits, y, weight=self.class_weight, reduction="sum")
-        return total if reduction == "sum" else total / len(y)
+        return loss.detach(), loss * (len(y) * self._loss_scale)
 
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool | None = None) -> dict[str, Any]:
@@ -374,11 +360,17 @@ class Trainer:
         eta = self.display.eta_text(self)
         return f"iter {st.iteration}/{self.total} " + " | ".join(parts) + f" | {eta}"
 
+    @property
+    def watched(self) -> str:
+        """The split the evaluations during the run read: ``val`` or ``test``."""
+        return "test" if self.validation is None else "val"
+
     def evaluate_and_record(self) -> None:
-        """Evaluate on the test split, update the run's best/target figures and hand the
-        ``metrics.jsonl`` record to the callbacks (``on_evaluation``)."""
+        """Evaluate on the watched split (:attr:`watched`), update the run's best/target figures
+        and hand the ``metrics.jsonl`` record to the callbacks (``on_evaluation``)."""
         cfg, st, stats = self.config, self.state, self.optimizer.stats
-        result = self._evaluate()
+        split = self.watched
+        result = self._evaluate(self.validation if split == "val" else self.workload.test)
         record = {
             "iteration": st.iteration,
             "epoch": st.iteration / self.n_b,
@@ -386,9 +378,9 @@ class Trainer:
             "backward_passes": stats.backward_passes,
             "time/train_seconds": st.train_seconds,
             "train/loss": (st.interval_loss_sum / st.interval_steps) if st.interval_steps else None,
-            "test/loss": result.loss,
-            "test/accuracy": result.accuracy,
-            "test/balanced_accuracy": result.balanced_accuracy,
+            f"{split}/loss": result.loss,
+            f"{split}/metric": result.metric,
+            **self._classification_figures(f"{split}/", result),
             "lr": self.optimizer.param_groups[0]["lr"],
             **stats.metrics(),
             "images_per_second": st.iteration * cfg.batch_size / st.train_seconds
@@ -397,8 +389,9 @@ class Trainer:
         }
         st.interval_loss_sum, st.interval_steps = 0.0, 0
         self._last_eval = record
-        st.best_accuracy = max(st.best_accuracy, result.accuracy)
-        if cfg.target_accuracy and not st.target and result.accuracy >= cfg.target_accuracy:
+        if self.metric.better(result.metric, st.best_metric):
+            st.best_metric = result.metric
+        if cfg.target and not st.target and self.metric.reached(result.metric, cfg.target):
             st.target = {
                 "iteration": st.iteration,
                 "passes": stats.passes,
@@ -406,18 +399,23 @@ class Trainer:
             }
         self._emit("on_evaluation", record)
 
-    def _evaluate(self) -> Evaluation:
-        """Test loss, accuracy and balanced accuracy; under ``dist`` each rank evaluates its shard
-        of the test set with rank 0's BatchNorm statistics, and the sums are all-reduced."""
-        cfg = self.config
+    def _evaluate(self, dataset: Any) -> Evaluation:
+        """Loss and metric on ``dataset`` (and a classifier's accuracies); under ``dist`` each
+        rank evaluates its shard with rank 0's BatchNorm statistics, and the sums are
+        all-reduced."""
         if self.dist is None:
-            return evaluate(
-                self.model, self.x_test, self.y_test, cfg.eval_batch_size, self._prepare_test
-            )
-        return parallel.evaluate_shards(self)
+            batch = self.config.eval_batch_size
+            return evaluate(self.model, self.workload, dataset, batch, self.device)
+        return parallel.evaluate_shards(self, dataset)
 
-    def _prepare_test(self, x: Tensor) -> Tensor:
-        return self.pre(x).to(self.device)
+    def _classification_figures(self, prefix: str, result: Evaluation) -> dict[str, Any]:
+        """``accuracy`` and ``balanced_accuracy`` under ``prefix`` for a classifier, else none."""
+        if not self.workload.is_classification:
+            return {}
+        return {
+            f"{prefix}accuracy": result.accuracy,
+            f"{prefix}balanced_accuracy": result.balanced_accuracy,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -428,7 +426,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),  # base optimizer, chart, counters
             "scheduler": self.scheduler.state_dict(),
-            "preprocess": self.pre.state_dict(),
+            "data": _state_of(self.workload.train),  # e.g. the augmentation's random state
             "loop": self.state.state_dict(),
             "callbacks": {
                 type(c).__name__: c.state_dict() for c in self.callbacks if c.state_dict()
@@ -441,7 +439,9 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.pre.load_state_dict(checkpoint["preprocess"])
+        data_state = checkpoint.get("data", checkpoint.get("preprocess"))  # the name before
+        if data_state and hasattr(self.workload.train, "load_state_dict"):
+            self.workload.train.load_state_dict(data_state)
         self.state.load_state_dict(checkpoint["loop"])
         for callback in self.callbacks:
             callback.load_state_dict(checkpoint["callbacks"].get(type(callback).__name__, {}))
@@ -496,6 +496,27 @@ class Trainer:
             for name in ("metrics.jsonl", "steps.jsonl"):
                 runio.truncate_jsonl(self.run_dir / name, self.state.iteration)
 
+    def _final_figures(self, last: dict[str, Any]) -> dict[str, Any]:
+        """The run's final and best figures. Without a validation split: the last evaluation's
+        (of the test split) and the best of them; with one: the last and best on it, and the
+        test split's, read now for the first and only time. A classifier's accuracies also
+        under their own names, as results have always read them."""
+        split, best = self.watched, self.state.best_metric
+        figures = {f"final/{split}_loss": last[f"{split}/loss"]}
+        figures |= {f"final/{split}_metric": last[f"{split}/metric"], f"best/{split}_metric": best}
+        test = last
+        if split == "val":
+            result = self._evaluate(self.workload.test)
+            test = {"test/loss": result.loss, "test/metric": result.metric}
+            test |= self._classification_figures("test/", result)
+            figures |= {"final/test_loss": test["test/loss"], "final/test_metric": result.metric}
+        if self.workload.is_classification:
+            figures["final/test_accuracy"] = test["test/accuracy"]
+            figures["final/test_balanced_accuracy"] = test["test/balanced_accuracy"]
+            figures[f"best/{split}_accuracy"] = best
+            figures["target/accuracy"] = self.config.target or None
+        return figures
+
     def _finish(self) -> dict[str, Any]:
         cfg, st, stats = self.config, self.state, self.optimizer.stats
         nonfinite.check_weights(
@@ -510,8 +531,9 @@ class Trainer:
         summary = {
             "optimizer": cfg.optimizer,
             "preset": cfg.preset,
-            "dataset": cfg.dataset,
-            "model": cfg.model,
+            "workload": self.workload.name,
+            "dataset": cfg.dataset if not cfg.workload else None,
+            "model": cfg.model if not cfg.workload else None,
             "seed": cfg.seed,
             "iterations": st.iteration,
             "passes": stats.passes,
@@ -520,13 +542,13 @@ class Trainer:
             "n_batches_per_epoch": self.n_b,
             "time/train_seconds": st.train_seconds,
             "images_per_second": st.iteration * cfg.batch_size / max(st.train_seconds, 1e-9),
-            "final/test_accuracy": last["test/accuracy"],
-            "final/test_balanced_accuracy": last["test/balanced_accuracy"],
-            "final/test_loss": last["test/loss"],
-            "best/test_accuracy": st.best_accuracy,
+            "metric/name": self.metric.name,
+            "metric/higher_is_better": self.metric.higher_is_better,
+            "evaluated/split": "validation" if self.validation is not None else "test",
+            **self._final_figures(last),
             **stats.metrics(),
             "nonfinite/skipped": stats.nonfinite,
-            "target/accuracy": cfg.target_accuracy or None,
+            "target/metric": cfg.target or None,
             "target/iteration": st.target.get("iteration"),
             "target/passes": st.target.get("passes"),
             "target/train_seconds": st.target.get("train_seconds"),
@@ -558,6 +580,11 @@ def check_checkpoint_config(
             f"{where} was written with {was}, but {config_file} now says {now}; put the old "
             "values back to resume it, or start a new run with --out"
         )
+
+
+def _state_of(dataset: Any) -> dict[str, Any]:
+    """A data set's own ``state_dict()`` (the built-in image data: its augmentation), or {}."""
+    return dataset.state_dict() if hasattr(dataset, "state_dict") else {}
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
