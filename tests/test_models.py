@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from isgd.models import MODELS, CifarQuick, LeNet, build_model
+from isgd.models import MODELS, CharGPT, CifarQuick, LeNet, build_model
 
 
 def n_params(model: nn.Module) -> int:
@@ -98,3 +98,38 @@ def test_bad_arguments() -> None:
         build_model("lenet", 1, 0, 28)
     with pytest.raises(ValueError, match="Invalid ResNet depth: 21"):
         build_model("resnet20", 3, 10, 32, depth=21)
+
+
+# -------------------------------------------------------------------------- CharGPT
+def test_char_gpt_sizes_and_weight_tying() -> None:
+    model = CharGPT()  # the charlm-shakespeare preset's: 5 layers of width 128, 4 heads
+    assert n_params(model) == 1_024_384  # ≈ 1M; the tied head counts once
+    assert model.head.weight is model.tokens.weight
+    assert n_params(CharGPT(128, 16, layers=1, width=32, heads=2)) < 20_000  # the tests' size
+    with torch.no_grad():
+        out = model(torch.randint(0, 128, (2, 128)))
+    assert out.shape == (2, 128, 128)
+    kl = -out.log_softmax(-1).mean(-1) - math.log(128)  # KL(uniform || model) per position
+    assert 0 <= float(kl.max()) < 0.05  # N(0, 0.02) weights: close to uniform at the start
+
+
+def test_char_gpt_is_causal() -> None:
+    torch.manual_seed(0)
+    model = CharGPT(128, 32, layers=2, width=32, heads=4)
+    for p in model.parameters():  # away from the small init, so that a leak would show
+        p.data.normal_(0, 0.3)
+    x = torch.randint(0, 128, (3, 32))
+    changed = x.clone()
+    changed[:, 20] = (x[:, 20] + 1) % 128
+    a, b = model(x), model(changed)
+    assert torch.allclose(a[:, :20], b[:, :20], rtol=0, atol=1e-6)  # earlier outputs: as they were
+    assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-3)  # that token and later ones move
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_char_gpt_refuses_bad_sizes_and_long_sequences() -> None:
+    with pytest.raises(ValueError, match="width a multiple of heads"):
+        CharGPT(width=30, heads=4)
+    with pytest.raises(ValueError, match="a sequence of 17 tokens is longer than its context"):
+        CharGPT(128, 16, layers=1, width=8, heads=2)(torch.zeros(1, 17, dtype=torch.long))

@@ -2,7 +2,9 @@
 
 ``lenet`` and ``cifar10-quick`` follow Caffe's prototxts layer by layer, including Caffe's
 ceil-mode pooling and its weight fillers, so that step counts and learning rates from the paper's
-Caffe solvers carry over. The others are the usual PyTorch layouts.
+Caffe solvers carry over. The others are the usual PyTorch layouts. :class:`CharGPT`, the
+character-level language model of the ``charlm-shakespeare`` workload
+(:mod:`isgd.training.workloads`), takes token sequences, not images, and is built directly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "AlexNet",
+    "CharGPT",
     "CifarQuick",
     "CifarResNet",
     "LeNet",
@@ -272,6 +275,88 @@ class AlexNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+            for z in self.qkv(x).split(c, dim=2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _CausalSelfAttention(width, heads)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A nanoGPT-style decoder over characters: token + learned position embeddings, ``layers``
+    pre-LayerNorm blocks of causal self-attention (``heads`` heads) and a 4× GELU MLP, a final
+    LayerNorm and a head tied to the token embedding. Input ``B×T`` token ids (``T <=
+    context``), output ``B×T×vocab`` next-token logits. No dropout: a training step is a
+    deterministic function of the batch, as ISGD's repeated passes over a batch assume.
+
+    nanoGPT's initialisation: weights N(0, 0.02), the residual projections N(0, 0.02/√(2L)),
+    biases 0. The defaults (vocabulary 128: the ASCII codes; context 128; 5 layers of width
+    128, 4 heads) have 1,024,384 parameters.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 128,
+        context: int = 128,
+        *,
+        layers: int = 5,
+        width: int = 128,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if min(vocab, context, layers, width, heads) < 1 or width % heads:
+            raise ValueError(
+                f"Invalid CharGPT size: vocab {vocab}, context {context}, layers {layers}, "
+                f"width {width}, heads {heads} (all >= 1, width a multiple of heads)"
+            )
+        self.context = context
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(_Block(width, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tokens.weight  # weight tying
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                residual = name.endswith(("attn.proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers) if residual else 0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"CharGPT: a sequence of {t} tokens is longer than its context")
+        x = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device))
+        return self.head(self.ln(self.blocks(x)))
 
 
 def _lenet_bn(in_channels: int, num_classes: int, image_size: int, **kwargs: Any) -> LeNet:

@@ -192,5 +192,7 @@ def test_failing_tool_gives_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_fetch_cifar10_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="fetchable data sets are mnist, fashion-mnist; CIFAR-10"):
+    with pytest.raises(
+        DataError, match="fetchable data sets are mnist, fashion-mnist, shakespeare; CIFAR-10"
+    ):
         fetch("cifar10", tmp_path)

@@ -45,7 +45,7 @@ def test_compare_runs_a_lower_is_better_workload_end_to_end(tmp_path, capsys):
 def test_compare_with_a_workload_needs_a_target(tmp_path, capsys):
     rc = main(["compare", "--workload", FORECAST, "--out", str(tmp_path / "c"), *COMMON])
     err = capsys.readouterr().err
-    assert rc == 2 and "give the target with --target VALUE" in err, err
+    assert rc == 2 and "sets no target: give it with --target VALUE" in err, err
     assert not (tmp_path / "c").exists()
 
 

@@ -121,7 +121,12 @@ def test_out_of_range_values(overrides, message):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown preset: 'x'"):
         resolve_config("x")
-    assert set(PRESETS) == {"lenet-mnist", "cifar10-quick", "alexnet-imagenet"}
+    assert set(PRESETS) == {
+        "lenet-mnist",
+        "cifar10-quick",
+        "alexnet-imagenet",
+        "charlm-shakespeare",
+    }
 
 
 def test_a_preset_named_in_the_file_is_applied_beneath_it(tmp_path):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from isgd.cli import batch_study, compare, data, plot, train
 from isgd.cli.common import DIST_FAILED, USAGE_ERROR, Parser
@@ -80,6 +81,24 @@ def _report(err: BaseException, rank: int) -> None:
         print(f"isgd[rank {rank}]: error: {err}", file=sys.stderr)
 
 
+@contextmanager
+def _data_dir(data_dir: str | None) -> Iterator[None]:
+    """``--data-dir DIR`` is ``ISGD_DATA_DIR=DIR`` for the command: a workload, which takes only
+    its seed, finds its data there too (``isgd.data.default_data_dir()``)."""
+    if data_dir is None:
+        yield
+        return
+    before = os.environ.get("ISGD_DATA_DIR")
+    os.environ["ISGD_DATA_DIR"] = data_dir
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ISGD_DATA_DIR"]
+        else:
+            os.environ["ISGD_DATA_DIR"] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     handler = logging.StreamHandler(sys.stderr)
@@ -96,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = COMMANDS[args.command].run
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm(loggers=[root]):
+        with logging_redirect_tqdm(loggers=[root]), _data_dir(getattr(args, "data_dir", None)):
             return command(args)
     except _training_interrupted() as err:  # logged "interrupted at ...; resume with: ..."
         return 128 + int(getattr(err, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM

@@ -31,7 +31,9 @@ DIST_FAILED = 4  # data parallel: a rank died, hung or disconnected; the last ch
 
 # flags shown first in --help with a short description; every other TrainConfig field follows
 HELP = {
-    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "optimizer": "a base, sgd, nesterov, adam or adamw (torch's), or METHOD-BASE (METHOD alone: "
+    "over sgd) with METHOD isgd (the paper's), skipstep (OLMo-core's SkipStep) or "
+    f"selective-backprop (Composer's): {', '.join(OPTIMIZERS)}",
     "iters": "training iterations (regular steps)",
     "epochs": "train this many epochs instead of --iters",
     "eval_every": "evaluate on the test split every N iterations (untimed)",
@@ -56,6 +58,7 @@ HELP = {
     "crop_size": "train on SxS crops (random with --augment), evaluate on the centre crop",
     "target": "report time and passes to reach this value of the test metric (accuracy: a "
     "fraction)",
+    "warmup": "iterations of linear learning-rate warm-up (compressed with --budget); 0: none",
     "budget": "train this fraction (0, 1] of the run, its learning-rate schedule compressed "
     "to it and fully decayed",
     "validation": "hold out the last N training samples: the evaluations read them, the test "
@@ -81,6 +84,22 @@ HELP = {
     "class_weights": "none or balanced (w_c = N/(K n_c)): the usual remedy for imbalance",
     "lower_quantile": "VARIANT, not the paper's ISGD: a batch whose loss is below this quantile "
     "of the window gets a forward pass only (no backward, no update); 0 = off",
+    "skip_sigma_factor": "skipstep: no update when the loss is above mean + this many sigma of "
+    "the rolling window (inf: never)",
+    "skip_window": "skipstep: the losses (and gradient norms) in its rolling window; it acts "
+    "once half of them are in",
+    "skip_grad_norm": "skipstep: also skip a step whose gradient norm is above its own mean + "
+    "skip_sigma_factor sigma",
+    "keep": "selective-backprop: the fraction of a batch back-propagated, drawn by loss "
+    "percentile from a no-grad forward",
+    "keep_start": "selective-backprop (and random_keep): selecting from this fraction of the run",
+    "keep_end": "selective-backprop (and random_keep): ... until this fraction of the run",
+    "keep_interrupt": "selective-backprop (and random_keep): every N-th batch trains whole (2: "
+    "every other; 0: none)",
+    "random_skip_steps": "random control: this fraction of the steps forward-only (no backward, "
+    "no update), drawn at random from --seed; 0 = off",
+    "random_keep": "random control: back-propagate this fraction of a batch drawn at random, on "
+    "the selective-backprop schedule (keep_start, keep_end, keep_interrupt); 0 = off",
 }
 
 

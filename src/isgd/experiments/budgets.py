@@ -10,7 +10,10 @@ No Gain" (Kaddour et al. 2023), where gains measured against under-decayed basel
 batch, extra iterations and stop checks included), modelled ``compute`` in training steps — a
 backward pass (forward + backward) counts 1, a forward without backward ``forward_cost`` (≈ 1/3
 of a step; ``benchmarks/bench_forward_only.py`` measures it for a model) — and ``seconds`` of
-training (shared-machine noise included).
+training (shared-machine noise included). A backward pass on part of a batch (selective
+backprop's) counts that fraction of a pass: runs that make them record ``backward_batches``, the
+backward passes so weighed (:mod:`isgd.training.relatives`); a selection forward is a forward
+without backward over the whole batch.
 
 **Saving at the target.** For one seed an arm's runs at the budgets give a curve of its final metric
 against cost (on the validation split when the runs held one out: the split the target is set on;
@@ -39,14 +42,18 @@ COSTS = ("passes", "compute", "seconds")
 
 def cost(record: Mapping[str, Any], kind: str, forward_cost: float = FORWARD_COST) -> float:
     """A run's whole cost: ``passes``, modelled ``compute`` (backward passes + ``forward_cost`` ×
-    forwards without a backward) or training ``seconds``."""
-    if kind == "passes":
-        return float(record["passes"])
+    forwards without a backward) or training ``seconds``; a backward pass on part of a batch
+    counts its fraction (``backward_batches``, where the record has it)."""
     if kind == "seconds":
         return float(record["train_seconds"])
+    passes = float(record["passes"])
+    backward = float(record.get("backward_passes", passes))
+    weighed = record.get("backward_batches")
+    weighed = backward if weighed is None or weighed != weighed else float(weighed)  # NaN: none
+    if kind == "passes":
+        return passes if weighed == backward else passes - backward + weighed
     if kind == "compute":
-        backward = float(record.get("backward_passes", record["passes"]))
-        return backward + forward_cost * (float(record["passes"]) - backward)
+        return weighed + forward_cost * (passes - backward)
     raise ValueError(f"unknown cost {kind!r} (one of {', '.join(COSTS)})")
 
 

@@ -35,6 +35,7 @@ from isgd.experiments.records import (
 )
 from isgd.training import runio
 from isgd.training.config import ConfigError, TrainConfig, apply, parse_value
+from isgd.training.relatives import base_family
 from isgd.training.runio import RunError
 from isgd.training.workload import ACCURACY, Metric, Workload, format_metric, load_workload
 
@@ -50,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger("isgd.experiments.compare")
 PLAN_FILE = "plan.json"  # what the comparison runs, written first: --resume reads it
+RANDOM_CONTROL = "random-skip@"  # the random control of arm A (--equal-compute): random-skip@A
 
 
 @dataclass(frozen=True)
@@ -298,9 +300,9 @@ def _run_comparison(
     save_plan(plan, tuned)
     n_tune = len(plan.arms) * len(plan.tune_lrs)
     n_isgd = sum(_arm_config(plan, a, plan.seeds[0]).uses_isgd for a in plan.arms)
-    n_runs = len(plan.seeds) * (
-        len(plan.arms) * len(plan.budgets) + (n_isgd if plan.equal_compute else 0)
-    )
+    n_skipping = sum(skips_work(_arm_config(plan, a, plan.seeds[0])) for a in plan.arms)
+    n_controls = n_isgd + n_skipping * len(plan.budgets) if plan.equal_compute else 0
+    n_runs = len(plan.seeds) * (len(plan.arms) * len(plan.budgets) + n_controls)
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=n_tune + n_runs, disable=not progress, unit="run", dynamic_ncols=True)
@@ -342,10 +344,12 @@ def _run_comparison(
             for budget in plan.budgets:
                 for arm in arms if i % 2 == 0 else arms[::-1]:
                     record = run_one(arm, seed, budget)
-                    equal = plan.equal_compute and budget == full
-                    if equal and _arm_config(plan, arm, seed).uses_isgd:
+                    config = _arm_config(plan, arm, seed)
+                    if plan.equal_compute and budget == full and config.uses_isgd:
                         steps = record.get("backward_passes", record["passes"])
                         run_one(_equal_compute_arm(arms, arm, steps, lrs), seed)
+                    if plan.equal_compute and skips_work(config):
+                        run_one(_random_control(arm, config, record, lrs), seed, budget)
     except TrainingInterrupted:
         log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
         raise
@@ -409,10 +413,11 @@ def baseline_target(plan: ComparisonPlan, records, metric: Metric) -> float:
 
 
 def _quality_vs_cost(records, plan: ComparisonPlan, higher_is_better: bool) -> dict[str, Any]:
-    """:func:`budgets.quality_vs_cost` of the planned arms (not the equal-compute controls)."""
+    """:func:`budgets.quality_vs_cost` of the planned arms and their random controls (not the
+    baseline-at-passes controls, trained at the full budget only)."""
     from isgd.experiments.budgets import quality_vs_cost
 
-    names = [a.name for a in plan.arms]
+    names = _with_controls([a.name for a in plan.arms], records)
     planned = [with_metric(r) for r in records if r["arm"] in names]
     return quality_vs_cost(planned, names, plan.target, higher_is_better, plan.forward_cost)
 
@@ -481,8 +486,8 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     if len(budgets) > 1:
         from isgd.experiments.budgets import quality_vs_cost
 
-        planned = [with_metric(r) for r in fresh if r["arm"] in previous["arms_spec"]]
-        arms = list(previous["arms_spec"])
+        arms = _with_controls(list(previous["arms_spec"]), fresh)
+        planned = [with_metric(r) for r in fresh if r["arm"] in arms]
         forward_cost = previous.get("forward_cost", FORWARD_COST)
         result.update(budgets=budgets, forward_cost=forward_cost)
         result["quality_vs_cost"] = quality_vs_cost(
@@ -505,6 +510,44 @@ def _equal_compute_arm(arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, flo
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)
+
+
+def skips_work(config: TrainConfig) -> bool:
+    """The arm skips work by a rule (SkipStep, selective backprop, the forward-only variant):
+    ``--equal-compute`` adds its random control (:func:`_random_control`)."""
+    method = base_family(config.optimizer)[0]
+    return method in ("skipstep", "selective-backprop") or config.lower_quantile > 0
+
+
+def _random_control(
+    arm: Arm, config: TrainConfig, record: dict[str, Any], lrs: dict[str, float]
+) -> Arm:
+    """``random-skip@ARM``: ``arm`` (its tuned learning rate too) with its rule replaced by a
+    random one of the same size, measured from its run of the same seed and budget: SkipStep's
+    skipped updates and the forward-only variant's forward-only steps become as many
+    forward-only steps drawn at random (``random_skip_steps``), selective backprop's selection
+    by loss a random one of as many samples on the same schedule (``random_keep``, no selection
+    forward). A forward-only step costs SkipStep's control a backward pass less than a skipped
+    update costs SkipStep: the same updates skipped, less compute."""
+    method, base = base_family(config.optimizer)
+    overrides = dict(arm.overrides)
+    if arm.name in lrs:
+        overrides["lr"] = lrs[arm.name]
+    if method == "selective-backprop":
+        overrides |= {"optimizer": base, "random_keep": config.keep if config.keep < 1 else 0.0}
+    else:
+        summary = runio.read_json(Path(record["run_dir"]) / "summary.json")
+        skipped = summary.get("skipstep/skipped", 0) + summary.get("isgd/forward_only", 0)
+        overrides |= {"random_skip_steps": skipped / summary["iterations"], "lower_quantile": 0.0}
+        if method == "skipstep":
+            overrides["optimizer"] = base
+    return Arm(RANDOM_CONTROL + arm.name, overrides)
+
+
+def _with_controls(names: list[str], records) -> list[str]:
+    """``names`` and the random controls of theirs that ran (their cost curves are drawn too)."""
+    ran = {r["arm"] for r in records}
+    return names + [RANDOM_CONTROL + n for n in names if RANDOM_CONTROL + n in ran]
 
 
 def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran: int) -> None:

@@ -133,6 +133,8 @@ def run_record(arm: str, seed: int, run_dir: Path, target: float) -> dict[str, A
         "trigger_rate": summary["isgd/trigger_rate"],
         "triggers": summary["isgd/triggers"],
         "momentum_ratio": _median_momentum_ratio(run_dir),
+        # backward passes on parts of batches, each counting its fraction (selective backprop's)
+        **{k: summary[k] for k in ("backward_batches",) if k in summary},
     }
 
 

@@ -337,10 +337,16 @@ def _machine(provenance: dict[str, Any], config: dict[str, Any]) -> str:
 
 def _target_line(result: dict[str, Any]) -> str:
     metric, target = result.get("metric", "accuracy"), result["target"]
+    split = "validation" if result.get("config", {}).get("validation") else "test"
+    rule = (
+        " (the worst final validation figure of the baseline's seeds: `--target baseline`)"
+        if result.get("target_rule") == "baseline"
+        else ""
+    )
     if metric in PERCENT_METRICS:
-        return f"Target test {_label(metric)} **{100 * target:g}%**"
+        return f"Target {split} {_label(metric)} **{100 * target:g}%**{rule}"
     direction = "higher" if result.get("higher_is_better", True) else "lower"
-    return f"Target test {_label(metric)} **{target:g}** ({direction} is better)"
+    return f"Target {split} {_label(metric)} **{target:g}**{rule} ({direction} is better)"
 
 
 def _metric_spec(metric: str) -> tuple[str, float, str]:

@@ -39,7 +39,11 @@ __all__ = [
     "resolve_config",
 ]
 
-OPTIMIZERS = ("sgd", "isgd", "nesterov", "isgd-nesterov", "adam", "isgd-adam")
+OPTIMIZERS = (  # BASE, or METHOD-BASE (the method alone: over sgd); isgd.training.relatives
+    *("sgd", "isgd", "nesterov", "isgd-nesterov", "adam", "isgd-adam", "adamw", "isgd-adamw"),
+    *("skipstep", "skipstep-nesterov", "skipstep-adam", "skipstep-adamw", "selective-backprop"),
+    *("selective-backprop-nesterov", "selective-backprop-adam", "selective-backprop-adamw"),
+)
 LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
 # upper bounds of the counts (documented in README "Configuration"): far beyond any real run, and
 # small enough that every count, and every seed derived from ``seed`` (seed·1_000_003 + stream, the
@@ -73,6 +77,7 @@ class TrainConfig:
     power: float = 0.75
     step_size: int = 10_000  # step policy: iterations between drops
     milestones: list[int] = dataclasses.field(default_factory=list)  # multistep policy
+    warmup: int = 0  # iterations of linear warm-up of the learning rate (under any policy)
     # ISGD (ignored by sgd / nesterov / adam)
     sigma_factor: float = 3.0
     max_extra_iters: int = 5
@@ -83,6 +88,22 @@ class TrainConfig:
     # variant, not the paper's method: a batch whose loss is below this quantile of the window
     # gets its forward pass only (no backward, no update); 0: off
     lower_quantile: float = 0.0
+    # ISGD's relatives, arms of isgd compare (isgd.training.relatives; ignored by other arms):
+    # skipstep: no update when the loss (and with skip_grad_norm the gradient norm) is above
+    # mean + skip_sigma_factor·σ of the last skip_window steps (OLMo-core's SkipStepOptimizer)
+    skip_sigma_factor: float = 6.0
+    skip_window: int = 128
+    skip_grad_norm: bool = False
+    # selective-backprop: back-propagate the fraction keep of a batch, drawn by loss percentile,
+    # from keep_start to keep_end of the run, every batch but each keep_interrupt-th (Composer's)
+    keep: float = 0.5
+    keep_start: float = 0.5
+    keep_end: float = 0.9
+    keep_interrupt: int = 2  # 0: every batch in [keep_start, keep_end)
+    # random controls (0: off): this fraction of the steps forward-only, drawn at random; this
+    # fraction of a batch kept at random, on the selective-backprop schedule (keep_*)
+    random_skip_steps: float = 0.0
+    random_keep: float = 0.0
     # data
     normalize: str = "scale"  # scale (Caffe LeNet, x/256) | standardize | mean_subtract
     augment: bool = False  # random crop (padding 4, or crop_size) and horizontal flip
@@ -169,6 +190,7 @@ class TrainConfig:
             value = getattr(self, key)  # a count no run reaches, or one torch cannot hold
             need(abs(value) <= MAX_ITERS, key, "must be <= 10**12")
         need(self.step_size >= 1, "step_size", "must be >= 1")
+        need(self.warmup >= 0, "warmup", "iterations of warm-up, >= 0 (0: none)")
         for key in ("lr", "momentum", "weight_decay", "gamma", "power", "eps", "epochs"):
             value = getattr(self, key)
             need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
@@ -205,6 +227,9 @@ class TrainConfig:
         )
         if self.lower_quantile > 0:
             need(self.uses_isgd, "lower_quantile", "a variant of ISGD: needs an isgd optimizer")
+        from isgd.training.relatives import check_config
+
+        check_config(self, need)
         need(self.device in ("cpu", "cuda"), "device", "one of cpu, cuda")
         need(
             math.isfinite(self.target) and self.target >= 0,
@@ -305,6 +330,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_every=10_000,
         target=0.56,
     ),
+    # a character-level GPT (≈ 1M parameters, context 128) on Shakespeare's works, nanoGPT's
+    # shakespeare_char recipe (AdamW, warm-up, cosine decay) scaled to minutes on one CPU thread:
+    # 1,200 steps of 16 windows (≈ 2.5M characters, half an epoch), where small batches and a
+    # high rate learn fastest (README); ISGD's chart over the last 128 batches, as SkipStep's,
+    # since one epoch's would never fill (isgd.training.workloads; `isgd data fetch shakespeare`)
+    "charlm-shakespeare": dict(
+        workload="isgd.training.workloads:charlm_shakespeare",
+        optimizer="isgd-adamw",
+        batch_size=16,
+        lr=1e-2,
+        weight_decay=0.1,
+        lr_policy="cosine",
+        warmup=100,
+        iters=1200,
+        window=128,
+        validation=967,  # the validation text's windows, at the end of the training set
+        eval_every=150,
+        eval_batch_size=250,
+        checkpoint_every=400,
+    ),
 }
 
 
@@ -316,7 +361,19 @@ def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
     decayed as the full one does — ``inv`` :math:`(1 + γ t/b)^{−p}`, ``step`` and ``multistep``
     drop at ``b·step_size`` and ``b·m`` (to the nearest iteration at or after), ``cosine``
     spans ``total`` (already the compressed length). ``fixed`` has nothing to decay.
+
+    ``warmup`` W > 0 multiplies the policy's factor by the linear ramp ``min(1, (s + 1/b) / W)``
+    (the full run's time, so ``b·W`` iterations at budget b): the first iteration runs at
+    ``1/W`` of the rate, iteration W − 1 and every later one at the policy's.
     """
+    factor = _policy_factor(config, iteration, total)
+    if config.warmup:
+        ramp = (iteration + 1) / (config.budget * config.warmup)
+        return factor * min(1.0, ramp)
+    return factor
+
+
+def _policy_factor(config: TrainConfig, iteration: int, total: int) -> float:
     policy = config.lr_policy
     s = iteration if config.budget == 1 else iteration / config.budget  # the full run's time
     if policy == "fixed":
@@ -435,12 +492,14 @@ def resolve_config(
         config = apply(config, keys, where)
         if "iters" in keys:  # a later iters replaces an earlier epochs
             config.epochs = 0.0
+    own = PRESETS[preset].get("workload", "") if preset else ""
+    given = [keys["workload"] for keys, _ in layers if keys.get("workload", "") not in ("", own)]
+    if preset and given:  # a preset's own workload (a config.toml it wrote) is no conflict
+        raise ConfigError(
+            f"preset {preset} names its own model and data, and so does the workload "
+            f"{given[-1]}; give one (the solver keys go as flags or in --config)"
+        )
     if config.workload:
-        if preset:
-            raise ConfigError(
-                f"preset {preset} names its own model and data, and so does the workload "
-                f"{config.workload}; give one (the solver keys go as flags or in --config)"
-            )
         from isgd.training.workload import resolve_spec
 
         config.workload = resolve_spec(config.workload)

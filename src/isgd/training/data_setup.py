@@ -89,8 +89,15 @@ class ImageSplit(Dataset[tuple[Tensor, Tensor]]):
         self.pre.load_state_dict(state)
 
 
-def _weighted_cross_entropy(logits: Tensor, y: Tensor, *, weight: Tensor) -> Tensor:
-    """``(1/B) Σ_i w_{y_i} ℓ_i`` (the weights average 1 over the training set)."""
+def _weighted_cross_entropy(
+    logits: Tensor, y: Tensor, *, weight: Tensor, reduction: str = "mean"
+) -> Tensor:
+    """``(1/B) Σ_i w_{y_i} ℓ_i`` (the weights average 1 over the training set); with
+    ``reduction="none"`` the terms ``w_{y_i} ℓ_i`` (selective backprop's per-example losses)."""
+    if reduction == "none":
+        return F.cross_entropy(logits, y, weight=weight, reduction="none")
+    if reduction != "mean":
+        raise ValueError(f"Invalid reduction: {reduction!r} (mean or none)")
     return F.cross_entropy(logits, y, weight=weight, reduction="sum") / len(y)
 
 

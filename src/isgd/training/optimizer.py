@@ -8,22 +8,32 @@ import torch
 from torch import nn
 
 from isgd.optim import ISGD
+from isgd.training import relatives
 from isgd.training.config import TrainConfig
 
 __all__ = ["build_optimizer"]
 
 
 def build_optimizer(
-    config: TrainConfig, model: nn.Module, n_b: int, *, data_parallel: bool = False
+    config: TrainConfig,
+    model: nn.Module,
+    n_b: int,
+    *,
+    data_parallel: bool = False,
+    total: int | None = None,
 ) -> ISGD:
-    """ISGD around the base that ``config.optimizer`` names; ``sgd``, ``nesterov`` and ``adam``
-    are ``ISGD(base, max_extra_iters=0)``, the base optimizer exactly (its chart only records).
-    ``data_parallel``: decisions read the process-group mean loss (ISGD's ``sync_loss``)."""
-    family = config.optimizer.removeprefix("isgd").lstrip("-") or "sgd"
+    """ISGD around the base that ``config.optimizer`` names (``METHOD-BASE``, the method alone
+    over SGD); ``sgd``, ``nesterov``, ``adam`` and ``adamw`` are ``ISGD(base,
+    max_extra_iters=0)``, the base optimizer exactly (its chart only records), as are the
+    relatives' (:mod:`isgd.training.relatives`: SkipStep's rule, the random forward-only steps of
+    ``random_skip_steps`` over the run's ``total`` steps). ``data_parallel``: decisions read the
+    process-group mean loss (ISGD's ``sync_loss``)."""
+    family = relatives.base_family(config.optimizer)[1]
     base: type[torch.optim.Optimizer]
     kwargs: dict[str, Any]
-    if family == "adam":
-        base, kwargs = torch.optim.Adam, dict(lr=config.lr, weight_decay=config.weight_decay)
+    if family in ("adam", "adamw"):
+        base = torch.optim.Adam if family == "adam" else torch.optim.AdamW
+        kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
     else:
         base = torch.optim.SGD
         kwargs = dict(
@@ -37,6 +47,10 @@ def build_optimizer(
         from isgd.forward_only import ForwardOnlyISGD
 
         optimizer, kwargs["lower_quantile"] = ForwardOnlyISGD, config.lower_quantile
+    relative = relatives.optimizer_class(config, total, data_parallel)
+    if relative is not None:
+        optimizer, extra = relative
+        kwargs |= extra
     return optimizer(
         model.parameters(),
         base,

@@ -1,8 +1,10 @@
 """The training loop behind ``isgd train``: timing, untimed evaluation, checkpoints, records.
 
-The loop stands on the library. Every arm is one :class:`isgd.ISGD` (SGD, Nesterov and Adam are
-``ISGD(base, max_extra_iters=0)``, bit-identical to the bare optimizer), stepped by one closure in
-one process and under data parallelism; ISGD's collective (:class:`isgd.collective.LossSync`)
+The loop stands on the library. Every arm is one :class:`isgd.ISGD` (SGD, Nesterov, Adam and
+AdamW are ``ISGD(base, max_extra_iters=0)``, bit-identical to the bare optimizer), stepped by one
+closure in one process and under data parallelism (:meth:`Trainer.step`; selective backprop's
+step, picked once as the run's step strategy, :mod:`isgd.training.relatives`, runs that closure
+on the kept part of the batch); ISGD's collective (:class:`isgd.collective.LossSync`)
 makes the ranks decide alike, its ``nonfinite`` policy drives ``on_nonfinite``, its step record
 (``opt.stats.last``) is the ``steps.jsonl`` line and ``ISGDStats.metrics()`` the ``isgd/*``
 figures. An iteration, in the order of :meth:`Trainer.train_iteration`: batch and step (timed)
@@ -46,7 +48,8 @@ from isgd.data import DataSplit
 from isgd.errors import NonFiniteError, RunError, TrainingInterrupted
 from isgd.optim import StepRecord
 from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampler
-from isgd.training import distributed, nonfinite, parallel, runio
+from isgd.spc import finite_loss
+from isgd.training import distributed, nonfinite, parallel, relatives, runio
 from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
 from isgd.training.config import TrainConfig, lr_factor
 from isgd.training.data_setup import build_workload, setup_data
@@ -175,8 +178,9 @@ class Trainer:
         if self.dist is not None:
             parallel.setup(self, shares, sizes)
         self.optimizer = build_optimizer(
-            config, self.model, self.n_b, data_parallel=self.dist is not None
+            config, self.model, self.n_b, data_parallel=self.dist is not None, total=self.total
         )
+        self.strategy = relatives.step_strategy(self)  # ISGD's closure step, or selective backprop
         self.chart = self.optimizer.chart
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: lr_factor(config, t, self.total)
@@ -189,7 +193,11 @@ class Trainer:
         self.run_id: str | None = None  # provenance.json's; checkpoints carry it
         # a skipped batch, or a forward-only step of the lower_quantile variant, must leave
         # BatchNorm's running statistics as they were (frozen_batchnorm_stats in step())
-        self._rewind_batchnorm = config.on_nonfinite == "skip" or config.lower_quantile > 0
+        self._rewind_batchnorm = (
+            config.on_nonfinite == "skip"
+            or config.lower_quantile > 0
+            or relatives.skips_updates(config)
+        )
         self._signals = StopSignals()  # run() installs them; under dist, step() sends the votes
 
     # ------------------------------------------------------------------ one step
@@ -200,26 +208,32 @@ class Trainer:
         x, y = collate(self.workload.train, self._batches[batch_id])
         return epoch, batch_id, x.to(self.device), y.to(self.device)
 
-    def step(self, x: Tensor, y: Tensor) -> StepRecord:
+    def step(self, x: Tensor, y: Tensor, samples: int | None = None) -> StepRecord:
         """One ISGD step on ``(x, y)`` — one closure, in one process and under data parallelism
         (``weight``: this rank's samples, ISGD's all-reduce does the rest); returns its record.
+        ``samples``: the step trains on part of the batch (selective backprop), this many samples
+        on all ranks together, and ``(x, y)`` is this rank's part of them.
         A non-finite regular loss raises ``FloatingPointError`` before any update, or (``skip``)
-        is skipped by ISGD. A forward-only step of the ``lower_quantile`` variant runs no
-        backward, nor does the stop check of an extra iteration (counted as a forward). A skipped
-        or forward-only step leaves BatchNorm's running statistics as they were."""
+        is skipped by ISGD. A forward-only step (the ``lower_quantile`` variant,
+        ``random_skip_steps``) runs no backward, nor does the stop check of an extra iteration
+        (counted as a forward). A skipped (SkipStep's too) or forward-only step leaves BatchNorm's
+        running statistics as they were."""
         opt, net = self.optimizer, self.net
         regular = True
+        weight, scale = self._weight, self._loss_scale
+        if samples is not None and self.dist is not None:  # ψ: the mean over the kept samples
+            weight, scale = float(len(y)), self.world_size / samples
 
         def closure() -> Tensor:
             nonlocal regular
             opt.zero_grad()
-            loss, objective = self._losses(net(x), y)
+            loss, objective = self._losses(net(x), y, scale)
             if regular:
                 regular = False
                 self._regular_loss = loss.detach()  # for the message of a non-finite one
             # the variant's forward-only step, or the stop check of an extra iteration (ψ' ≤
             # limit): that pass's gradient would never be used, so no backward (a forward)
-            if opt.well_trained(loss, weight=self._weight):
+            if opt.well_trained(loss, weight=weight):
                 return loss
             objective.backward()
             return loss
@@ -227,19 +241,26 @@ class Trainer:
         if self.dist is not None:  # the stop votes ride the regular pass's loss all-reduce
             opt.sync.carry(self._signals.votes())
         with frozen_batchnorm_stats(enabled=self._rewind_batchnorm) as batchnorm:
-            opt.step(closure, weight=self._weight)
+            opt.step(closure, weight=weight)
             record = opt.stats.last
             if not (record.skipped or record.forward_only):
                 batchnorm.keep()  # an update was applied: the batch counts in the statistics
         return record
 
-    def _losses(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _losses(self, logits: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """(this process's mean loss ψ_r, what to back-propagate): the workload's batch mean in
-        one process; under data parallelism that mean times n_r·W/B (see :func:`parallel.setup`)."""
+        one process; under data parallelism that mean times n_r·W/B (``scale`` W/B, see
+        :func:`parallel.setup`; W/K for K kept samples)."""
         loss = self.workload.loss(logits, y)
         if self.dist is None:
             return loss, loss
-        return loss.detach(), loss * (len(y) * self._loss_scale)
+        return loss.detach(), loss * (len(y) * scale)
+
+    @property
+    def passes(self) -> int:
+        """Passes over training batches: the optimizer's (``stats.passes``) and the step
+        strategy's own (selective backprop's selection forwards, which run no backward)."""
+        return self.optimizer.stats.passes + self.strategy.forward_passes
 
     # ------------------------------------------------------------------ the run
     def run(self, progress: bool | None = None) -> dict[str, Any]:
@@ -283,7 +304,7 @@ class Trainer:
         start = time.perf_counter()
         epoch, batch_id, x, y = self.batch(st.iteration)
         try:
-            record = self.step(x, y)
+            record = self.strategy.step(self, x, y)
         except FloatingPointError:  # ISGD(nonfinite="raise"): nothing was updated
             raise nonfinite.error(
                 self,
@@ -297,16 +318,16 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         st.train_seconds += time.perf_counter() - start
         st.iteration += 1
-        if record.skipped:
+        if record.skipped and not finite_loss(record.loss):  # ISGD skipped a non-finite loss
             nonfinite.skipped(self, record, epoch, batch_id)
-        else:
+        else:  # SkipStep's skipped steps are finite: their losses count
             st.skipped_in_a_row = 0
             if record.loss == record.loss:  # finite: ISGD skips every other
                 st.interval_loss_sum += record.loss
                 st.interval_steps += 1
 
         line = {"iteration": st.iteration, "epoch": epoch, "batch_id": batch_id}
-        line |= asdict(record) | {"passes": self.optimizer.stats.passes}
+        line |= asdict(record) | {"passes": self.passes} | self.strategy.line()
         self._emit("on_step_end", line)  # the steps.jsonl line, the display, the ranks' CRC
         if st.iteration % cfg.eval_every == 0 or st.iteration == self.total or self._cancelled:
             self.evaluate_and_record()
@@ -374,8 +395,9 @@ class Trainer:
         record = {
             "iteration": st.iteration,
             "epoch": st.iteration / self.n_b,
-            "passes": stats.passes,
+            "passes": self.passes,
             "backward_passes": stats.backward_passes,
+            **self.strategy.figures(self),
             "time/train_seconds": st.train_seconds,
             "train/loss": (st.interval_loss_sum / st.interval_steps) if st.interval_steps else None,
             f"{split}/loss": result.loss,
@@ -394,7 +416,7 @@ class Trainer:
         if cfg.target and not st.target and self.metric.reached(result.metric, cfg.target):
             st.target = {
                 "iteration": st.iteration,
-                "passes": stats.passes,
+                "passes": self.passes,
                 "train_seconds": st.train_seconds,
             }
         self._emit("on_evaluation", record)
@@ -432,6 +454,7 @@ class Trainer:
                 type(c).__name__: c.state_dict() for c in self.callbacks if c.state_dict()
             },
             "torch_rng": torch.get_rng_state(),
+            **({"strategy": strategy} if (strategy := self.strategy.state_dict()) else {}),
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -443,6 +466,7 @@ class Trainer:
         if data_state and hasattr(self.workload.train, "load_state_dict"):
             self.workload.train.load_state_dict(data_state)
         self.state.load_state_dict(checkpoint["loop"])
+        self.strategy.load_state_dict(checkpoint.get("strategy", {}))
         for callback in self.callbacks:
             callback.load_state_dict(checkpoint["callbacks"].get(type(callback).__name__, {}))
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -536,8 +560,9 @@ class Trainer:
             "model": cfg.model if not cfg.workload else None,
             "seed": cfg.seed,
             "iterations": st.iteration,
-            "passes": stats.passes,
+            "passes": self.passes,
             "backward_passes": stats.backward_passes,
+            **self.strategy.figures(self),
             "epochs": st.iteration / self.n_b,
             "n_batches_per_epoch": self.n_b,
             "time/train_seconds": st.train_seconds,
