@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
-from isgd.errors import ConfigError
+from isgd.errors import ConfigError, IsgdError
 
 __all__ = [
     "ACCURACY",
@@ -222,6 +222,8 @@ def load_workload(spec: str, seed: int) -> Workload:
     torch.manual_seed(seed)
     try:
         workload = func(seed)
+    except IsgdError:  # isgd's own one-line errors (a data set to fetch) say what to do already
+        raise
     except Exception as err:  # the user's code: any exception is the workload's fault
         raise WorkloadError(
             f"workload {spec}: {func_name}(seed={seed}) raised {_one_line(err)}{_where(err)}"
