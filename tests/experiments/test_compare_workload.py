@@ -65,7 +65,7 @@ def test_compare_tunes_a_workload_on_a_split_of_its_training_data(tmp_path):
     "extra, expected",
     [
         (["--target", "baseline"], "--target baseline is set on a validation split"),
-        (["--target", "baseline", "--validation", "500", "--seeds", "3"], "needs 5 seeds or more"),
+        (["--target", "baseline", "--validation", "500", "--seeds", "2"], "needs 3 seeds or more"),
         (["--target", "0.3", "--budgets", "0.5,1.5"], "--budgets: fractions of the run in (0, 1]"),
         (["--target", "0.3", "--budgets", "0.5,0.5"], "--budgets repeats a budget"),
         (["--target", "0.3", "--budget", "0.5"], "--budget: a comparison trains at --budgets"),

@@ -1,6 +1,6 @@
 """``isgd`` command line: thin — parse, call the library, turn errors into one line and an exit
 code (``isgd.errors``). One module per subcommand (``data``, ``train``, ``compare``,
-``batch_study``, ``plot``), each with ``add_parser(commands)`` and ``run(args) -> int``.
+``batch_study``, ``plot``, ``table``), each with ``add_parser(commands)`` and ``run(args) -> int``.
 
 isgd data fetch NAME [--data-dir DIR]
 isgd data pack SRC DST [--size S] [--workers N]   (an image folder → packed:DST, e.g. ImageNet)
@@ -8,6 +8,7 @@ isgd train [--preset NAME] [--config FILE.toml] [--optimizer ...] [--iters N | -
 isgd train --resume RUN_DIR
 isgd train --nproc N ...            (or: torchrun --nproc-per-node N -m isgd train ...)
 isgd plot RUN_DIR... [--out DIR]
+isgd table COMPARISON_DIR... [--cost compute|passes|seconds] [--out FILE.md]
 isgd batch-study [--quick] [--out DIR]
 """
 
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from isgd.cli import batch_study, compare, data, plot, train
+from isgd.cli import batch_study, compare, data, plot, table, train
 from isgd.cli.common import DIST_FAILED, USAGE_ERROR, Parser
 from isgd.errors import DataError, DistributedError, IsgdError
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "compare": compare,
     "batch-study": batch_study,
     "plot": plot,
+    "table": table,
 }
 
 
