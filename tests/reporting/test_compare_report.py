@@ -4,7 +4,11 @@ formats: what it says first, how it names its numbers, and the metric it speaks 
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
+
+from isgd.errors import RunError
 from isgd.experiments.compare import retarget
 from isgd.experiments.records import load_records, summarize
 from isgd.reporting.compare_report import coinciding, time_caption
@@ -75,3 +79,15 @@ def test_the_time_figure_says_where_arms_coincide(tmp_path):
     assert "Identical passes to target in every seed: sgd = isgd." in caption
     assert "Identical seconds" not in caption
     assert coinciding(records, ["sgd", "isgd"], "evaluations") == []  # seeds 1, 2 differ
+
+
+def test_retarget_without_the_run_directories_is_one_line_saying_what_it_needs(tmp_path):
+    out = write_comparison(tmp_path / "cmp")
+    copy = tmp_path / "records"  # what docs/results keeps: the records without runs/
+    copy.mkdir()
+    for name in ("runs.jsonl", "summary.json"):
+        (copy / name).write_text((out / name).read_text())
+    shutil.rmtree(out / "runs")
+    with pytest.raises(RunError, match=r"its runs are not here \(.*sgd-seed0 and 5 more\)"):
+        retarget(copy, 0.7)
+    assert not (copy / "target-0.7").exists()

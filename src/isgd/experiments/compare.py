@@ -468,6 +468,14 @@ def retarget(out: Path, target: float) -> Path:
 
 def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     records = load_records(out)
+    missing = [r["run_dir"] for r in records if not Path(r["run_dir"]).is_dir()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise RunError(
+            f"{out}: its runs are not here ({missing[0]}{more}); --retarget reads every run's "
+            "evaluations, so it needs the run directories training left (records copied "
+            "without them, like docs/results, can be tabulated with isgd table)"
+        )
     previous = runio.read_json(summary_path)
     names = list(previous["arms"])
     fresh = [
