@@ -107,3 +107,28 @@ def test_compare_at_budgets_with_a_target_from_the_baseline(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## Quality against cost" in report and "on the validation split" in report
     assert (out / "figures" / "quality_vs_cost.png").is_file()
+
+
+def test_a_resumed_comparison_gives_its_workload_the_data_dir_it_was_started_with(
+    tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+    wrapper, example = tmp_path / "wl.py", str(ROOT / "examples" / "forecast_workload.py")
+    wrapper.write_text(
+        "import importlib.util, os\n"
+        f"spec = importlib.util.spec_from_file_location('fc', {example!r})\n"
+        "fc = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(fc)\n"
+        "def workload(seed):\n"
+        f"    if os.environ.get('ISGD_DATA_DIR') != {str(data)!r}:\n"
+        "        raise RuntimeError(f\"data in {os.environ.get('ISGD_DATA_DIR')}\")\n"
+        "    return fc.workload(seed)\n"
+    )
+    monkeypatch.setenv("ISGD_DATA_DIR", str(tmp_path / "elsewhere"))
+    out, argv = tmp_path / "cmp", ["compare", "--workload", f"{wrapper}:workload", "--seeds", "1"]
+    argv += ["--target", "0.3", "--arm", "sgd", "--iters", "40", "--eval-every", "20"]
+    assert main([*argv, "--data-dir", str(data), "--out", str(out), *COMMON[4:]]) == 0
+    # more seeds, and no --data-dir: the plan's data directory again, not the environment's
+    assert main(["compare", "--resume", str(out), "--seeds", "2", "--no-progress"]) == 0
+    assert len(list(runio.read_jsonl(out / "runs.jsonl"))) == 2
+    assert runio.read_json(out / "plan.json")["data_dir"] == str(data)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from isgd.cli import batch_study, compare, data, plot, table, train
 from isgd.cli.common import DIST_FAILED, USAGE_ERROR, Parser
+from isgd.data.sources import data_dir_env
 from isgd.errors import DataError, DistributedError, IsgdError
 
 log = logging.getLogger("isgd")
@@ -83,24 +83,6 @@ def _report(err: BaseException, rank: int) -> None:
         print(f"isgd[rank {rank}]: error: {err}", file=sys.stderr)
 
 
-@contextmanager
-def _data_dir(data_dir: str | None) -> Iterator[None]:
-    """``--data-dir DIR`` is ``ISGD_DATA_DIR=DIR`` for the command: a workload, which takes only
-    its seed, finds its data there too (``isgd.data.default_data_dir()``)."""
-    if data_dir is None:
-        yield
-        return
-    before = os.environ.get("ISGD_DATA_DIR")
-    os.environ["ISGD_DATA_DIR"] = data_dir
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["ISGD_DATA_DIR"]
-        else:
-            os.environ["ISGD_DATA_DIR"] = before
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     handler = logging.StreamHandler(sys.stderr)
@@ -117,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = COMMANDS[args.command].run
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm(loggers=[root]), _data_dir(getattr(args, "data_dir", None)):
+        with logging_redirect_tqdm(loggers=[root]), data_dir_env(getattr(args, "data_dir", None)):
             return command(args)
     except _training_interrupted() as err:  # logged "interrupted at ...; resume with: ..."
         return 128 + int(getattr(err, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM

@@ -18,6 +18,7 @@ sizes and mtimes only; a file whose size or mtime changed is hashed again. The r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -31,7 +32,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
@@ -62,6 +63,24 @@ def default_data_dir() -> Path:
     """``$ISGD_DATA_DIR`` if set, else ``~/.cache/isgd/data``."""
     env = os.environ.get("ISGD_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "isgd" / "data"
+
+
+@contextlib.contextmanager
+def data_dir_env(data_dir: str | os.PathLike[str] | None) -> Iterator[None]:
+    """``ISGD_DATA_DIR=data_dir`` while the block runs (nothing when None), as it was after: a
+    workload, which takes only its seed, finds its data where the command was told to look."""
+    if data_dir is None:
+        yield
+        return
+    before = os.environ.get("ISGD_DATA_DIR")
+    os.environ["ISGD_DATA_DIR"] = os.fspath(data_dir)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ISGD_DATA_DIR", None)
+        else:
+            os.environ["ISGD_DATA_DIR"] = before
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:

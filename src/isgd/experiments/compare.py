@@ -260,9 +260,12 @@ def run_comparison(
     the first ones only. The directory is locked while this runs (:class:`runio.DirectoryLock`):
     a second process on it stops at once, naming this one.
     """
+    from isgd.data.sources import data_dir_env
+
     lock = runio.DirectoryLock(plan.out, "comparison directory")
     try:
-        return _run_comparison(plan, progress, resume, lock)
+        with data_dir_env(plan.data_dir):  # a workload reads its data there too, on resume as well
+            return _run_comparison(plan, progress, resume, lock)
     finally:
         lock.release()
 
