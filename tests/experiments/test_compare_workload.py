@@ -40,6 +40,7 @@ def test_compare_runs_a_lower_is_better_workload_end_to_end(tmp_path, capsys):
         assert first_evals["sgd", seed]["test/loss"] == first_evals["isgd", seed]["test/loss"]
     assert first_evals["sgd", 0]["test/loss"] != first_evals["sgd", 1]["test/loss"]
     assert "mse" in shown and "accuracy" not in shown.split("## How ISGD behaved")[0]
+    assert "| samples/s |" in shown and "images" not in shown  # a row of a table is no image
 
 
 def test_compare_with_a_workload_needs_a_target(tmp_path, capsys):

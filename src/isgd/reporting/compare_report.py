@@ -354,12 +354,19 @@ def _metric_spec(metric: str) -> tuple[str, float, str]:
     return (".2f", 100.0, " (%)") if metric in PERCENT_METRICS else (".4g", 1.0, "")
 
 
+def _samples(result: dict[str, Any]) -> str:
+    """What a training sample is called: images for the image data sets, samples for a
+    workload (a language model's windows, a user's rows)."""
+    return "samples" if result.get("config", {}).get("workload") else "images"
+
+
 def _summary_table(result: dict[str, Any]) -> list[str]:
     """The top table: passes and their paired interval first, then the final metric and ISGD's
     activity, then seconds — ratios of medians from a shared machine, labelled as such."""
     arms, base = result["arms"], result["baseline"]
     metric = result.get("metric", "accuracy")
     spec, scale, unit = _metric_spec(metric)
+    samples = _samples(result)
     lines = [
         f"Median [min–max] over seeds; a missed target counts as ∞. Against **{base}**: the "
         f"paired ratio {base}/arm of passes, seed by seed (geometric mean [95 % CI], see below); "
@@ -370,7 +377,7 @@ def _summary_table(result: dict[str, Any]) -> list[str]:
         f"| arm | passes to target | passes, paired ratio {base}/arm [95 % CI] | passes: ratio of "
         f"medians / saving | final {_label(metric)}{unit} | trigger rate (%) | extra passes "
         "| time to target (s) | time: ratio of medians / saving (shared machine) | time: per-seed "
-        "ratio, median [min–max] | images/s |",
+        f"ratio, median [min–max] | {samples}/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in arms.items():
@@ -487,10 +494,12 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
     ]
     lines += _identical_section(result)
     lines += _summary_table(result)
+    samples = _samples(result)
     lines += [
         "",
-        "images/s: training images per second of training time (iterations × batch ÷ train "
-        "seconds, evaluation excluded); an extra iteration costs time and brings no new image.",
+        f"{samples}/s: training {samples} per second of training time (iterations × batch ÷ "
+        "train seconds, evaluation excluded); an extra iteration costs time and brings no new "
+        f"{samples[:-1]}.",
     ]
     first = set(identical_notes(result))
     notes = [n for n in noise_notes(result) if n not in first]
