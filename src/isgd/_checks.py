@@ -13,7 +13,7 @@ from torch import Tensor
 from isgd._numbers import is_real as _is_real
 from isgd.collective import Shards, local
 from isgd.solvers import INNER_SOLVERS
-from isgd.spc import check_sigma_factor
+from isgd.spc import MAX_LOSS, check_sigma_factor
 
 NONFINITE = ("raise", "skip")  # what a NaN/inf regular loss does (see ISGD)
 
@@ -80,19 +80,16 @@ def check_closure_given(observed: bool, grad_scaler: object) -> None:
 GradMark = tuple[weakref.ReferenceType[Tensor], int] | None
 
 
-def grad_marks(params: list[Tensor]) -> list[GradMark]:
+def grad_marks(params: list[Tensor], shards: Shards) -> list[GradMark]:
     """The parameters' gradients and their versions, to tell later whether anything
     back-propagated into them since: in place (a new version; a DTensor's is its local
-    shard's), or by putting another tensor there (FSDP1's gradient views)."""
+    shard's), or by putting another tensor there (FSDP1's gradient views). Without DTensors
+    among the parameters (:attr:`Shards.dtensors`) each gradient is its own part."""
+    dtensors = shards.dtensors
     return [
-        None if p.grad is None else (weakref.ref(p.grad), local(p.grad)._version) for p in params
+        None if (g := p.grad) is None else (weakref.ref(g), (local(g) if dtensors else g)._version)
+        for p in params
     ]
-
-
-def _touched(p: Tensor, mark: GradMark) -> bool:
-    """``p.grad`` is not the gradient ``mark`` saw, or has changed since."""
-    grad = p.grad
-    return grad is None or mark is None or mark[0]() is not grad or mark[1] != local(grad)._version
 
 
 def check_no_outside_grads(
@@ -104,7 +101,15 @@ def check_no_outside_grads(
     a rank may hold no slice of a touched gradient)."""
     if marks is None or len(marks) != len(params):
         marks = [None] * len(params)  # nothing to compare with: every gradient counts
-    owners = [p for p, mark in zip(params, marks) if p.grad is not None and _touched(p, mark)]
+    dtensors = shards.dtensors
+    owners = [  # p.grad is not the gradient its mark saw, or has changed since
+        p
+        for p, mark in zip(params, marks)
+        if (g := p.grad) is not None
+        and (
+            mark is None or mark[0]() is not g or mark[1] != (local(g) if dtensors else g)._version
+        )
+    ]
     touched = [p.grad for p in owners if p.grad is not None]
     if (touched or shards.group is not None) and bool(shards.norm(touched, owners) > 0):
         raise RuntimeError(
@@ -113,6 +118,17 @@ def check_no_outside_grads(
             "run every micro-batch inside the closure (docs/integrations.md#gradient-"
             "accumulation), or zero the gradients before step()"
         )
+
+
+def nonfinite_loss_error(psi: float, step: int) -> FloatingPointError:
+    """``ISGD(nonfinite="raise")``: the regular loss ψ of step ``step`` is one the chart does
+    not take (:func:`isgd.spc.finite_loss`), refused before any change."""
+    beyond = f" (beyond ±{MAX_LOSS:g}: non-finite for ISGD)" if math.isfinite(psi) else ""
+    return FloatingPointError(
+        f"ISGD: the batch loss is {psi}{beyond} at step {step}; no update was applied and "
+        "nothing changed. Lower the learning rate or check the batch; ISGD(nonfinite='skip') "
+        "skips such steps instead (counted in stats.nonfinite)"
+    )
 
 
 def check_lr(lr: object) -> None:

@@ -1,6 +1,8 @@
 """ISGD's ``torch.optim`` side: the base optimizer it wraps, its hyper-parameters in the shared
 ``param_groups``, and its ``state_dict`` in torch's shape — the plumbing torch's optimizers leave
-to their ``Optimizer`` base class, kept here so that :mod:`isgd.optim` holds the paper's method.
+to their ``Optimizer`` base class, kept here so that :mod:`isgd.optim` holds the paper's method:
+the parameters of all groups, and the state-initialising step ``torch.distributed.checkpoint``
+runs (:meth:`WrappedOptimizer._initialising_state`) too.
 
 ISGD's hyper-parameters (but the window, the chart's) ride in ``defaults`` and in every parameter
 group, beside the base's, as ``lr`` does, and a scheduler may anneal ``sigma_factor`` as it does
@@ -24,6 +26,7 @@ from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
 from isgd._checks import check_hyper_parameters, check_lr
+from isgd.collective import local
 from isgd.spc import LossControlChart, check_same_window, check_window
 from isgd.stats import ISGDStats
 
@@ -89,6 +92,22 @@ class WrappedOptimizer(Optimizer):
             )
         self.chart = LossControlChart(n, self.chart.sigma_factor)
         self._window_set = True
+
+    def _params(self) -> list[Tensor]:
+        """Every parameter of every group, in order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self._params() if p.grad is not None]
+
+    def _initialising_state(self) -> bool:
+        """A bare ``step()`` with no ``observe()`` before it, every ``lr`` 0 and every gradient
+        zero: what ``torch.distributed.checkpoint`` runs to make the base's state exist before it
+        reads or loads it (``_init_optim_state``). It is the base's step: it creates that state
+        and changes nothing else. Any other bare step without ``observe()`` is refused."""
+        if any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
+            return False
+        return not any(bool(local(g).any()) for g in self._grads())
 
     def _begin_step(self) -> None:
         """At each step's start: the window must be set; and ``_opt_called`` is marked as torch's

@@ -98,7 +98,7 @@ class LossSync:
         if not self.active():
             if outgoing is not None:
                 self.carried = outgoing
-            psi = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            psi = float(loss.item() if isinstance(loss, Tensor) else loss)  # item: no detach
             self.last_inf = bool(found_inf is not None and float(found_inf) > 0)
             return psi, self.last_inf
         w = 1.0 if weight is None else float(weight)
@@ -177,6 +177,15 @@ class Shards:
                 "their mesh): drop it"
             )
         self.group = group
+        #: some parameter is a DTensor (a tensor keeps its class: decided as the parameters
+        #: join, here and in :meth:`join`); without, each tensor is its own part (:func:`local`)
+        self.dtensors = any(map(is_dtensor, params))
+
+    def join(self, params: Sequence[Tensor]) -> int:
+        """Parameters added after construction (``add_param_group``): noted in
+        :attr:`dtensors`; returns their :meth:`numel`."""
+        self.dtensors = self.dtensors or any(map(is_dtensor, params))
+        return self.numel(params)
 
     def numel(self, params: Sequence[Tensor]) -> int:
         """The weights of ``params`` across the ranks, each counted once (one all-reduce for

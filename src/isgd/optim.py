@@ -18,14 +18,14 @@ by steps along
 stopping as soon as :math:`\psi_w(d_t) \le \text{limit}`. ``docs/algorithm.md`` maps the
 paper's symbols to the arguments below. Beside this module: :mod:`isgd.spc` (the chart),
 :mod:`isgd.solvers` (the update of the extra iterations), :mod:`isgd.amp` (GradScaler),
-:mod:`isgd._groups` (parameter groups and ``state_dict``), :mod:`isgd.stats` (the step record),
+:mod:`isgd._groups` (parameter groups and ``state_dict``), :mod:`isgd.stats` (the step record
+and counters), :mod:`isgd._checks` (the checks of arguments and of the closure contract),
 :mod:`isgd.forward_only` (a variant that is not the paper's).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,12 +42,13 @@ from isgd._checks import (
     check_loss,
     check_no_outside_grads,
     grad_marks,
+    nonfinite_loss_error,
 )
 from isgd._groups import Hyper, WrappedOptimizer
 from isgd.batchnorm import frozen_batchnorm_stats
 from isgd.collective import LossSync, Shards, local
 from isgd.solvers import INNER_SOLVERS, InnerSolver, make_solver, momentum_ratio
-from isgd.spc import MAX_LOSS, finite_loss
+from isgd.spc import finite_loss
 from isgd.stats import ISGDStats, StepRecord
 
 __all__ = [
@@ -180,8 +181,9 @@ class ISGD(WrappedOptimizer):
         self.sync = LossSync(process_group, sync_loss)
         self.diagnostics = check_bool(diagnostics, "diagnostics")
         self._wrap(params, base_optimizer, base_kwargs, hyper)  # the base shares its groups
-        self.shards = Shards(shard_group, self._params())  # refuses FSDP1's without the group
-        self._n_w = self.shards.numel(self._params())
+        params = self._params()
+        self.shards = Shards(shard_group, params)  # refuses FSDP1's without the group
+        self._n_w = self.shards.numel(params)
 
         self.stats = ISGDStats()
         self.solver: InnerSolver = make_solver(self.inner_solver, self.base_optimizer)
@@ -201,12 +203,6 @@ class ISGD(WrappedOptimizer):
         """Number of weights :math:`n_w`: all elements of all parameters in all groups — of the
         whole model under sharding (:class:`isgd.collective.Shards`)."""
         return self._n_w
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params() if p.grad is not None]
 
     # ------------------------------------------------------------------ the step
     _step_supports_amp_scaling = True  # GradScaler.step(opt, closure) hands itself to step()
@@ -260,7 +256,7 @@ class ISGD(WrappedOptimizer):
             self.subproblem_grad_()
             self.subproblem_step_()
         amp.share_found_inf(grad_scaler, self, self.sync.last_inf)  # the passes' global OR
-        self._grad_marks = grad_marks(self._params())  # p.grad as step() leaves it
+        self._grad_marks = grad_marks(self._params(), self.shards)  # p.grad as step() leaves it
         return loss
 
     def _closure_free_step(self, grad_scaler: torch.amp.GradScaler | None) -> None:
@@ -273,19 +269,10 @@ class ISGD(WrappedOptimizer):
             return  # no update; gradients, if the loop computed them anyway, are ignored
         found_inf = amp.bare_step_found_inf(self, grad_scaler, self._grads())
         if found_inf is not None and float(found_inf) > 0:
-            self._skip_step()
+            self.stats.skip_last()  # the update just observed is not applied
+            self._limit = None
             return
         self.base_optimizer.step()
-
-    def _initialising_state(self) -> bool:
-        """A bare ``step()`` with no :meth:`observe` before it, every ``lr`` 0 and every
-        gradient zero: what ``torch.distributed.checkpoint`` runs to make the base's state exist
-        before it reads or loads it (``_init_optim_state``). It is the base's step: it creates
-        that state and changes nothing else. Any other bare step without ``observe()`` is
-        refused."""
-        if any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
-            return False
-        return not any(bool(local(g).any()) for g in self._grads())
 
     # ------------------------------------------------------------------ closure-free form
     @torch.no_grad()
@@ -310,24 +297,14 @@ class ISGD(WrappedOptimizer):
         else:
             psi, any_inf = self.sync(loss, weight, found_inf)
         if not finite_loss(psi) and not any_inf and self.nonfinite == "raise":
-            beyond = f" (beyond ±{MAX_LOSS:g}: non-finite for ISGD)" if math.isfinite(psi) else ""
-            raise FloatingPointError(
-                f"ISGD: the batch loss is {psi}{beyond} at step {self.stats.steps + 1}; no update "
-                "was applied and nothing changed. Lower the learning rate or check the batch; "
-                "ISGD(nonfinite='skip') skips such steps instead (counted in stats.nonfinite)"
-            )
+            raise nonfinite_loss_error(psi, self.stats.steps + 1)  # before any change
         self._weight = weight
         record = self._judge(psi, any_inf)
         if not finite_loss(psi) and not any_inf:  # nonfinite="skip"
             record.skipped = True
             self.stats.nonfinite += 1
         self.chart.update(psi)
-
-        self.stats.steps += 1
-        self.stats.passes += 1
-        self.stats.forward_only += record.forward_only
-        self.stats.forward_passes += record.forward_only
-        self.stats.last = record
+        self.stats.count_step(record)
         self._psi = None
         self._observed = True
         if not record.triggered:
@@ -392,14 +369,6 @@ class ISGD(WrappedOptimizer):
         above = not any_inf and psi > self._limit
         self.stats.forward_passes += told and not above  # a stop check without backward()
         return above
-
-    def _skip_step(self) -> None:
-        """The update of the step just observed is not applied (non-finite gradients)."""
-        record = self.stats.last
-        if record.triggered:
-            self.stats.triggers -= 1
-        record.triggered, record.skipped = False, True
-        self._limit = None
 
     @contextlib.contextmanager
     def extra_pass(self) -> Iterator[None]:
@@ -467,9 +436,9 @@ class ISGD(WrappedOptimizer):
         """Parameters added mid-training join :math:`n_w`, the snapshot :math:`w_{t-1}` of a
         step in progress (as they are) and the inner solver's state; gradients they hold already
         are not mistaken for gradients accumulated outside the closure."""
-        self._n_w += self.shards.numel(params)
+        self._n_w += self.shards.join(params)
         if self._grad_marks is not None:
-            self._grad_marks += grad_marks(params)
+            self._grad_marks += grad_marks(params, self.shards)
         if self._w_prev is not None:
             self._w_prev += [
                 local(p).detach().clone(memory_format=torch.preserve_format) for p in params

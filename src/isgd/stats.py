@@ -61,6 +61,22 @@ class ISGDStats:
     def trigger_rate(self) -> float:
         return self.triggers / self.steps if self.steps else 0.0
 
+    def count_step(self, record: StepRecord) -> None:
+        """A step observed: ``record`` becomes :attr:`last`, its regular pass is counted (a
+        forward-only step's as a pass without backward)."""
+        self.steps += 1
+        self.passes += 1
+        self.forward_only += record.forward_only
+        self.forward_passes += record.forward_only
+        self.last = record
+
+    def skip_last(self) -> None:
+        """The last step's update is not applied after all (non-finite gradients found after it
+        was observed): skipped, and no trigger."""
+        if self.last.triggered:
+            self.triggers -= 1
+        self.last.triggered, self.last.skipped = False, True
+
     def metrics(self, prefix: str = "isgd/") -> dict[str, float]:
         """The names every loop logs (``isgd train``, Lightning's ``ISGDCallback``, Hugging
         Face's ``ISGDTrainer``), all cumulative since the start but the last step's ``loss`` (ψ)

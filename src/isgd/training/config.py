@@ -1,7 +1,8 @@
 """Training configuration: defaults ← preset ← TOML file ← command-line overrides.
 
 Every key is a field of :class:`TrainConfig`; unknown keys and wrong types are rejected by name
-(:class:`ConfigError`, one line, which the CLI turns into exit code 2).
+(:class:`ConfigError`, one line, which the CLI turns into exit code 2). A checkpoint resumes
+only under the keys it was written with that are structural (:func:`check_checkpoint_config`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomli_w
 
 from isgd.data import registry as datasets
-from isgd.errors import ConfigError
+from isgd.errors import ConfigError, RunError
 from isgd.optim import INNER_SOLVERS
 from isgd.spc import MAX_WINDOW
 
@@ -35,6 +36,7 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "TrainConfig",
+    "check_checkpoint_config",
     "lr_factor",
     "resolve_config",
 ]
@@ -50,6 +52,18 @@ LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
 # reshuffling and data-variant streams), fits the 64-bit integers torch takes
 MAX_ITERS = 10**12  # iterations (or epochs × batches per epoch), milestones, step_size, ...
 MAX_SEED = 2**32  # seeds are 0 <= seed < 2**32
+
+
+# configuration keys a checkpoint cannot be resumed under once changed
+STRUCTURAL_KEYS = (
+    "workload",
+    "model",
+    "dataset",
+    "optimizer",
+    "batch_size",
+    "crop_size",
+    "window",
+)
 
 
 # on_nonfinite, the command line's word for what a NaN/inf batch loss does, → the library's
@@ -510,3 +524,21 @@ def dump_toml(config: TrainConfig) -> str:
     """The configuration as TOML that ``--config`` reads back."""
     header = "# isgd train configuration (resolved); repeat with: isgd train --config FILE\n"
     return header + tomli_w.dumps(config.to_dict())
+
+
+def check_checkpoint_config(
+    checkpoint: dict[str, Any], config: TrainConfig, where: str, config_file: Path
+) -> None:
+    """RunError unless ``checkpoint`` was written with the model, data set, optimizer and batch
+    size of ``config`` (other keys, e.g. ``iters``, may change between resumes)."""
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return
+    changed = [k for k in STRUCTURAL_KEYS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        was = ", ".join(f"{k} = {saved[k]!r}" for k in changed)
+        now = ", ".join(f"{k} = {getattr(config, k)!r}" for k in changed)
+        raise RunError(
+            f"{where} was written with {was}, but {config_file} now says {now}; put the old "
+            "values back to resume it, or start a new run with --out"
+        )

@@ -5,7 +5,8 @@ file is written beside the old one, flushed, fsynced and renamed over it.
 
 One module for every file of a run directory, because they share that write discipline and one
 error convention (:class:`WriteError`, naming the file and the reason): atomic writes, the JSON
-convention and JSON lines, checkpoints with their digest, the directory lock, provenance.
+convention and JSON lines, checkpoints with their digest, the final ``model.pt``
+(:func:`model_bytes`), the directory lock, provenance.
 """
 
 from __future__ import annotations
@@ -353,6 +354,14 @@ def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep
         with contextlib.suppress(OSError):
             old.unlink()
     return path
+
+
+def model_bytes(model: torch.nn.Module) -> bytes:
+    """``model.pt``: the model's ``state_dict``, contiguous and on the CPU, as ``torch.save``
+    writes it."""
+    buffer = io.BytesIO()
+    torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

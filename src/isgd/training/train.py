@@ -27,12 +27,13 @@ Evaluation is sharded across ranks; rank 0 alone writes files.
 :class:`Trainer` owns the parts a checkpoint composes; their set-up and the concerns beside the
 loop are modules of their own: the data (:mod:`~isgd.training.data_setup`), the optimizer
 (:mod:`~isgd.training.optimizer`), non-finite losses (:mod:`~isgd.training.nonfinite`), the
-data-parallel parts (:mod:`~isgd.training.parallel`), evaluation and signals.
+data-parallel parts (:mod:`~isgd.training.parallel`), evaluation and signals, the configuration a
+checkpoint resumes under (:func:`~isgd.training.config.check_checkpoint_config`), the run's files
+(:mod:`~isgd.training.runio`, ``model.pt`` too).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ from isgd.sampler import DistributedFixedCycleBatchSampler, FixedCycleBatchSampl
 from isgd.spc import finite_loss
 from isgd.training import distributed, nonfinite, parallel, relatives, runio
 from isgd.training.callbacks import Callback, ProgressDisplay, RankAgreement, RunRecords
-from isgd.training.config import TrainConfig, lr_factor
+from isgd.training.config import TrainConfig, check_checkpoint_config, lr_factor
 from isgd.training.data_setup import build_workload, setup_data
 from isgd.training.distributed import DistContext
 from isgd.training.evaluation import Evaluation, evaluate
@@ -71,17 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# configuration keys a checkpoint cannot be resumed under once changed
-_STRUCTURAL_KEYS = (
-    "workload",
-    "model",
-    "dataset",
-    "optimizer",
-    "batch_size",
-    "crop_size",
-    "window",
-)
 
 
 @dataclass
@@ -548,7 +538,7 @@ class Trainer:
         )
         self.ranks.check(self)
         if self.is_main:
-            runio.atomic_write_bytes(self.run_dir / "model.pt", _state_dict_bytes(self.model))
+            runio.atomic_write_bytes(self.run_dir / "model.pt", runio.model_bytes(self.model))
             last = list(runio.read_jsonl(self.run_dir / "metrics.jsonl"))[-1]
         else:
             last = self._last_eval
@@ -589,30 +579,6 @@ class Trainer:
         return summary
 
 
-def check_checkpoint_config(
-    checkpoint: dict[str, Any], config: TrainConfig, where: str, config_file: Path
-) -> None:
-    """RunError unless ``checkpoint`` was written with the model, data set, optimizer and batch
-    size of ``config`` (other keys, e.g. ``iters``, may change between resumes)."""
-    saved = checkpoint.get("config")
-    if not isinstance(saved, dict):
-        return
-    changed = [k for k in _STRUCTURAL_KEYS if k in saved and saved[k] != getattr(config, k)]
-    if changed:
-        was = ", ".join(f"{k} = {saved[k]!r}" for k in changed)
-        now = ", ".join(f"{k} = {getattr(config, k)!r}" for k in changed)
-        raise RunError(
-            f"{where} was written with {was}, but {config_file} now says {now}; put the old "
-            "values back to resume it, or start a new run with --out"
-        )
-
-
 def _state_of(dataset: Any) -> dict[str, Any]:
     """A data set's own ``state_dict()`` (the built-in image data: its augmentation), or {}."""
     return dataset.state_dict() if hasattr(dataset, "state_dict") else {}
-
-
-def _state_dict_bytes(model: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, buffer)
-    return buffer.getvalue()
