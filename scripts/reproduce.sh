@@ -4,6 +4,11 @@
 #
 #   bash scripts/reproduce.sh [main|fashion|ablations|variants|bn|solver|cifar10|imbalance|noise|
 #                              fewer|variant-control|claims|all] (default: all)
+#   bash scripts/reproduce.sh protocol-mnist|protocol-cifar10|protocol-lm|protocol  # (not in all)
+#     ISGD, the forward-only variant and the relatives (SkipStep, Selective Backprop) with their
+#     random controls under the budget-matched protocol, then `isgd table` of the answers
+#     (protocol-cifar10 ≈ 6 h and protocol-mnist ≈ 2 h on one thread; protocol-lm needs
+#     `isgd data fetch shakespeare`, ≈ 1.2 h)
 #   bash scripts/reproduce.sh gpu   # CIFAR-10 on a CUDA GPU (not part of all); minutes on one GPU
 #
 # cifar10 needs CIFAR-10 in the data directory: `isgd data fetch cifar10` (the official tarball) or
@@ -111,6 +116,30 @@ if [[ $what == claims ]]; then  # with fashion, variants and bn: the re-run of d
     --arm isgd-stop1:optimizer=isgd,max_extra_iters=1 \
     --arm isgd-stop3:optimizer=isgd,max_extra_iters=3 \
     --arm isgd-stop10:optimizer=isgd,max_extra_iters=10
+fi
+# The protocol (docs/results.md, "The answer in one table"): every arm at 3 budgets with its
+# schedule compressed and fully decayed, the target from the baseline's seeds on a validation split.
+PROTOCOL=(--budgets 0.25,0.5,1 --target baseline --threads "$THREADS" --no-progress --no-tensorboard)
+RELATIVES=(--arm isgd --arm "fo:optimizer=isgd,lower_quantile=0.2" --arm skipstep
+           --arm selective-backprop --equal-compute)
+if [[ $what == protocol-mnist || $what == protocol ]]; then
+  $ISGD compare --preset lenet-mnist --iters 5000 --eval-every 250 --validation 5000 \
+    --seeds "$SEEDS" "${PROTOCOL[@]}" --arm sgd "${RELATIVES[@]}" --out runs/protocol-mnist
+fi
+if [[ $what == protocol-cifar10 || $what == protocol ]]; then
+  $ISGD compare --preset cifar10-quick --validation 5000 --seeds "$SEEDS" "${PROTOCOL[@]}" \
+    --arm sgd "${RELATIVES[@]}" --out runs/protocol-cifar10
+fi
+if [[ $what == protocol-lm || $what == protocol ]]; then  # 3 seeds: the budget allows no more
+  $ISGD compare --preset charlm-shakespeare --iters 600 --seeds "${LM_SEEDS:-3}" "${PROTOCOL[@]}" \
+    --arm adamw:optimizer=adamw --arm isgd:optimizer=isgd-adamw \
+    --arm skipstep:optimizer=skipstep-adamw \
+    --arm selective-backprop:optimizer=selective-backprop-adamw \
+    --arm random-keep:optimizer=adamw,random_keep=0.5 --out runs/protocol-lm
+fi
+if [[ $what == protocol ]]; then
+  $ISGD table runs/protocol-mnist runs/protocol-cifar10 runs/protocol-lm \
+    --labels "MNIST LeNet,CIFAR-10 quick,Shakespeare char LM" --out runs/protocol-table.md
 fi
 if [[ $what == gpu ]]; then  # claim C3 on CIFAR-10 on a GPU: the reports give images/s per arm
   $ISGD compare --preset cifar10-quick --device cuda --eval-every 200 --no-progress \
