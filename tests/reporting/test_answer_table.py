@@ -72,12 +72,15 @@ def test_rows_are_arms_columns_comparisons_and_unmeasured_cells_a_dash(tmp_path)
         tmp_path / "b",
         summary("charlm", "adamw", {"isgd": ratio(1.25, 1.1, 1.4), "skipstep": ratio(1, 1, 1)}),
     )
-    never = summary("x", "sgd", {"sgd@isgd-passes": dict(n=0)})
+    never = summary("x", "sgd", {"sgd@isgd-passes": dict(n=0), "isgd": ratio(1, 1, 1)})
+    never["arms"]["isgd"]["identical"] = {"untested": "ISGD did not act in any of the 5 seeds"}
     c = write(tmp_path / "c", never)
     table = answer_table([a, b, c])
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | lenet-mnist (vs sgd) | charlm (vs adamw) | x (vs sgd) |"
     assert rows[1].startswith("| isgd | no effect detected") and "**+20.0 %" in rows[1]
+    assert rows[1].endswith("| not tested (see below) |")
+    assert "- isgd on x (vs sgd): not tested — ISGD did not act in any of the 5 seeds" in table
     assert rows[2].startswith("| skipstep | — |")
     assert "sgd@isgd-passes" not in table  # measured nowhere: no row
     relabelled = answer_table([a, b, c], labels=["MNIST", "LM", "X"])

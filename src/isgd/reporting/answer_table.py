@@ -16,7 +16,9 @@ A budget-matched comparison reads the saving where each seed's quality-against-c
 crosses the target (:func:`isgd.experiments.budgets.quality_vs_cost`); a single-budget one reads
 the paired ratio of the cost to reach the target during the run (``passes`` or ``seconds``; it
 has no modelled compute). Seeds where an arm missed the target are counted as the comparison
-counts them (charged their whole run) and said under the table.
+counts them (charged their whole run) and said under the table; an arm that computed what the
+baseline computed in every seed (ISGD that never ran an extra iteration) is "not tested", the
+comparison's reason under the table.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def answer_table(
         cells = []
         for s, label in zip(summaries, labels):
             result = saving_result(s, arm, cost) if arm in s["arms"] else None
+            untested = (s["arms"].get(arm, {}).get("identical") or {}).get("untested")
+            if result and untested:  # e.g. ISGD that never ran an extra iteration
+                cells.append("not tested (see below)")
+                notes.append(f"{arm} on {label}: not tested — {untested}")
+                continue
             cells.append(cell(result) if result else "—")
             if result and (result.get("arm_missed") or result.get("base_missed")):
                 notes.append(
