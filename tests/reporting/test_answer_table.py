@@ -100,3 +100,13 @@ def test_the_command_writes_the_table_and_refuses_a_non_comparison_in_one_line(
     err = capsys.readouterr().err.strip()
     assert err.endswith("has no summary.json (not a finished isgd compare directory)")
     assert len(err.splitlines()) == 1
+
+
+def test_a_one_seed_comparison_as_compare_writes_it_is_read_not_a_traceback(tmp_path) -> None:
+    from isgd.training import runio
+
+    one = summary("lenet-mnist", "sgd", {"isgd": ratio(1.1, math.nan, math.nan)})
+    (tmp_path / "one").mkdir()
+    runio.write_json(tmp_path / "one" / "summary.json", one)  # NaN as the string "nan"
+    table = answer_table([tmp_path / "one"])
+    assert "| isgd | no effect detected (+9.1 % [n/a, n/a]" in table

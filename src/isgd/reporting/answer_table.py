@@ -35,13 +35,13 @@ __all__ = ["answer_table", "cell", "load_summary"]
 
 def load_summary(comparison: Path) -> dict[str, Any]:
     """A finished comparison's ``summary.json``; one :class:`RunError` line otherwise."""
-    import json
+    from isgd.training import runio
 
     path = Path(comparison) / "summary.json"
     if not path.is_file():
         raise RunError(f"{comparison} has no summary.json (not a finished isgd compare directory)")
     try:
-        summary = json.loads(path.read_text())
+        summary = runio.read_json(path)  # "nan"/"inf" strings back to floats
     except (OSError, ValueError) as err:
         raise RunError(f"{path}: cannot be read ({err})") from None
     if not isinstance(summary, dict) or "arms" not in summary or "baseline" not in summary:
