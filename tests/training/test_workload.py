@@ -57,9 +57,12 @@ def train_argv(spec: str, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_classifier_workload_trains_and_records_accuracy(tmp_path):
+def test_a_classifier_workload_trains_and_records_accuracy(tmp_path, capsys):
     spec = f"{write(tmp_path, CLASSIFIER)}:workload"
-    assert main(train_argv(spec, tmp_path / "run", "--lr", "0.1", "--target", "0.5")) == 0
+    argv = train_argv(spec, tmp_path / "run", "--lr", "0.1", "--target", "0.5", "--log-every", "20")
+    assert main(argv) == 0
+    progress = capsys.readouterr().err
+    assert "samples/s" in progress and "img/s" not in progress  # a workload's samples
     summary = runio.read_json(tmp_path / "run" / "summary.json")
     assert summary["metric/name"] == "accuracy" and summary["metric/higher_is_better"]
     assert summary["final/test_metric"] == summary["final/test_accuracy"] > 0.5

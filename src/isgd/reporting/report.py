@@ -44,7 +44,7 @@ def _row_metric(s: dict[str, Any]) -> tuple[str, Any, Any, Any]:
 def runs_table(run_dirs: list[Path]) -> str:
     """A markdown table: one row per run, the figures a reader compares first."""
     rows = [
-        "| run | optimizer | iterations | passes | train s | img/s | metric | final | best "
+        "| run | optimizer | iterations | passes | train s | samples/s | metric | final | best "
         "| triggers | extra iters | to target: s / passes |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]

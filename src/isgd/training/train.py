@@ -357,14 +357,15 @@ class Trainer:
         return self.ranks.digest
 
     def status_line(self, short: bool = False) -> str:
-        """Loss, limit, triggers, images/s (and, unless ``short``, iteration and the run's ETA,
-        :meth:`ProgressDisplay.eta_seconds`)."""
+        """Loss, limit, triggers, samples/s (images/s for the image data sets) and, unless
+        ``short``, iteration and the run's ETA (:meth:`ProgressDisplay.eta_seconds`)."""
         st, limit = self.state, self.chart.limit
+        unit = "samples/s" if self.config.workload else "img/s"
         parts = [
             f"loss {st.interval_loss_sum / max(st.interval_steps, 1):.4f}",
             f"limit {limit:.4f}" if limit is not None else "limit -",
             f"triggers {self.optimizer.stats.triggers}",
-            f"{st.iteration * self.config.batch_size / max(st.train_seconds, 1e-9):,.0f} img/s",
+            f"{st.iteration * self.config.batch_size / max(st.train_seconds, 1e-9):,.0f} {unit}",
         ]
         if short:
             return " ".join(parts)
