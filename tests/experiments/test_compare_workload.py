@@ -81,6 +81,28 @@ def test_compare_protocol_options_refuse_what_they_cannot_do(extra, expected, tm
     assert not (tmp_path / "c").exists()
 
 
+def test_resuming_a_baseline_target_with_fewer_seeds_is_refused_as_a_fresh_comparison(
+    tmp_path, capsys, monkeypatch
+):
+    from isgd.experiments import compare
+    from isgd.training.config import TrainConfig
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    base = TrainConfig(workload=FORECAST, validation=500)
+    arms = [compare.Arm("sgd", {}), compare.Arm("isgd", {"optimizer": "isgd"})]
+    compare.save_plan(
+        compare.ComparisonPlan(base, arms, [0, 1, 2], 0.0, out, target_rule="baseline")
+    )
+    ran = []
+    monkeypatch.setattr(compare, "run_comparison", lambda *a, **k: ran.append(a))
+    rc = main(["compare", "--resume", str(out), "--seeds", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--target baseline needs 3 seeds or more, got 2" in err, err
+    assert len(err.strip().splitlines()) == 1 and not ran
+    assert runio.read_json(out / "plan.json")["seeds"] == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_compare_at_budgets_with_a_target_from_the_baseline(tmp_path, capsys):
     out = tmp_path / "cmp"

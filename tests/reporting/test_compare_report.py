@@ -91,3 +91,16 @@ def test_retarget_without_the_run_directories_is_one_line_saying_what_it_needs(t
     with pytest.raises(RunError, match=r"its runs are not here \(.*sgd-seed0 and 5 more\)"):
         retarget(copy, 0.7)
     assert not (copy / "target-0.7").exists()
+
+
+def test_a_target_from_fewer_baseline_seeds_than_the_protocol_asks_says_so():
+    from isgd.reporting.compare_report import _target_line
+
+    result = {"target": 0.99, "target_rule": "baseline", "config": {"validation": 5000}}
+    line = _target_line({**result, "seeds": [0, 1, 2]})
+    assert line == (
+        "Target validation accuracy **99%** (the worst final validation figure of the baseline's "
+        "seeds: `--target baseline`, from 3 baseline seeds; the protocol asks for 5)"
+    )
+    assert "protocol" not in _target_line({**result, "seeds": [0, 1, 2, 3, 4]})
+    assert "protocol" not in _target_line({"target": 0.99, "seeds": [0, 1]})  # a given target

@@ -21,7 +21,6 @@ from isgd.training.config import FIELDS, PRESETS
 log = logging.getLogger("isgd")
 MAX_SEEDS = 10_000  # --seeds N: runs per arm (each a training run); more is a typo
 MIN_BASELINE_SEEDS = 3  # --target baseline: the fewest seeds a target is set from
-ADVISED_BASELINE_SEEDS = 5  # ... and the fewest the field's protocol asks for
 
 
 def add_parser(commands: Any) -> None:
@@ -179,17 +178,7 @@ def run(args: argparse.Namespace) -> int:
                 "--target baseline is set on a validation split: give --validation N (training "
                 "samples held out, e.g. 5000)"
             )
-        if len(seeds) < MIN_BASELINE_SEEDS:
-            raise UsageError(
-                f"--target baseline needs {MIN_BASELINE_SEEDS} seeds or more, got {len(seeds)}"
-            )
-        if len(seeds) < ADVISED_BASELINE_SEEDS:
-            log.warning(
-                "--target baseline from %d seeds: the protocol asks for %d or more (a target from "
-                "fewer seeds is noisier; say so when you report it)",
-                len(seeds),
-                ADVISED_BASELINE_SEEDS,
-            )
+        _check_baseline_seeds(len(seeds))
         target = 0.0
     else:
         target = args.target if args.target is not None else base.target
@@ -283,6 +272,22 @@ def _check_seeds(args: argparse.Namespace) -> None:
         )
 
 
+def _check_baseline_seeds(n: int) -> None:
+    """``--target baseline`` from ``n`` seeds: fewer than the minimum refused, fewer than the
+    protocol asks for warned of (the report says so too)."""
+    from isgd.reporting.compare_report import ADVISED_BASELINE_SEEDS
+
+    if n < MIN_BASELINE_SEEDS:
+        raise UsageError(f"--target baseline needs {MIN_BASELINE_SEEDS} seeds or more, got {n}")
+    if n < ADVISED_BASELINE_SEEDS:
+        log.warning(
+            "--target baseline from %d seeds: the protocol asks for %d or more (a target from "
+            "fewer seeds is noisier; say so when you report it)",
+            n,
+            ADVISED_BASELINE_SEEDS,
+        )
+
+
 def _check_comparison_dir(path: Path) -> None:
     """``--retarget DIR`` reads a comparison: anything else is named as such."""
     from isgd.experiments.compare import PLAN_FILE
@@ -361,6 +366,8 @@ def _resume_comparison(args: argparse.Namespace, overrides: dict[str, Any]) -> i
     _check_seeds(args)
     plan, _ = load_plan(Path(args.resume))
     seeds = args.seed_list or (plan.seeds if args.seeds is None else list(range(args.seeds)))
+    if plan.target_rule:  # the target is set from the seeds resumed: the fresh path's minimum
+        _check_baseline_seeds(len(seeds))
     plan = dataclasses.replace(plan, seeds=seeds, data_dir=args.data_dir or plan.data_dir)
     run_comparison(plan, progress=args.progress, resume=True)
     return _show_report(plan.out)
