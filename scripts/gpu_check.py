@@ -18,7 +18,8 @@ rewritten after every case, so a run cut short still leaves what it measured.
 Without CUDA it prints one line and exits 0. ``--device cpu`` is the smoke mode: the same cases
 in their CPU forms (``GradScaler("cpu")``, bf16/fp16 autocast on the CPU, ``torch.compile`` with
 ``aot_eager``, Lightning's 16-mixed plugin with a CPU GradScaler, a CPU GradScaler handed to
-accelerate, gloo for the 2-process run), so that every code path here runs where there is no GPU.
+accelerate and to the Hugging Face Trainer's accelerator, gloo for the 2-process run), so that
+every code path here runs where there is no GPU.
 
 Outcomes: ``works``; ``refused`` (ISGD or the framework declined in one line: that line);
 ``failed`` (the error's first line; ``known (issue N): ...`` for a failure an open issue
@@ -692,6 +693,11 @@ def case_hf_fp16(ctx: Ctx) -> tuple[str, dict]:
         use_cpu=not ctx.cuda, fp16=True, disable_tqdm=True, seed=0, logging_steps=5,
     )  # fmt: skip
     trainer = ISGDTrainer(model=model, args=args, train_dataset=Sequences(), optimizers=(opt, None))
+    injected = False
+    if trainer.accelerator.scaler is None and not ctx.cuda:  # accelerate has no CPU scaler:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # hand it
+        trainer.accelerator.native_amp = True  # one, and its unscale and fp16 autocast, as on CUDA
+        injected = True
     try:
         trainer.train()
     except ValueError as exc:
@@ -706,7 +712,7 @@ def case_hf_fp16(ctx: Ctx) -> tuple[str, dict]:
     }
     if ctx.cuda and scaler is None:
         raise CaseFailed(f"fp16 without a GradScaler: {fmt(data)}")
-    note = "" if scaler is not None else " (cpu: accelerate uses no GradScaler)"
+    note = " (cpu: a CPU GradScaler handed to accelerate)" if injected else ""
     return f"ISGDTrainer fp16, 10 steps{note}: {fmt(data)}", data
 
 

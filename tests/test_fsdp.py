@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn import functional as F
 
-from isgd import ISGD
+from isgd import ISGD, amp
+from isgd.collective import local
 from tests import toy
 from tests.fixtures import join_gloo, leave_rank, run_two_ranks
 
@@ -230,6 +232,66 @@ def _outside_grads(kind: str, rank: int) -> str:
     return "not refused"
 
 
+# ------------------------------------------------------------------ with a GradScaler
+SCALE = 2.0**12  # a power of two: scaling and unscaling change no number
+POISON_REGULAR = 2 * toy.N_BATCHES + 2  # the step whose regular pass rank 1 poisons
+
+
+def _scaler(kind: str) -> torch.amp.GradScaler:
+    """isgd's scaler, or FSDP1's own ``ShardedGradScaler`` (it ORs its found-inf flag over the
+    group itself); no growth, so that the scale changes only by back-off."""
+    if kind == "sharded":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler("cpu", init_scale=SCALE, growth_interval=10**6)
+    return amp.GradScaler("cpu", init_scale=SCALE, growth_interval=10**6)
+
+
+def _scaled_closure(model, opt, x, y, scaler, t: int, rank: int, replay: list[int]):
+    """Back-propagates ``scaler.scale(loss)``. Rank 1 alone puts an inf into its part of a
+    gradient, after backward (after the reduce-scatter: rank 0's shards stay finite): in the
+    regular pass of step ``POISON_REGULAR``, and in the second extra pass of the first later
+    step that runs one (its step goes into ``replay``, on every rank: the decisions are alike)."""
+
+    def poison(calls: int) -> bool:
+        regular = t == POISON_REGULAR and calls == 1
+        second_extra = t > POISON_REGULAR and calls == 3 and not replay
+        if second_extra:
+            replay.append(t)
+        return (regular or second_extra) and rank == 1
+
+    def first_local_grad(model):
+        return next(local(p.grad) for p in model.parameters() if local(p.grad).numel())
+
+    return toy.scaled_closure(model, opt, x, y, scaler, poison, first_local_grad)
+
+
+def _run_scaled(kind: str, rank: int, scaler_kind: str = "isgd") -> dict:
+    """``STEPS`` steps of ``opt.step(closure, grad_scaler=scaler)`` then ``scaler.update()``
+    under ``kind``, with rank 1's infs (:func:`_scaled_closure`)."""
+    data = toy.batches(seed=10 + rank)
+    model = _wrap(kind, toy.mlp())
+    opt = _optimizer(kind, model)
+    scaler = _scaler(scaler_kind)
+    replay: list[int] = []
+    records, scales = [], []
+    for t in range(STEPS):
+        x, y = data[t % len(data)]
+        opt.step(_scaled_closure(model, opt, x, y, scaler, t, rank, replay), grad_scaler=scaler)
+        scaler.update()
+        last = opt.stats.last
+        records.append([last.skipped, last.triggered, last.extra_iters, last.loss,
+                        last.loss_after, last.limit])  # fmt: skip
+        scales.append(scaler.get_scale())
+    return {
+        "records": records,
+        "scales": scales,
+        "replay": replay,
+        "weights": _whole_weights(kind, model),
+        "stats": opt.stats.state_dict(),
+    }
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     join_gloo(rank, world, init, timeout=60)
     try:
@@ -238,6 +300,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             started = time.perf_counter()
             results[kind] = _run(kind, rank)
             results[kind]["seconds"] = time.perf_counter() - started
+        for kind, scaler_kind in SCALED:
+            results[f"{kind} {scaler_kind} scaler"] = _run_scaled(kind, rank, scaler_kind)
         results["fsdp2 dcp"] = _run("fsdp2", rank, Path(out, "ckpt-fsdp2"))
         results["fsdp1 dcp flattened"] = _run(
             "fsdp1", rank, Path(out, "ckpt-fsdp1"), flatten_optimizer_state_dict=True
@@ -250,6 +314,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     finally:
         dist.destroy_process_group()
     leave_rank()
+
+
+SCALED = [("ddp", "isgd"), ("fsdp2", "isgd"), ("fsdp1", "isgd"), ("fsdp1", "sharded")]
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +382,31 @@ def test_fsdp1_without_shard_group_is_refused_in_one_line(ranks):
 def test_gradients_accumulated_outside_the_closure_are_refused_on_every_rank(ranks, kind):
     for rank in ranks:
         assert "gradients back-propagated outside the closure" in rank[f"{kind} outside grads"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp2 isgd", "fsdp1 isgd", "fsdp1 sharded"])
+def test_sharded_runs_with_a_grad_scaler_take_ddps_decisions_and_back_off_alike(ranks, kind):
+    """``opt.step(closure, grad_scaler=scaler)`` under FSDP2 and FSDP1 (isgd's scaler, and
+    FSDP1's ShardedGradScaler), with an inf on rank 1 alone in a regular pass and in an extra
+    pass: the same steps as DDP with the same scaler — skipped, stopped, the scale backed off
+    on both ranks alike — and DDP's weights."""
+    ddp = ranks[0]["ddp isgd scaler"]
+    skipped = [t for t, (skip, *_) in enumerate(ddp["records"]) if skip]
+    (replay,) = ddp["replay"]
+    assert skipped == [POISON_REGULAR] and not ddp["records"][POISON_REGULAR][1]
+    assert ddp["records"][replay][1:3] == [True, 1]  # the extra pass's inf ended the step
+    backed_off = [SCALE / 2] * (replay - POISON_REGULAR) + [SCALE / 4] * (STEPS - replay)
+    assert ddp["scales"] == [SCALE] * POISON_REGULAR + backed_off
+    assert ddp["stats"]["triggers"] > 1 and ddp["stats"]["extra_iters"] > 1
+    for rank in ranks:
+        run = rank[f"{kind} scaler"]
+        assert run["scales"] == ddp["scales"] and run["replay"] == ddp["replay"]
+        assert run["stats"] == ranks[0][f"{kind} scaler"]["stats"]  # the ranks alike
+        # skipped, triggered, extra iterations: step by step
+        assert [r[:3] for r in run["records"]] == [r[:3] for r in ddp["records"]]
+        for mine, theirs in zip(run["records"], ddp["records"]):
+            assert _close([x for x in mine[3:] if x is not None],
+                          [x for x in theirs[3:] if x is not None])  # fmt: skip
+        assert all(math.isfinite(w) for w in run["weights"])
+        assert _close(run["weights"], ddp["weights"])

@@ -69,10 +69,10 @@ def make_closure(
     return closure
 
 
-def scaled_closure(model, opt, x, y, scaler, poison=None):
+def scaled_closure(model, opt, x, y, scaler, poison=None, gradient=None):
     """The AMP closure: back-propagates ``scaler.scale(loss)``; ``poison(call)`` True puts an inf
     into the gradients of that call (counted per step from 1), after backward (so after DDP's
-    all-reduce)."""
+    all-reduce): into ``gradient(model)``, by default the first parameter's gradient."""
     calls = 0
 
     def closure():
@@ -82,7 +82,8 @@ def scaled_closure(model, opt, x, y, scaler, poison=None):
         loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         if poison is not None and poison(calls):
-            next(model.parameters()).grad.view(-1)[0] = math.inf
+            grad = gradient(model) if gradient else next(model.parameters()).grad
+            grad.view(-1)[0] = math.inf
         return loss
 
     return closure

@@ -17,9 +17,17 @@ optimizer step:
 4. on a triggered step, up to ``max_extra_iters`` times: replay the micro-batches (ψ′, ∇ψ′;
    BatchNorm statistics frozen), stop once ψ′ ≤ limit, clip ∇ψ′ to ``max_grad_norm``, form ∇φ,
    apply the base update;
-5. the Trainer's LR schedule step — once per regular step — and its logging, to which ISGD's
-   statistics are added (``ISGDStats.metrics()``: the names and meanings ``isgd train`` and
-   Lightning's ``ISGDCallback`` log too, e.g. ``isgd/triggers``, ``isgd/extra_iters``).
+5. the Trainer's LR schedule step — once per regular step, not after a step the scaler
+   skipped — and its logging, to which ISGD's statistics are added (``ISGDStats.metrics()``:
+   the names and meanings ``isgd train`` and Lightning's ``ISGDCallback`` log too, e.g.
+   ``isgd/triggers``, ``isgd/extra_iters``).
+
+fp16 (accelerate's ``GradScaler``): the regular pass's found-inf flag (the scaler's, from the
+Trainer's unscale before clipping) goes to ``observe`` with ψ, so an inf on any rank makes the
+step a skipped one everywhere; the replays unscale with ``ISGD.unscale_`` (an inf ends them);
+and the scaler's ``update()``, which accelerate's optimizer wrapper would call right after the
+base update, waits until the replays are done and reads the OR of every pass's flag, as
+``ISGD.step(closure, grad_scaler=...)`` does (:mod:`isgd.amp`).
 
 The training batches come in ISGD's fixed cycle (one permutation, seeded by ``args.seed``, the same
 every epoch) unless ``fixed_cycle=False``. Pass the optimizer in: ``optimizers=(isgd.ISGD(...),
@@ -36,10 +44,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
+from isgd import amp
 from isgd.optim import ISGD
 
 __all__ = ["ISGDTrainer"]
@@ -104,6 +114,14 @@ class ISGDTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return _FixedOrder(len(dataset), seed=self.args.seed)
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        # after accelerator.prepare, before the LR scheduler wraps the wrapper's step: under
+        # fp16 ISGD takes over accelerate's optimizer step (see _ISGDTrainerOptimizer)
+        wrapper: Any = self.optimizer
+        if type(wrapper) is AcceleratedOptimizer and wrapper.scaler is not None:
+            wrapper.__class__ = _ISGDTrainerOptimizer  # same object: accelerate's lists keep it
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -124,10 +142,23 @@ class ISGDTrainer(Trainer):
         """After the Trainer's clipping, before its optimizer.step(): judge ψ."""
         if self._isgd_loss is None:
             raise RuntimeError("ISGDTrainer: an optimizer step without a training_step")
-        self.isgd.observe(self._isgd_loss)
+        opt = self.isgd
+        # fp16: the Trainer's clipping unscaled the gradients (GradScaler.unscale_, which records
+        # the found-inf flag); the flag travels with ψ, so every rank skips alike
+        found_inf = amp.scaler_found_inf(self.accelerator.scaler, opt)
+        opt.observe(self._isgd_loss, found_inf=found_inf)
+
+    def _isgd_after_step(self) -> None:
+        """After the base update, before the LR schedule: the extra iterations, if triggered,
+        then (fp16) the scaler's update for the whole step."""
+        try:
+            self._isgd_extra_iterations()
+        finally:
+            if isinstance(self.optimizer, _ISGDTrainerOptimizer):
+                self.optimizer.update_scaler()
 
     def _isgd_extra_iterations(self) -> None:
-        """After the base update, before the LR schedule: the extra iterations, if triggered."""
+        """The extra iterations of a triggered step: replays of the step's micro-batches."""
         opt, model = self.isgd, self._isgd_model
         micro, self._isgd_micro, self._isgd_loss = self._isgd_micro, [], None
         if model is None or not opt.stats.last.triggered:
@@ -178,6 +209,14 @@ class _ISGDSteps(TrainerCallback):
         if trainer.accelerator.distributed_type in sharded:  # any other route to them
             engine = trainer.accelerator.distributed_type.value
             raise ValueError(_SHARDED.format(engine=engine))
+        wrapper = trainer.optimizer
+        if getattr(wrapper, "scaler", None) is not None and not _takes_scaler(wrapper):
+            raise RuntimeError(  # create_scheduler() hands it over: an override skipped it
+                "ISGDTrainer: under fp16 ISGD takes over accelerate's optimizer step in "
+                f"create_scheduler(), and this Trainer's optimizer.step() "
+                f"({type(wrapper).__name__}) goes elsewhere: an override of create_scheduler "
+                "must call super().create_scheduler()"
+            )
         loader = kwargs.get("train_dataloader")
         per_epoch = None
         if loader is not None and hasattr(loader, "__len__"):
@@ -208,7 +247,42 @@ class _ISGDSteps(TrainerCallback):
         self.trainer._isgd_observe()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._isgd_extra_iterations()
+        self.trainer._isgd_after_step()
+
+
+def _takes_scaler(wrapper: Any) -> bool:
+    """The Trainer's ``optimizer.step()`` reaches :meth:`_ISGDTrainerOptimizer.step` (an LR
+    scheduler made before the hand-over would call accelerate's own ``step``)."""
+    step = getattr(wrapper, "step", None)
+    return isinstance(wrapper, _ISGDTrainerOptimizer) and (
+        getattr(step, "__func__", None) is _ISGDTrainerOptimizer.step
+        or getattr(step, "__wrapped__", None) is _ISGDTrainerOptimizer.step
+    )
+
+
+class _ISGDTrainerOptimizer(AcceleratedOptimizer):
+    """accelerate's optimizer wrapper around ISGD under fp16 (a ``GradScaler``), as
+    :class:`ISGDTrainer` steps it: accelerate's own ``step`` hides the scaler from ISGD and calls
+    ``scaler.update()`` at once, before the extra iterations, so that an inf in a replay would
+    not back the scale off, and reports no skipped step to the LR schedule (ISGD is called
+    either way). Here the Trainer's bare ``step()`` is ``ISGD.step(grad_scaler=scaler)`` (the
+    base update, or none after an inf), and :meth:`update_scaler` runs after the replays."""
+
+    optimizer: ISGD
+
+    def step(self, closure: Any = None) -> Any:
+        if not self.gradient_state.sync_gradients:  # as accelerate: no step mid-accumulation
+            return None
+        result = self.optimizer.step(closure, grad_scaler=self.scaler)
+        self._is_overflow = self.optimizer.stats.last.skipped  # the Trainer's LR schedule reads it
+        return result
+
+    def update_scaler(self) -> None:
+        """The step's ``scaler.update()``, with the found-inf flag of all its passes on all
+        ranks (ISGD's decision: :func:`isgd.amp.share_found_inf`)."""
+        opt, scaler = self.optimizer, self.scaler
+        amp.share_found_inf(scaler, opt, opt.sync.last_inf)
+        scaler.update()
 
 
 class _FixedOrder(Sampler[int]):
