@@ -771,3 +771,33 @@ def test_groups_disagreeing_on_an_isgd_hyper_parameter_are_refused():
             lr=0.1,
             window=4,
         )
+
+
+def test_loss_closure_takes_the_decisions_of_the_hand_written_closure():
+    """``isgd.loss_closure`` is torch's closure contract: the same run, bit for bit, as the
+    closure written by hand (``toy.make_closure``), extra iterations included."""
+    import isgd
+
+    runs = []
+    for by_hand in (True, False):
+        model = toy.mlp()
+        opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+        for x, y in toy.batches() * 10:
+            if by_hand:
+                closure = toy.make_closure(model, x, y, opt.zero_grad)
+            else:
+                closure = isgd.loss_closure(opt, lambda: F.cross_entropy(model(x), y))
+            opt.step(closure)
+        runs.append((opt.stats.triggers, opt.stats.extra_iters, list(model.parameters())))
+    (triggers, extra, weights), (triggers_2, extra_2, weights_2) = runs
+    assert triggers > 0 and extra > 0 and (triggers, extra) == (triggers_2, extra_2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_2))
+
+
+def test_loss_closure_refuses_a_loss_that_is_not_a_function():
+    import isgd
+
+    model = toy.mlp()
+    opt = ISGD(model.parameters(), lr=0.1, window=4)
+    with pytest.raises(TypeError, match="loss must be a function of no arguments"):
+        isgd.loss_closure(opt, F.cross_entropy(model(toy.batches()[0][0]), toy.batches()[0][1]))
