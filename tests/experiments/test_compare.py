@@ -431,3 +431,31 @@ def test_noise_notes_name_idle_arms_and_intervals_that_contain_one():
         "isgd never triggered: the same computation as sgd; any gap is noise",
         "isgd-k1 vs sgd: within the seeds' noise in passes (paired 95 % interval contains 1)",
     ]
+
+
+def test_a_run_with_a_finished_run_s_configuration_is_a_copy_not_trained_again(
+    tiny_idx_dir, tmp_path
+):
+    """SkipStep cannot skip before half its 128-step window fills, so its random control skips 0
+    steps: SGD's configuration, key for key; so is SGD at the passes of an ISGD that runs no
+    extra iteration. Both are copies of SGD's run; the arms themselves are trained."""
+    out = tmp_path / "cmp"
+    argv = (
+        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+        "--lr 0.05 --lr-policy fixed --iters 60 --eval-every 15 --threads 1 --no-tensorboard "
+        f"--seeds 1 --target 0.2 --no-progress --equal-compute --out {out} --arm sgd "
+        "--arm skipstep --arm isgd0:optimizer=isgd,max_extra_iters=0"
+    ).split()
+    assert main(argv) == 0
+    runs = out / "runs"
+    for control in ("random-skip@skipstep-seed0", "sgd@isgd0-passes-seed0"):
+        assert runio.read_json(runs / control / "copied_from.json")["run"] == "sgd-seed0"
+        assert (runs / control / "model.pt").read_bytes() == (
+            runs / "sgd-seed0" / "model.pt"
+        ).read_bytes()
+        assert not (runs / control / "checkpoints").exists()
+    for arm in ("sgd-seed0", "skipstep-seed0", "isgd0-seed0"):
+        assert not (runs / arm / "copied_from.json").exists()
+    records = {r["arm"]: r for r in runio.read_jsonl(out / "runs.jsonl")}
+    assert records["random-skip@skipstep"]["passes"] == records["sgd"]["passes"] == 60
+    assert records["sgd@isgd0-passes"]["final_metric"] == records["sgd"]["final_metric"]

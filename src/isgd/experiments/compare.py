@@ -325,17 +325,28 @@ def _run_comparison(
     raw = runio.JsonlWriter(plan.out / "runs.jsonl")
     started, ran = time.perf_counter(), 0
 
+    computed: list[tuple[TrainConfig, Path]] = []  # the finished runs' configurations
+
     def run_one(arm: Arm, seed: int, budget: float = 1.0) -> dict[str, Any]:
         nonlocal ran
+        config, run_dir = (
+            _run_config(plan, arm, seed, lrs, budget),
+            plan.run_dir(arm.name, seed, budget),
+        )
         record = done.get((arm.name, seed, budget))
         if record is None:
-            _train_or_continue(plan, arm, seed, lrs, data, budget)
+            twin = next((d for c, d in computed if c == config), None)
+            if twin is None:
+                _train_or_continue(config, run_dir, data)
+                ran += 1
+            else:  # e.g. a random control of an arm that skipped nothing: the twin's computation
+                _copy_run(twin, run_dir)
             target = math.nan if plan.target_rule else plan.target  # nan: set after the runs
-            record = run_record(arm.name, seed, plan.run_dir(arm.name, seed, budget), target)
+            record = run_record(arm.name, seed, run_dir, target)
             record["budget"] = budget
             raw.write_line(record_line(record))
             raw.flush()
-            ran += 1
+        computed.append((config, run_dir))
         records.append(record)
         bar.update(1)
         _log_run(record, len(records), n_runs, started, ran)
@@ -425,27 +436,45 @@ def _quality_vs_cost(records, plan: ComparisonPlan, higher_is_better: bool) -> d
     return quality_vs_cost(planned, names, plan.target, higher_is_better, plan.forward_cost)
 
 
-def _train_or_continue(
-    plan: ComparisonPlan,
-    arm: Arm,
-    seed: int,
-    lrs: dict[str, float],
-    data: DataSplit | None,
-    budget: float = 1.0,
-) -> None:
+def _run_config(
+    plan: ComparisonPlan, arm: Arm, seed: int, lrs: dict[str, float], budget: float = 1.0
+) -> TrainConfig:
+    """The configuration ``arm`` trains with for ``seed`` at ``budget`` (its tuned rate, if any)."""
+    extra: dict[str, Any] = {"lr": lrs[arm.name]} if arm.name in lrs else {}
+    if budget != 1:
+        extra["budget"] = budget
+    return _arm_config(plan, arm, seed, **extra)
+
+
+def _train_or_continue(config: TrainConfig, run_dir: Path, data: DataSplit | None) -> None:
     """Train one run, or finish it if an earlier invocation left it with a checkpoint."""
     from isgd.training.lifecycle import resume, train
 
-    run_dir = plan.run_dir(arm.name, seed, budget)
     if (run_dir / "summary.json").is_file():
         return  # finished, but stopped before its record was written
     if (run_dir / "config.toml").is_file():
         resume(run_dir, data=data, progress=False)
         return
-    extra: dict[str, Any] = {"lr": lrs[arm.name]} if arm.name in lrs else {}
-    if budget != 1:
-        extra["budget"] = budget
-    train(_arm_config(plan, arm, seed, **extra), run_dir, data=data, progress=False)
+    train(config, run_dir, data=data, progress=False)
+
+
+def _copy_run(twin: Path, run_dir: Path) -> None:
+    """A run whose configuration equals a finished one's in every key (the same seed, data and
+    schedule: the same computation, bit for bit) is not trained again: ``run_dir`` becomes a
+    copy of ``twin`` (its checkpoints left out), with ``copied_from.json`` saying so."""
+    import shutil
+
+    if (run_dir / "summary.json").is_file():
+        return
+    log.info("%s: the configuration of %s, not trained again (a copy)", run_dir.name, twin.name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted copy
+    shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("checkpoints", ".lock", "*.tmp"))
+    (run_dir / "summary.json").unlink()  # written last: a copy stopped midway is made again
+    runio.write_json(
+        run_dir / "copied_from.json",
+        {"run": twin.name, "why": "identical configuration: the same computation"},
+    )
+    shutil.copy2(twin / "summary.json", run_dir / "summary.json")
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
