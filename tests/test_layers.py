@@ -16,7 +16,7 @@ import isgd
 LIBRARY = {
     *("isgd", "isgd.optim", "isgd.spc", "isgd.sampler", "isgd.collective", "isgd.errors"),
     *("isgd.amp", "isgd.solvers", "isgd.batchnorm", "isgd.forward_only"),
-    *("isgd._numbers", "isgd._checks", "isgd._groups", "isgd.stats"),
+    *("isgd._numbers", "isgd._checks", "isgd._groups", "isgd.stats", "isgd.closures"),
 }
 HEAVY = {
     "matplotlib",
@@ -104,7 +104,7 @@ def test_the_command_line_says_what_to_install_when_the_app_extra_is_missing(tmp
 RANKS = {
     "optim": 0, "spc": 0, "sampler": 0, "collective": 0, "errors": 0, "_numbers": 0,
     "amp": 0, "solvers": 0, "batchnorm": 0, "forward_only": 0, "_checks": 0, "_groups": 0,
-    "stats": 0,
+    "stats": 0, "closures": 0,
     "integrations": 1, "data": 1, "models": 1,
     "training": 2, "reporting": 3, "experiments": 4, "cli": 5, "console": 5, "__main__": 5,
 }  # fmt: skip

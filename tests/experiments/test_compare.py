@@ -433,29 +433,66 @@ def test_noise_notes_name_idle_arms_and_intervals_that_contain_one():
     ]
 
 
-def test_a_run_with_a_finished_run_s_configuration_is_a_copy_not_trained_again(
+def test_a_control_with_a_finished_run_s_configuration_is_a_copy_not_trained_again(
     tiny_idx_dir, tmp_path
 ):
     """SkipStep cannot skip before half its 128-step window fills, so its random control skips 0
     steps: SGD's configuration, key for key; so is SGD at the passes of an ISGD that runs no
-    extra iteration. Both are copies of SGD's run; the arms themselves are trained."""
-    out = tmp_path / "cmp"
-    argv = (
-        f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
-        "--lr 0.05 --lr-policy fixed --iters 60 --eval-every 15 --threads 1 --no-tensorboard "
-        f"--seeds 1 --target 0.2 --no-progress --equal-compute --out {out} --arm sgd "
-        "--arm skipstep --arm isgd0:optimizer=isgd,max_extra_iters=0"
-    ).split()
-    assert main(argv) == 0
-    runs = out / "runs"
-    for control in ("random-skip@skipstep-seed0", "sgd@isgd0-passes-seed0"):
-        assert runio.read_json(runs / control / "copied_from.json")["run"] == "sgd-seed0"
-        assert (runs / control / "model.pt").read_bytes() == (
-            runs / "sgd-seed0" / "model.pt"
-        ).read_bytes()
-        assert not (runs / control / "checkpoints").exists()
-    for arm in ("sgd-seed0", "skipstep-seed0", "isgd0-seed0"):
-        assert not (runs / arm / "copied_from.json").exists()
-    records = {r["arm"]: r for r in runio.read_jsonl(out / "runs.jsonl")}
-    assert records["random-skip@skipstep"]["passes"] == records["sgd"]["passes"] == 60
-    assert records["sgd@isgd0-passes"]["final_metric"] == records["sgd"]["final_metric"]
+    extra iteration. One of each pair is a copy of the other: seed 1 runs the arms in reverse
+    order, so there SGD comes last and is the copy of a control."""
+
+    def compare(out, *arms):
+        argv = (
+            f"compare --dataset idx:{tiny_idx_dir} --model mlp --batch-size {TINY['batch']} "
+            "--lr 0.05 --lr-policy fixed --iters 60 --eval-every 15 --threads 1 "
+            f"--no-tensorboard --seeds 2 --target 0.2 --no-progress --equal-compute --out {out} "
+            "--arm sgd --arm skipstep --arm isgd0:optimizer=isgd,max_extra_iters=0"
+        ).split()
+        assert main([*argv, *arms]) == 0
+        runs = out / "runs"
+        copies = {d.name: runio.read_json(d / "copied_from.json")["run"] for d in runs.iterdir()
+                  if (d / "copied_from.json").is_file()}  # fmt: skip
+        for copy, twin in copies.items():
+            assert (runs / copy / "model.pt").read_bytes() == (
+                runs / twin / "model.pt"
+            ).read_bytes()
+            assert not (runs / copy / "checkpoints").exists()
+        assert not list(runs.glob("*.copy"))
+        records = {(r["arm"], r["seed"]): r for r in runio.read_jsonl(out / "runs.jsonl")}
+        return copies, records, (out / "report.md").read_text()
+
+    copies, records, report = compare(tmp_path / "cmp")
+    assert copies == {
+        "random-skip@skipstep-seed0": "sgd-seed0",
+        "sgd@isgd0-passes-seed0": "sgd-seed0",
+        "random-skip@skipstep-seed1": "sgd@isgd0-passes-seed1",
+        "sgd-seed1": "sgd@isgd0-passes-seed1",
+    }
+    assert records["random-skip@skipstep", 0]["passes"] == records["sgd", 0]["passes"] == 60
+    assert records["sgd", 1]["copied_from"] == "sgd@isgd0-passes-seed1"
+    assert "(copy of sgd-seed0) |" in report and "its seconds are its twin's" in report
+
+    # an A/A check: two arms of one configuration both train, in either order, even where a
+    # control between them is a copy of the first
+    copies, records, _ = compare(tmp_path / "aa", "--arm", "sgd-again:optimizer=sgd")
+    assert not {"sgd-seed1", "sgd-again-seed0", "sgd-again-seed1"} & set(copies)
+    assert copies["random-skip@skipstep-seed1"] == "sgd-again-seed1"
+    assert records["sgd-again", 0]["final_metric"] == records["sgd", 0]["final_metric"]
+
+
+def test_a_copy_stopped_midway_leaves_no_run_and_is_made_again(tmp_path):
+    from isgd.experiments.compare import _copy_run
+
+    twin = tmp_path / "runs" / "sgd-seed0"
+    (twin / "checkpoints").mkdir(parents=True)
+    for name in ("summary.json", "metrics.jsonl", "model.pt"):
+        (twin / name).write_text(name)
+    run_dir = tmp_path / "runs" / "random-skip@skipstep-seed0"
+    (run_dir.with_name(run_dir.name + ".copy")).mkdir()  # a copy killed midway
+    (run_dir.with_name(run_dir.name + ".copy") / "summary.json").write_text("half")
+    _copy_run(twin, run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "copied_from.json", "metrics.jsonl", "model.pt", "summary.json",
+    ]  # fmt: skip
+    assert (run_dir / "summary.json").read_text() == "summary.json"
+    assert not run_dir.with_name(run_dir.name + ".copy").exists()

@@ -103,6 +103,10 @@ def test_a_one_seed_comparison_says_it_has_no_interval_not_no_effect(tmp_path) -
     table = answer_table([tmp_path / "one"])  # read, not a traceback
     assert "| isgd | 1 seed: no interval (+9.1 %) |" in table
     assert "no effect detected" not in table
+    # its one seed's cost a bound: the saving says which way
+    one_missed = {**ratio(1.1, math.nan, math.nan, arm_missed=1), "n": 1}
+    assert cell(one_missed) == "1 seed: no interval (≤ +9.1 %)"
+    assert cell({**ratio(0.9, math.nan, math.nan, arm_early=1), "n": 1}).endswith("(≥ -11.1 %)")
 
 
 def test_a_spread_of_zero_drops_the_detectable_tail() -> None:

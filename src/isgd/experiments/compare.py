@@ -325,28 +325,33 @@ def _run_comparison(
     raw = runio.JsonlWriter(plan.out / "runs.jsonl")
     started, ran = time.perf_counter(), 0
 
-    computed: list[tuple[TrainConfig, Path]] = []  # the finished runs' configurations
+    # the finished runs: configuration, directory, and whether a control (--equal-compute)
+    # trained it; a control may be a copy of any of them, an arm only of such a control (so
+    # that two arms of one configuration, an A/A check, both train)
+    computed: list[tuple[TrainConfig, Path, bool]] = []
 
-    def run_one(arm: Arm, seed: int, budget: float = 1.0) -> dict[str, Any]:
+    def run_one(arm: Arm, seed: int, budget: float = 1.0, control: bool = False) -> dict:
         nonlocal ran
         config, run_dir = (
             _run_config(plan, arm, seed, lrs, budget),
             plan.run_dir(arm.name, seed, budget),
         )
         record = done.get((arm.name, seed, budget))
-        if record is None:
-            twin = next((d for c, d in computed if c == config), None)
+        if record is None:  # a control and a run of its configuration: one computation, copied
+            twins = (d for c, d, by in computed if c == config and (control or by))
+            twin = next(twins, None)
             if twin is None:
                 _train_or_continue(config, run_dir, data)
                 ran += 1
             else:  # e.g. a random control of an arm that skipped nothing: the twin's computation
                 _copy_run(twin, run_dir)
+                control = False  # a copy: no arm copies it in turn
             target = math.nan if plan.target_rule else plan.target  # nan: set after the runs
             record = run_record(arm.name, seed, run_dir, target)
             record["budget"] = budget
             raw.write_line(record_line(record))
             raw.flush()
-        computed.append((config, run_dir))
+        computed.append((config, run_dir, control))
         records.append(record)
         bar.update(1)
         _log_run(record, len(records), n_runs, started, ran)
@@ -361,9 +366,10 @@ def _run_comparison(
                     config = _arm_config(plan, arm, seed)
                     if plan.equal_compute and budget == full and config.uses_isgd:
                         steps = record.get("backward_passes", record["passes"])
-                        run_one(_equal_compute_arm(arms, arm, steps, lrs), seed)
+                        run_one(_equal_compute_arm(arms, arm, steps, lrs), seed, control=True)
                     if plan.equal_compute and skips_work(config):
-                        run_one(_random_control(arm, config, record, lrs), seed, budget)
+                        control = _random_control(arm, config, record, lrs)
+                        run_one(control, seed, budget, control=True)
     except TrainingInterrupted:
         log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
         raise
@@ -459,22 +465,26 @@ def _train_or_continue(config: TrainConfig, run_dir: Path, data: DataSplit | Non
 
 
 def _copy_run(twin: Path, run_dir: Path) -> None:
-    """A run whose configuration equals a finished one's in every key (the same seed, data and
-    schedule: the same computation, bit for bit) is not trained again: ``run_dir`` becomes a
-    copy of ``twin`` (its checkpoints left out), with ``copied_from.json`` saying so."""
+    """A control (``--equal-compute``) whose configuration equals a finished run's in every key
+    — the same seed, data and schedule: the same computation, bit for bit where the kernels are
+    deterministic, as on CPU — and a run whose configuration equals a finished control's are
+    not trained twice: ``run_dir`` becomes a copy of ``twin`` (its checkpoints left out), with
+    ``copied_from.json`` saying so. The copy is made beside ``run_dir`` and renamed into place:
+    one stopped midway leaves no run behind."""
     import shutil
 
     if (run_dir / "summary.json").is_file():
         return
     log.info("%s: the configuration of %s, not trained again (a copy)", run_dir.name, twin.name)
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted copy
-    shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("checkpoints", ".lock", "*.tmp"))
-    (run_dir / "summary.json").unlink()  # written last: a copy stopped midway is made again
+    partial = run_dir.with_name(run_dir.name + ".copy")
+    shutil.rmtree(partial, ignore_errors=True)  # a copy stopped midway
+    shutil.copytree(twin, partial, ignore=shutil.ignore_patterns("checkpoints", ".lock", "*.tmp"))
     runio.write_json(
-        run_dir / "copied_from.json",
+        partial / "copied_from.json",
         {"run": twin.name, "why": "identical configuration: the same computation"},
     )
-    shutil.copy2(twin / "summary.json", run_dir / "summary.json")
+    shutil.rmtree(run_dir, ignore_errors=True)  # e.g. the control's run, stopped midway
+    partial.rename(run_dir)
 
 
 def _write_outputs(out: Path, result: dict[str, Any], records, names: list[str]) -> None:
@@ -506,7 +516,7 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
         raise RunError(
             f"{out}: its runs are not here ({missing[0]}{more}); --retarget reads every run's "
             "evaluations, so it needs the run directories training left (records copied "
-            "without them, like docs/results, can be tabulated with isgd table)"
+            "without them, like docs/results, keep the summary they were written with)"
         )
     previous = runio.read_json(summary_path)
     names = list(previous["arms"])
@@ -609,5 +619,9 @@ def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran:
         record["seed"],
         reached,
         format_metric(record.get("metric", "accuracy"), final),
-        f"ETA {eta:.0f} min" if eta is not None else "recorded earlier",
+        f"ETA {eta:.0f} min"
+        if eta is not None
+        else f"a copy of {record['copied_from']}"
+        if record.get("copied_from")
+        else "recorded earlier",
     )

@@ -69,9 +69,10 @@ def load_summary(comparison: Path) -> dict[str, Any]:
     if not _budgeted(summary) and not any("paired" in a for a in arms):
         raise RunError(
             f"{comparison}: no paired savings at the target (a comparison summarised before isgd "
-            "compare recorded them, or one with no arm besides its baseline); re-summarise it "
-            f"from its runs with: isgd compare --retarget {comparison} --target "
-            f"{summary.get('target', 'VALUE')}"
+            "compare recorded them, or one with no arm besides its baseline); where its run "
+            f"directories are kept, isgd compare --retarget {comparison} --target "
+            f"{summary.get('target', 'VALUE')} writes a summary that has them, in "
+            f"{Path(comparison) / 'target-T'}"
         )
     return summary
 
@@ -138,19 +139,24 @@ def cell(result: Mapping[str, Any]) -> str:
     if _neither(result):
         return "neither reached the target"
     saving = 1 - 1 / result["ratio"]
-    if result["n"] == 1:
-        return f"1 seed: no interval ({_pct(saving)})"
+    if result["n"] == 1:  # a bound when its seed's cost is one (the notes say which)
+        bound = "≤ " if _bounded(result, UPPER) else "≥ " if _bounded(result, LOWER) else ""
+        return f"1 seed: no interval ({bound}{_pct(saving)})"
     low, high = (1 - 1 / result[k] if result[k] > 0 else math.nan for k in ("low", "high"))
     interval = f"{_pct(saving)} [{_pct(low)}, {_pct(high)}]"
     if math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0):
-        bounds = UPPER if low > 0 else LOWER
-        why = " and ".join(text for key, text in bounds.items() if result.get(key))
+        why = _bounded(result, UPPER if low > 0 else LOWER)
         if why:
             return f"not shown: {'≤' if low > 0 else '≥'} {interval}, {why} in some seeds"
         return f"**{interval}**"
     detectable = result.get("detectable", math.nan)
     tail = f"; detectable ≥ {100 * (1 - 1 / detectable):.1f} %" if detectable > 1 else ""
     return f"no effect detected ({interval}{tail})"
+
+
+def _bounded(result: Mapping[str, Any], bounds: Mapping[str, str]) -> str:
+    """Why the saving is a bound in the direction of ``bounds`` (``UPPER``/``LOWER``), or ""."""
+    return " and ".join(text for key, text in bounds.items() if result.get(key))
 
 
 def seeds_note(result: Mapping[str, Any], n_seeds: int) -> str:

@@ -461,8 +461,16 @@ def _runs_table(records, metric: str) -> list[str]:
                 else ""
             )
             + f"| {r['triggers']} | {r['extra_passes']} | {r.get('forward_only', 0)} "
-            f"| {before} | {r['train_seconds']:.1f} |"
+            f"| {before} | {r['train_seconds']:.1f}"
+            + (f" (copy of {r['copied_from']})" if r.get("copied_from") else "")
+            + " |"
         )
+    if any(r.get("copied_from") for r in records):
+        lines += [
+            "",
+            "A copy: a run whose configuration is another's of this comparison, key for key — the "
+            "same computation — is copied, not trained again; its seconds are its twin's.",
+        ]
     return lines
 
 
