@@ -68,9 +68,13 @@ def test_lr_schedule_steps_once_per_regular_step(run):
     trainer, _ = run
     assert trainer.isgd.stats.extra_iters > 0
     assert trainer.lr_scheduler.last_epoch == trainer.state.global_step
+    import transformers
+
+    # transformers 5 logs the rate the step used, before the schedule advanced; 4 the rate after
+    used = int(transformers.__version__.split(".")[0]) >= 5
     for h in trainer.state.log_history:
-        if "learning_rate" in h:  # the rate the step used, before the schedule advanced
-            assert h["learning_rate"] == pytest.approx(0.05 * (1 - (h["step"] - 1) / 48))
+        if "learning_rate" in h:
+            assert h["learning_rate"] == pytest.approx(0.05 * (1 - (h["step"] - used) / 48))
 
 
 def test_clipping_bites(run, tmp_path):

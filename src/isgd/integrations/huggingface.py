@@ -115,11 +115,9 @@ class ISGDTrainer(Trainer):
         return _FixedOrder(len(dataset), seed=self.args.seed)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        # after accelerator.prepare, before the LR scheduler wraps the wrapper's step: under
-        # fp16 ISGD takes over accelerate's optimizer step (see _ISGDTrainerOptimizer)
-        wrapper: Any = self.optimizer
-        if type(wrapper) is AcceleratedOptimizer and wrapper.scaler is not None:
-            wrapper.__class__ = _ISGDTrainerOptimizer  # same object: accelerate's lists keep it
+        # transformers 5: after accelerator.prepare, before the LR scheduler wraps the wrapper's
+        # step; under fp16 ISGD takes over accelerate's optimizer step (_ISGDTrainerOptimizer)
+        _hand_over(self.optimizer)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(
@@ -210,6 +208,7 @@ class _ISGDSteps(TrainerCallback):
             engine = trainer.accelerator.distributed_type.value
             raise ValueError(_SHARDED.format(engine=engine))
         wrapper = trainer.optimizer
+        _hand_over(wrapper)  # transformers 4 prepares the optimizer after create_scheduler
         if getattr(wrapper, "scaler", None) is not None and not _takes_scaler(wrapper):
             raise RuntimeError(  # create_scheduler() hands it over: an override skipped it
                 "ISGDTrainer: under fp16 ISGD takes over accelerate's optimizer step in "
@@ -248,6 +247,14 @@ class _ISGDSteps(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._isgd_after_step()
+
+
+def _hand_over(wrapper: Any) -> None:
+    """Under fp16 (accelerate's optimizer wrapper with a GradScaler), ISGD steps the scaler:
+    the wrapper becomes an :class:`_ISGDTrainerOptimizer`, the same object (accelerate's lists
+    keep it)."""
+    if type(wrapper) is AcceleratedOptimizer and wrapper.scaler is not None:
+        wrapper.__class__ = _ISGDTrainerOptimizer
 
 
 def _takes_scaler(wrapper: Any) -> bool:
