@@ -7,7 +7,7 @@
 #   bash scripts/reproduce.sh protocol-mnist|protocol-cifar10|protocol-lm|protocol  # (not in all)
 #     ISGD, the forward-only variant and the relatives (SkipStep, Selective Backprop) with their
 #     random controls under the budget-matched protocol, then `isgd table` of the answers
-#     (protocol-cifar10 ≈ 6 h and protocol-mnist ≈ 2 h on one thread; protocol-lm needs
+#     (protocol-cifar10 ≈ 8 h and protocol-mnist ≈ 2 h on one thread; protocol-lm needs
 #     `isgd data fetch shakespeare`, ≈ 1.2 h)
 #   bash scripts/reproduce.sh gpu   # CIFAR-10 on a CUDA GPU (not part of all); minutes on one GPU
 #
@@ -134,8 +134,8 @@ if [[ $what == protocol-lm || $what == protocol ]]; then  # 3 seeds: the budget 
   $ISGD compare --preset charlm-shakespeare --iters 600 --seeds "${LM_SEEDS:-3}" "${PROTOCOL[@]}" \
     --arm adamw:optimizer=adamw --arm isgd:optimizer=isgd-adamw \
     --arm skipstep:optimizer=skipstep-adamw \
-    --arm selective-backprop:optimizer=selective-backprop-adamw \
-    --arm random-keep:optimizer=adamw,random_keep=0.5 --out runs/protocol-lm
+    --arm selective-backprop:optimizer=selective-backprop-adamw --equal-compute \
+    --out runs/protocol-lm  # controls that repeat AdamW's run (ISGD, SkipStep never act) are copies
 fi
 if [[ $what == protocol ]]; then
   $ISGD table runs/protocol-mnist runs/protocol-cifar10 runs/protocol-lm \
