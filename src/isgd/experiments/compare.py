@@ -622,6 +622,6 @@ def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran:
         f"ETA {eta:.0f} min"
         if eta is not None
         else f"a copy of {record['copied_from']}"
-        if record.get("copied_from")
+        if isinstance(record.get("copied_from"), str)  # null reads back as nan
         else "recorded earlier",
     )
