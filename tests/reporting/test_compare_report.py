@@ -12,6 +12,7 @@ from isgd.errors import RunError
 from isgd.experiments.compare import retarget
 from isgd.experiments.records import load_records, summarize
 from isgd.reporting.compare_report import coinciding, time_caption
+from isgd.training import runio
 from tests.experiments.test_records import records_of, write_comparison
 
 
@@ -91,6 +92,16 @@ def test_retarget_without_the_run_directories_is_one_line_saying_what_it_needs(t
     with pytest.raises(RunError, match=r"its runs are not here \(.*sgd-seed0 and 5 more\)"):
         retarget(copy, 0.7)
     assert not (copy / "target-0.7").exists()
+
+
+def test_retarget_of_a_summary_an_older_compare_wrote_is_one_line(tmp_path):
+    out = write_comparison(tmp_path / "cmp")
+    summary = runio.read_json(out / "summary.json")
+    del summary["arms_spec"]  # summaries before the arms' specification was recorded
+    runio.write_json(out / "summary.json", summary)
+    with pytest.raises(RunError, match=r"summary.json lacks arms_spec \(written by an older"):
+        retarget(out, 0.7)
+    assert not (out / "target-0.7").exists()
 
 
 def test_a_target_from_fewer_baseline_seeds_than_the_protocol_asks_says_so():

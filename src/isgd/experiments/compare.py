@@ -519,6 +519,12 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
             "without them, like docs/results, keep the summary they were written with)"
         )
     previous = runio.read_json(summary_path)
+    lacking = [k for k in ("arms", "seeds", "tuned_lr", "config", "arms_spec") if k not in previous]
+    if lacking:
+        raise RunError(
+            f"{summary_path} lacks {', '.join(lacking)} (written by an older isgd compare): "
+            "--retarget cannot re-summarise it; run the comparison again"
+        )
     names = list(previous["arms"])
     fresh = [
         run_record(r["arm"], r["seed"], Path(r["run_dir"]), target)
