@@ -4,6 +4,7 @@ import copy
 import io
 import os
 import platform
+import re
 
 import pytest
 import torch
@@ -788,10 +789,15 @@ def test_loss_closure_takes_the_decisions_of_the_hand_written_closure():
             else:
                 closure = isgd.loss_closure(opt, lambda: F.cross_entropy(model(x), y))
             opt.step(closure)
-        runs.append((opt.stats.triggers, opt.stats.extra_iters, list(model.parameters())))
-    (triggers, extra, weights), (triggers_2, extra_2, weights_2) = runs
+        runs.append(
+            (opt.stats.triggers, opt.stats.extra_iters, list(model.parameters()), opt.stats)
+        )
+    (triggers, extra, weights, by_hand), (triggers_2, extra_2, weights_2, built) = runs
     assert triggers > 0 and extra > 0 and (triggers, extra) == (triggers_2, extra_2)
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_2))
+    # ... with a backward pass less on each stop check (ψ′ ≤ limit: its gradient unused)
+    assert built.forward_passes > 0 == by_hand.forward_passes
+    assert built.backward_passes == by_hand.backward_passes - built.forward_passes
 
 
 def test_loss_closure_refuses_a_loss_that_is_not_a_function():
@@ -799,5 +805,17 @@ def test_loss_closure_refuses_a_loss_that_is_not_a_function():
 
     model = toy.mlp()
     opt = ISGD(model.parameters(), lr=0.1, window=4)
+    x, y = toy.batches()[0]
     with pytest.raises(TypeError, match="loss must be a function of no arguments"):
-        isgd.loss_closure(opt, F.cross_entropy(model(toy.batches()[0][0]), toy.batches()[0][1]))
+        isgd.loss_closure(opt, F.cross_entropy(model(x), y))
+    with pytest.raises(TypeError, match=r"the optimizer first, not function"):
+        isgd.loss_closure(lambda: F.cross_entropy(model(x), y), opt)  # type: ignore[arg-type]
+    for wrong, got in (
+        (lambda: F.cross_entropy(model(x), y, reduction="none"), "shape (16,)"),
+        (lambda: F.cross_entropy(model(x), y).item(), "float"),
+        (lambda: F.cross_entropy(model(x), y).detach(), "shape () without grad"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"a scalar tensor with a graph .*, not {re.escape(got)}$"
+        ):
+            opt.step(isgd.loss_closure(opt, wrong))

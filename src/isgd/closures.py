@@ -24,16 +24,36 @@ def loss_closure(optimizer: Optimizer, loss: Callable[[], Tensor]) -> Callable[[
     """The closure ``optimizer.zero_grad(); ψ = loss(); ψ.backward(); return ψ``.
 
     ``loss`` computes the batch's scalar loss from the current weights (a forward pass); it is
-    called once per pass, so every extra iteration sees the weights the last one left."""
+    called once per pass, so every extra iteration sees the weights the last one left. With
+    ISGD the closure asks :meth:`~isgd.ISGD.well_trained` before ``backward()``: the pass that
+    ends the extra iterations (ψ′ ≤ limit) returns without one, as its gradient would go
+    unused — the same weights, a backward pass less."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"loss_closure(optimizer, loss): the optimizer first, not {type(optimizer).__name__}"
+        )
     if not callable(loss):
         raise TypeError(
             f"loss_closure(optimizer, loss): loss must be a function of no arguments returning "
             f"the batch's loss (a lambda), not {type(loss).__name__}"
         )
 
+    well_trained = getattr(optimizer, "well_trained", None)  # ISGD's stop check
+
     def closure() -> Tensor:
         optimizer.zero_grad()
         value = loss()
+        if not isinstance(value, Tensor) or value.ndim != 0 or not value.requires_grad:
+            got = (
+                f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            )
+            raise TypeError(
+                "loss_closure: loss() must return the batch's loss as a scalar tensor with a "
+                f"graph (a mean over the batch, e.g. reduction='mean'), not {got}"
+                + (" without grad" if isinstance(value, Tensor) and value.ndim == 0 else "")
+            )
+        if well_trained is not None and well_trained(value):
+            return value  # an extra iteration's stop check: its gradient would go unused
         value.backward()
         return value
 
