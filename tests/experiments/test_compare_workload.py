@@ -40,6 +40,8 @@ def test_compare_runs_a_lower_is_better_workload_end_to_end(tmp_path, capsys):
         assert first_evals["sgd", seed]["test/loss"] == first_evals["isgd", seed]["test/loss"]
     assert first_evals["sgd", 0]["test/loss"] != first_evals["sgd", 1]["test/loss"]
     assert "mse" in shown and "accuracy" not in shown.split("## How ISGD behaved")[0]
+    title = shown.splitlines()[0]  # the workload, not the image keys it replaced
+    assert title.startswith("# isgd compare: sgd, isgd — ") and "lenet" not in title, title
     assert "| samples/s |" in shown and "images" not in shown  # a row of a table is no image
 
 

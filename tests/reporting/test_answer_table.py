@@ -207,6 +207,20 @@ def test_two_comparisons_of_one_preset_get_the_directory_in_their_header(tmp_pat
     )
 
 
+def test_a_label_or_a_comparison_given_twice_is_refused_and_a_workload_is_named_short(
+    tmp_path,
+) -> None:
+    data = summary("lenet-mnist", "sgd", {"isgd": ratio(1.25, 1.1, 1.4)})
+    a, b = write(tmp_path / "a", data), write(tmp_path / "b", data)
+    with pytest.raises(RunError, match="^label x given twice: each column needs its own$"):
+        answer_table([a, b], labels=["x", "x"])
+    with pytest.raises(RunError, match="comparison .*a given twice"):
+        answer_table([a, tmp_path / "." / "a"])
+    mine = dict(data, target=3.2041475590407047, config={"workload": "/home/me/wl/lm.py:build"})
+    table = answer_table([write(tmp_path / "lm", mine)])
+    assert "| method | lm.py:build (vs sgd) |" in table and "target 3.204 (accuracy)" in table
+
+
 def test_an_old_summary_without_paired_savings_is_refused_in_one_line(tmp_path, capsys) -> None:
     from isgd.experiments.compare import retarget
     from tests.experiments.test_records import write_comparison

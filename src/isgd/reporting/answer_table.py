@@ -80,7 +80,8 @@ def load_summary(comparison: Path) -> dict[str, Any]:
 def workload_label(summary: Mapping[str, Any]) -> str:
     """The column's name: the preset, else the workload function, else data set and model."""
     config = summary.get("config", {})
-    name = config.get("preset") or config.get("workload")
+    name = config.get("preset") or str(config.get("workload") or "").replace("\\", "/")
+    name = name.rsplit("/", 1)[-1]  # a workload file's name, not its whole path
     if not name:
         name = f"{config.get('dataset', '?')}, {config.get('model', '?')}"
     return f"{name} (vs {summary['baseline']})"
@@ -122,6 +123,11 @@ def _neither(result: Mapping[str, Any]) -> bool:
     """No seed paired because arm and baseline both missed the target in every seed."""
     both = result.get("both_missed", 0)
     return not result.get("n") and both > 0 and both == result.get("left_out", both)
+
+
+def _number(x: Any) -> str:
+    """A target as people write it (4 significant digits)."""
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _pct(x: float) -> str:
@@ -213,6 +219,13 @@ def answer_table(
     summaries = [load_summary(c) for c in comparisons]
     if labels and len(labels) != len(summaries):
         raise RunError(f"{len(labels)} labels for {len(summaries)} comparisons")
+    for given, what in (
+        (labels, "label"),
+        ([Path(c).resolve() for c in comparisons], "comparison"),
+    ):
+        twice = next((x for i, x in enumerate(given) if x in given[:i]), None)
+        if twice is not None:
+            raise RunError(f"{what} {twice} given twice: each column needs its own")
     labels = list(labels) or _labels(comparisons, summaries)
     arms: list[str] = []
     for s in summaries:
@@ -250,7 +263,7 @@ def answer_table(
         "every seed of its comparison unless a note says otherwise.\n\n"
     )
     targets = "".join(
-        f"- {label}: target {s.get('target')} ({s.get('metric', 'accuracy')}), seeds "
+        f"- {label}: target {_number(s.get('target'))} ({s.get('metric', 'accuracy')}), seeds "
         f"{s.get('seeds')}, budgets {(s.get('quality_vs_cost') or {}).get('budgets', [1.0])}"
         + (
             ""

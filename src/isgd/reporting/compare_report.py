@@ -508,8 +508,9 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
         prov = Path(records[0]["run_dir"]) / "provenance.json"
         provenance = json.loads(prov.read_text()) if prov.is_file() else {}
     data = provenance.get("data", config["dataset"])
+    subject = data if config.get("workload") else f"{data}, {config['model']}"  # its own model
     lines = [
-        f"# isgd compare: {', '.join(arms)} — {data}, {config['model']}",
+        f"# isgd compare: {', '.join(arms)} — {subject}",
         "",
         f"{_target_line(result)}, seeds {result['seeds']}, "
         f"{config['iters']} iterations per run, evaluation every {config['eval_every']} "
@@ -541,8 +542,9 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
     lines += _paired_section(result)
     lines += budget_section(result)
     lines += _never_triggered_note(result)
-    lines += ["", "## How ISGD behaved (median over seeds)", ""]
-    lines += _mechanics_table(records, list(arms))
+    if any("isgd" in str(r.get("optimizer")) for r in records):  # else a table of dashes
+        lines += ["", "## How ISGD behaved (median over seeds)", ""]
+        lines += _mechanics_table(records, list(arms))
     lines += ["", *_runs_table(records, result["metric"])]
     lines += _figures_section(records, list(arms), figures)
     path = out / "report.md"
