@@ -212,9 +212,9 @@ def test_a_label_or_a_comparison_given_twice_is_refused_and_a_workload_is_named_
 ) -> None:
     data = summary("lenet-mnist", "sgd", {"isgd": ratio(1.25, 1.1, 1.4)})
     a, b = write(tmp_path / "a", data), write(tmp_path / "b", data)
-    with pytest.raises(RunError, match="^label x given twice: each column needs its own$"):
+    with pytest.raises(RunError, match=r"^label x given twice: each column needs its own$"):
         answer_table([a, b], labels=["x", "x"])
-    with pytest.raises(RunError, match="comparison .*a given twice"):
+    with pytest.raises(RunError, match=r"comparison .*a given twice"):
         answer_table([a, tmp_path / "." / "a"])
     mine = dict(data, target=3.2041475590407047, config={"workload": "/home/me/wl/lm.py:build"})
     table = answer_table([write(tmp_path / "lm", mine)])
