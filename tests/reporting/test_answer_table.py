@@ -33,9 +33,14 @@ def test_a_saving_the_arms_missed_targets_could_fake_is_not_shown() -> None:
     # the arm's misses are charged its (cheaper) whole run: the saving is only an upper bound
     assert cell(ratio(1.25, 1.1, 1.4, arm_missed=2)).startswith("not shown: ≤ +20.0 %")
     # ... but a loss despite that bound stands, and the baseline's misses bound the other way
-    assert cell(ratio(0.8, 0.7, 0.9, arm_missed=2)).startswith("**")
+    assert cell(ratio(0.8, 0.7, 0.9, arm_missed=2)).startswith("**≤ -25.0 %")
     assert cell(ratio(0.8, 0.7, 0.9, base_missed=1)).startswith("not shown: ≥ -25.0 %")
-    assert cell(ratio(1.25, 1.1, 1.4, base_missed=1)).startswith("**")
+    assert cell(ratio(1.25, 1.1, 1.4, base_missed=1)).startswith("**≥ +20.0 %")
+    # no effect either way: the estimate still says which way its bound goes
+    assert cell(ratio(0.99, 0.9, 1.1, arm_missed=2)).startswith("no effect detected (≤ -1.0 %")
+    assert cell(ratio(0.99, 0.9, 1.1, arm_missed=1, base_missed=1)).startswith(
+        "no effect detected (-1.0 %"
+    )
 
 
 def summary(preset, baseline, arms, budgets=(0.25, 0.5, 1.0)):

@@ -13,7 +13,8 @@ interval —
   budget that budget's cost (at most what it needed);
 - otherwise "no effect detected", with the smallest saving the run could have detected at 80 %
   power (:func:`isgd.experiments.paired.detectable_ratio`, as a saving ``1 − 1/ratio``; left out
-  when the seeds' ratios do not spread at all);
+  when the seeds' ratios do not spread at all), the estimate marked ≤ or ≥ when bounded seeds
+  make it a bound;
 - "1 seed: no interval" with the one seed's saving;
 - "neither reached the target" when arm and baseline both missed it in every seed.
 
@@ -145,8 +146,10 @@ def cell(result: Mapping[str, Any]) -> str:
     if _neither(result):
         return "neither reached the target"
     saving = 1 - 1 / result["ratio"]
-    if result["n"] == 1:  # a bound when its seed's cost is one (the notes say which)
-        bound = "≤ " if _bounded(result, UPPER) else "≥ " if _bounded(result, LOWER) else ""
+    upper, lower = _bounded(result, UPPER), _bounded(result, LOWER)
+    # a bound when seeds' costs are (the notes say which); bounds both ways: no direction
+    bound = "≤ " if upper and not lower else "≥ " if lower and not upper else ""
+    if result["n"] == 1:
         return f"1 seed: no interval ({bound}{_pct(saving)})"
     low, high = (1 - 1 / result[k] if result[k] > 0 else math.nan for k in ("low", "high"))
     interval = f"{_pct(saving)} [{_pct(low)}, {_pct(high)}]"
@@ -154,10 +157,10 @@ def cell(result: Mapping[str, Any]) -> str:
         why = _bounded(result, UPPER if low > 0 else LOWER)
         if why:
             return f"not shown: {'≤' if low > 0 else '≥'} {interval}, {why} in some seeds"
-        return f"**{interval}**"
+        return f"**{bound}{interval}**"
     detectable = result.get("detectable", math.nan)
     tail = f"; detectable ≥ {100 * (1 - 1 / detectable):.1f} %" if detectable > 1 else ""
-    return f"no effect detected ({interval}{tail})"
+    return f"no effect detected ({bound}{interval}{tail})"
 
 
 def _bounded(result: Mapping[str, Any], bounds: Mapping[str, str]) -> str:
