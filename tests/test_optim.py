@@ -819,3 +819,53 @@ def test_loss_closure_refuses_a_loss_that_is_not_a_function():
             TypeError, match=rf"a scalar tensor with a graph .*, not {re.escape(got)}$"
         ):
             opt.step(isgd.loss_closure(opt, wrong))
+
+
+def test_loss_closure_with_a_grad_scaler_is_the_hand_written_scaled_closure():
+    """``loss_closure(..., grad_scaler=s)`` back-propagates ``s.scale(ψ)``: the run of
+    ``toy.scaled_closure``; built without the scaler, ISGD refuses it (gradients would be
+    unscaled by a scale they never had)."""
+    import isgd
+
+    runs = []
+    for by_hand in (True, False):
+        model = toy.mlp()
+        opt = ISGD(model.parameters(), **SGD_KW, **ISGD_KW)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+        for x, y in toy.batches() * 10:
+            if by_hand:
+                closure = toy.scaled_closure(model, opt, x, y, scaler)
+            else:
+                loss = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+                closure = isgd.loss_closure(opt, loss, grad_scaler=scaler)
+            opt.step(closure, grad_scaler=scaler)
+            scaler.update()
+        runs.append((opt.stats.triggers, opt.stats.extra_iters, list(model.parameters())))
+    (triggers, extra, weights), (triggers_2, extra_2, weights_2) = runs
+    assert triggers > 0 and extra > 0 and (triggers, extra) == (triggers_2, extra_2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_2))
+    x, y = toy.batches()[0]
+    unscaled = isgd.loss_closure(opt, lambda: F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match=r"isgd.loss_closure\(opt, loss, grad_scaler=scaler\)"):
+        opt.step(unscaled, grad_scaler=scaler)
+
+
+def test_a_forward_only_judgement_in_the_closure_takes_the_step_s_weight(monkeypatch):
+    """``step(closure, weight=w)``: the variant's forward-only judgement inside the closure
+    (``well_trained``, as ``loss_closure`` asks it) reduces ψ with ``w``, as ``observe`` would."""
+    import isgd
+    from isgd.collective import LossSync
+
+    weights = []
+    judge = LossSync.__call__
+
+    def recording(self, loss, weight=None, found_inf=None):
+        weights.append(weight)
+        return judge(self, loss, weight, found_inf)
+
+    monkeypatch.setattr(LossSync, "__call__", recording)
+    model = toy.mlp()
+    opt = ForwardOnlyISGD(model.parameters(), **SGD_KW, **ISGD_KW, lower_quantile=0.3)
+    for x, y in toy.batches() * 2:
+        opt.step(isgd.loss_closure(opt, lambda: F.cross_entropy(model(x), y)), weight=7.0)
+    assert weights and set(weights) == {7.0}

@@ -70,9 +70,12 @@ class ForwardOnlyISGD(ISGD):
     def well_trained(self, loss: Tensor | float, *, weight: float | None = None) -> bool:
         """True when the regular loss ψ is below the lower limit (the step about to be observed
         will be forward-only), or, in an extra iteration, at the stop (:meth:`ISGD.well_trained`).
-        Call it with the loss that :meth:`observe` (or the closure's return) will report."""
+        Call it with the loss that :meth:`observe` (or the closure's return) will report, and its
+        weight (inside ``step(closure, weight=w)`` it defaults to that ``w``)."""
         if self.in_extra_iteration:
             return super().well_trained(loss, weight=weight)
+        if weight is None:  # inside step(closure, weight=w): the step's w
+            weight = self._closure_weight
         psi, any_inf = self.sync(loss, weight, None)
         self._judged = (loss, psi)
         return self._judge(psi, any_inf).forward_only

@@ -192,6 +192,7 @@ class ISGD(WrappedOptimizer):
         self._limit: float | None = None  # the limit of the step in progress (None: no trigger)
         self._psi: float | None = None  # the last extra-iteration loss reported
         self._weight: float | None = None  # this rank's weight in the mean loss of the step
+        self._closure_weight: float | None = None  # step(weight=) while its regular closure runs
         self._observed = False  # observe() ran and the step's update is still to come
         self._judged: tuple[object, float] | None = None  # well_trained()'s (loss, ψ)
         #: True while step() re-runs the closure for an extra iteration (loggers skip those passes)
@@ -235,9 +236,18 @@ class ISGD(WrappedOptimizer):
             return None
         self._begin_step()  # the window is set
         grad_scaler = amp.closure_scaler(self, grad_scaler)  # scaler.step(opt, closure) in form 3
+        if grad_scaler is not None and getattr(closure, "unscaled", False):
+            raise ValueError(
+                "ISGD.step: a GradScaler, and a closure that back-propagates the unscaled loss "
+                "(isgd.loss_closure without one): isgd.loss_closure(opt, loss, grad_scaler=scaler)"
+            )
         check_no_outside_grads(self._params(), self._grad_marks, self.shards)
-        with torch.enable_grad():
-            loss = closure()
+        self._closure_weight = weight  # a well_trained() in the closure judges with it
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            self._closure_weight = None
         check_loss(loss)
         found_inf = amp.scaler_found_inf(grad_scaler, self)
         n_extra = self.observe(loss, weight=weight, found_inf=found_inf)

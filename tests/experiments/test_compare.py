@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -478,6 +479,14 @@ def test_a_control_with_a_finished_run_s_configuration_is_a_copy_not_trained_aga
     assert not {"sgd-seed1", "sgd-again-seed0", "sgd-again-seed1"} & set(copies)
     assert copies["random-skip@skipstep-seed1"] == "sgd-again-seed1"
     assert records["sgd-again", 0]["final_metric"] == records["sgd", 0]["final_metric"]
+    # ... and after a resume, where the controls' copies come back as records: sgd-seed1,
+    # lost with its record, trains again rather than copy a copy of sgd-again
+    aa = tmp_path / "aa"
+    shutil.rmtree(aa / "runs" / "sgd-seed1")
+    kept = [r for r in runio.read_jsonl(aa / "runs.jsonl") if (r["arm"], r["seed"]) != ("sgd", 1)]
+    (aa / "runs.jsonl").write_text("".join(runio.dumps(r) + "\n" for r in kept))
+    assert main(["compare", "--resume", str(aa), "--no-progress"]) == 0
+    assert not (aa / "runs" / "sgd-seed1" / "copied_from.json").exists()
 
 
 def test_a_copy_stopped_midway_leaves_no_run_and_is_made_again(tmp_path):

@@ -223,7 +223,7 @@ def test_a_label_or_a_comparison_given_twice_is_refused_and_a_workload_is_named_
         answer_table([a, tmp_path / "." / "a"])
     mine = dict(data, target=3.2041475590407047, config={"workload": "/home/me/wl/lm.py:build"})
     table = answer_table([write(tmp_path / "lm", mine)])
-    assert "| method | lm.py:build (vs sgd) |" in table and "target 3.204 (accuracy)" in table
+    assert "| method | lm.py:build (vs sgd) |" in table and "target 3.20415 (accuracy)" in table
 
 
 def test_an_old_summary_without_paired_savings_is_refused_in_one_line(tmp_path, capsys) -> None:

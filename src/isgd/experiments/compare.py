@@ -345,13 +345,14 @@ def _run_comparison(
                 ran += 1
             else:  # e.g. a random control of an arm that skipped nothing: the twin's computation
                 _copy_run(twin, run_dir)
-                control = False  # a copy: no arm copies it in turn
             target = math.nan if plan.target_rule else plan.target  # nan: set after the runs
             record = run_record(arm.name, seed, run_dir, target)
             record["budget"] = budget
             raw.write_line(record_line(record))
             raw.flush()
-        computed.append((config, run_dir, control))
+        # a trained control (an arm may copy it); a copy, also one an earlier invocation made,
+        # is not one (so that an arm never copies a copy: two arms of one configuration train)
+        computed.append((config, run_dir, control and not (run_dir / "copied_from.json").is_file()))
         records.append(record)
         bar.update(1)
         _log_run(record, len(records), n_runs, started, ran)

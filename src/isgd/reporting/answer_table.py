@@ -127,8 +127,8 @@ def _neither(result: Mapping[str, Any]) -> bool:
 
 
 def _number(x: Any) -> str:
-    """A target as people write it (4 significant digits)."""
-    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
+    """A target as it was used, without float noise (6 significant digits)."""
+    return f"{x:.6g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _pct(x: float) -> str:
