@@ -505,3 +505,22 @@ def test_a_copy_stopped_midway_leaves_no_run_and_is_made_again(tmp_path):
     ]  # fmt: skip
     assert (run_dir / "summary.json").read_text() == "summary.json"
     assert not run_dir.with_name(run_dir.name + ".copy").exists()
+
+
+def test_the_equal_compute_control_is_the_baseline_compressed_or_stretched_to_the_steps():
+    """The control trains the arm's steps with the baseline's schedule scaled to them and fully
+    decayed (the protocol's baselines), not the full schedule cut short or run on at its end."""
+    from isgd.experiments.compare import Arm, ComparisonPlan, _arm_config, _equal_compute_arm
+    from isgd.training.config import TrainConfig, lr_factor
+
+    base = TrainConfig(lr_policy="multistep", milestones=[4000], gamma=0.1, iters=5000)
+    arms = [Arm("sgd", {"optimizer": "sgd"}), Arm("fo", {"optimizer": "isgd"})]
+    plan = ComparisonPlan(base, arms, [0], 0.5, Path("unused"))
+    for steps in (3600, 4200, 5600):  # fewer backward passes than SGD's steps, or extra passes
+        config = _arm_config(plan, _equal_compute_arm(arms, arms[1], steps, {}, 5000), 0)
+        assert config.optimizer == "sgd" and round(config.budget * config.iters) == steps
+        drop = math.ceil(0.8 * steps)  # the drop at 4,000 of 5,000, at the same fraction
+        assert lr_factor(config, drop - 1, steps) == 1.0  # t / b in floats: at most one late
+        assert lr_factor(config, drop + 1, steps) == lr_factor(config, steps - 1, steps) == 0.1
+    same = _arm_config(plan, _equal_compute_arm(arms, arms[1], 5000, {}, 5000), 0)
+    assert same == _arm_config(plan, arms[0], 0)  # SGD's own run: copied, not trained again

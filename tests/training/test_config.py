@@ -193,5 +193,9 @@ def test_the_full_budget_leaves_the_schedule_as_it_was():
     assert config.budget == 1.0
     for t in (0, 1, 777, 9999):  # the same float, not an approximation of it
         assert lr_factor(config, t, 10_000) == (1.0 + 1e-4 * t) ** -0.75
-    with pytest.raises(ConfigError, match=r"invalid budget: 0.0 \(a fraction in \(0, 1\]"):
-        resolve_config(overrides={"budget": 0.0})
+    for wrong in (0.0, 101.0, math.inf):
+        with pytest.raises(ConfigError, match=r"invalid budget: .* \(a fraction > 0 of the"):
+            resolve_config(overrides={"budget": wrong})
+    # above 1 the schedule is stretched: the full run's decay, at 1.5 times the iterations
+    longer = resolve_config("lenet-mnist", overrides={"budget": 1.5})
+    assert lr_factor(longer, 14_997, 15_000) == pytest.approx(lr_factor(config, 9_998, 10_000))

@@ -59,8 +59,8 @@ HELP = {
     "target": "report time and passes to reach this value of the test metric (accuracy: a "
     "fraction)",
     "warmup": "iterations of linear learning-rate warm-up (compressed with --budget); 0: none",
-    "budget": "train this fraction (0, 1] of the run, its learning-rate schedule compressed "
-    "to it and fully decayed",
+    "budget": "train this fraction of the run (> 0; above 1 stretches it), its learning-rate "
+    "schedule compressed or stretched to it and fully decayed",
     "validation": "hold out the last N training samples: the evaluations read them, the test "
     "split is read once at the end",
     "workload": "FILE.py:FUNC or package.module:FUNC: FUNC(seed) returns an "

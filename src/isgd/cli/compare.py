@@ -80,7 +80,8 @@ def add_parser(commands: Any) -> None:
         "--equal-compute",
         action="store_true",
         help="also train the baseline for as many iterations as each ISGD arm made training "
-        "steps (its passes; with --lower-quantile, its backward passes), and each arm that "
+        "steps (its passes; with --lower-quantile, its backward passes), its schedule "
+        "compressed or stretched to them and fully decayed, and each arm that "
         "skips work (skipstep, selective-backprop, lower_quantile) with a random selection of "
         "the same size (arm random-skip@ARM, at every budget)",
     )

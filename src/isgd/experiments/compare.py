@@ -367,10 +367,11 @@ def _run_comparison(
                     config = _arm_config(plan, arm, seed)
                     if plan.equal_compute and budget == full and config.uses_isgd:
                         steps = record.get("backward_passes", record["passes"])
-                        run_one(_equal_compute_arm(arms, arm, steps, lrs), seed, control=True)
+                        equal = _equal_compute_arm(arms, arm, steps, lrs, record["iterations"])
+                        run_one(equal, seed, control=True)
                     if plan.equal_compute and skips_work(config):
-                        control = _random_control(arm, config, record, lrs)
-                        run_one(control, seed, budget, control=True)
+                        random = _random_control(arm, config, record, lrs)
+                        run_one(random, seed, budget, control=True)
     except TrainingInterrupted:
         log.info("comparison interrupted; continue it with: isgd compare --resume %s", plan.out)
         raise
@@ -556,14 +557,18 @@ def _retarget(out: Path, target: float, summary_path: Path) -> Path:
     return destination
 
 
-def _equal_compute_arm(arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, float]) -> Arm:
+def _equal_compute_arm(
+    arms: list[Arm], arm: Arm, steps: int, lrs: dict[str, float], iterations: int
+) -> Arm:
     """The baseline arm (with its tuned learning rate, if tuned) trained for as many iterations
     as ``arm`` made training steps (forward and backward): its passes, extra iterations included;
     for the forward-only variant, its backward passes (its forward-only steps are not charged, so
-    the control gets a little less compute than the arm)."""
+    the control gets a little less compute than the arm). ``iterations``: the arm's run's; the
+    control is that run at budget ``steps / iterations``, its schedule compressed (or
+    stretched) to its length and fully decayed, as the protocol's baselines are — not the full
+    run cut short or run on at its final rate."""
     base = arms[0]
-    # iters, not --epochs, at the full budget: the arm's steps are absolute
-    overrides = {**base.overrides, "iters": int(steps), "epochs": 0.0, "budget": 1.0}
+    overrides = {**base.overrides, "budget": steps / iterations if steps != iterations else 1.0}
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)

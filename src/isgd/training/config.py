@@ -51,6 +51,7 @@ LR_POLICIES = ("fixed", "step", "multistep", "inv", "cosine")
 # small enough that every count, and every seed derived from ``seed`` (seed·1_000_003 + stream, the
 # reshuffling and data-variant streams), fits the 64-bit integers torch takes
 MAX_ITERS = 10**12  # iterations (or epochs × batches per epoch), milestones, step_size, ...
+MAX_BUDGET = 100.0  # a budget above 1 stretches the run (an equal-compute control)
 MAX_SEED = 2**32  # seeds are 0 <= seed < 2**32
 
 
@@ -209,7 +210,12 @@ class TrainConfig:
             value = getattr(self, key)
             need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
         need(self.epochs <= MAX_ITERS, "epochs", "must be <= 10**12")
-        need(0 < self.budget <= 1, "budget", "a fraction in (0, 1] of the configured run")
+        need(
+            math.isfinite(self.budget) and 0 < self.budget <= MAX_BUDGET,
+            "budget",
+            f"a fraction > 0 of the configured run, at most {MAX_BUDGET:g} (above 1 the run and "
+            "its schedule are stretched)",
+        )
         need(self.momentum < 1, "momentum", "must be < 1")
         need(
             math.isfinite(self.sigma_factor) and self.sigma_factor > 0,
@@ -371,10 +377,11 @@ def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
     """The learning-rate multiplier at ``iteration`` (0-based) of a run of ``total`` iterations.
 
     With ``budget`` b < 1 the run is that fraction of the configured one and its schedule is
-    compressed to it, not cut short: the policy is read at ``s = t / b``, so the run ends as
-    decayed as the full one does — ``inv`` :math:`(1 + γ t/b)^{−p}`, ``step`` and ``multistep``
-    drop at ``b·step_size`` and ``b·m`` (to the nearest iteration at or after), ``cosine``
-    spans ``total`` (already the compressed length). ``fixed`` has nothing to decay.
+    compressed to it, not cut short (b > 1: stretched, not run on at its final rate): the
+    policy is read at ``s = t / b``, so the run ends as decayed as the full one does —
+    ``inv`` :math:`(1 + γ t/b)^{−p}`, ``step`` and ``multistep`` drop at ``b·step_size`` and
+    ``b·m`` (to the nearest iteration at or after), ``cosine`` spans ``total`` (already the
+    compressed length). ``fixed`` has nothing to decay.
 
     ``warmup`` W > 0 multiplies the policy's factor by the linear ramp ``min(1, (s + 1/b) / W)``
     (the full run's time, so ``b·W`` iterations at budget b): the first iteration runs at
