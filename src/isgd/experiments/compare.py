@@ -568,7 +568,7 @@ def _equal_compute_arm(
     stretched) to its length and fully decayed, as the protocol's baselines are — not the full
     run cut short or run on at its final rate."""
     base = arms[0]
-    overrides = {**base.overrides, "budget": steps / iterations if steps != iterations else 1.0}
+    overrides = {**base.overrides, "budget": steps / iterations}
     if base.name in lrs:
         overrides["lr"] = lrs[base.name]
     return Arm(f"{base.name}@{arm.name}-passes", overrides)
@@ -634,6 +634,6 @@ def _log_run(record: dict[str, Any], done: int, total: int, started: float, ran:
         f"ETA {eta:.0f} min"
         if eta is not None
         else f"a copy of {record['copied_from']}"
-        if isinstance(record.get("copied_from"), str)  # null reads back as nan
+        if record.get("copied_from")
         else "recorded earlier",
     )

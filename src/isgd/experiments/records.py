@@ -136,13 +136,14 @@ def run_record(arm: str, seed: int, run_dir: Path, target: float) -> dict[str, A
         # backward passes on parts of batches, each counting its fraction (selective backprop's)
         **{k: summary[k] for k in ("backward_batches",) if k in summary},
         # a copy of another run of the comparison with the same configuration (not trained)
-        "copied_from": _copied_from(run_dir),
+        **_copied_from(run_dir),
     }
 
 
-def _copied_from(run_dir: Path) -> str | None:
+def _copied_from(run_dir: Path) -> dict[str, str]:
+    """``{"copied_from": TWIN}`` for a copy, else nothing (no null to read back as nan)."""
     path = run_dir / "copied_from.json"
-    return str(runio.read_json(path)["run"]) if path.is_file() else None
+    return {"copied_from": str(runio.read_json(path)["run"])} if path.is_file() else {}
 
 
 def with_metric(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,11 +426,6 @@ def _identical_section(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _copy(record: Mapping[str, Any]) -> bool:
-    """The run is a copy of another (``copied_from`` names it; null reads back as nan)."""
-    return isinstance(record.get("copied_from"), str)
-
-
 def _runs_table(records, metric: str) -> list[str]:
     spec, scale, unit = _metric_spec(metric)
     balanced = metric == "accuracy"
@@ -467,10 +462,10 @@ def _runs_table(records, metric: str) -> list[str]:
             )
             + f"| {r['triggers']} | {r['extra_passes']} | {r.get('forward_only', 0)} "
             f"| {before} | {r['train_seconds']:.1f}"
-            + (f" (copy of {r['copied_from']})" if _copy(r) else "")
+            + (f" (copy of {r['copied_from']})" if r.get("copied_from") else "")
             + " |"
         )
-    if any(_copy(r) for r in records):
+    if any(r.get("copied_from") for r in records):
         lines += [
             "",
             "A copy: a run whose configuration is another's of this comparison, key for key — the "
@@ -542,7 +537,7 @@ def write_report(out: Path, result: dict[str, Any], records, figures: list[Path]
     lines += _paired_section(result)
     lines += budget_section(result)
     lines += _never_triggered_note(result)
-    if any("isgd" in str(r.get("optimizer")) for r in records):  # else a table of dashes
+    if any(str(r.get("optimizer", "")).startswith("isgd") for r in records):  # else dashes
         lines += ["", "## How ISGD behaved (median over seeds)", ""]
         lines += _mechanics_table(records, list(arms))
     lines += ["", *_runs_table(records, result["metric"])]
