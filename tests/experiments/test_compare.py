@@ -55,6 +55,14 @@ def test_runs_jsonl_writes_a_miss_as_null_and_reads_old_files(tmp_path):
     assert back[1]["passes_to_target"] == 40.0 and back[0]["final_accuracy"] == 0.5
 
 
+def test_runs_jsonl_null_copied_from_of_older_files_reads_as_not_a_copy(tmp_path):
+    record = {"arm": "sgd", "seed": 0, "time_to_target": 3.0, "final_accuracy": 0.5}
+    lines = [{**record, "copied_from": None}, {**record, "seed": 1, "copied_from": "sgd-seed1"}]
+    (tmp_path / "runs.jsonl").write_text("".join(runio.dumps(r) + "\n" for r in lines))
+    back = load_records(tmp_path)
+    assert "copied_from" not in back[0] and back[1]["copied_from"] == "sgd-seed1"
+
+
 def test_aggregate_median_quartiles_and_misses():
     a = aggregate([3.0, 1.0, 2.0, 5.0, 4.0])
     assert (a["median"], a["q25"], a["q75"], a["min"], a["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)

@@ -420,10 +420,13 @@ def records_text(records: Sequence[dict[str, Any]]) -> str:
 
 def _from_line(record: dict[str, Any]) -> dict[str, Any]:
     """A ``runs.jsonl`` record in memory: ``null`` to-target fields ``inf`` (missed), other
-    ``null`` numbers NaN (not recorded), :data:`NULLABLE` fields stay ``None``; the metric keys
-    of older records filled in (:func:`with_metric`)."""
+    ``null`` numbers NaN (not recorded), :data:`NULLABLE` fields stay ``None``, a ``null``
+    ``copied_from`` (not a copy) dropped; the metric keys of older records filled in
+    (:func:`with_metric`)."""
     record = dict(record)
     record.pop("target_missed", None)
+    if record.get("copied_from") is None:  # older files wrote null for "not a copy"
+        record.pop("copied_from", None)
     for key, value in record.items():
         if value is None and key not in NULLABLE:
             record[key] = math.inf if key in TARGET_KEYS else math.nan
